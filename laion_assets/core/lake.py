@@ -1,0 +1,196 @@
+"""The Delta lake: one table per stage, partitioned by shard, each shard replaced atomically.
+
+Write-audit-publish happens in the stages; this module only knows how to stage chunks, publish
+a validated shard in one commit, read shards back, and keep tables healthy.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import polars as pl
+import pyarrow as pa
+from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+
+from laion_assets.core.errors import LaionAssetsError
+
+SHARD_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_shard_key(shard: str) -> str:
+    """Shard keys go into Delta predicates and paths, so they are restricted to a safe alphabet."""
+    if not SHARD_KEY.match(shard):
+        raise LaionAssetsError(
+            f"invalid shard key '{shard}': use letters, digits, '_', '.', '-' (max 128)"
+        )
+    return shard
+
+
+def normalize_uri(uri: str | os.PathLike) -> str:
+    """Local paths become absolute paths; s3://, gs://, az:// URIs pass through."""
+    uri = str(uri)
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        path = parsed.path if parsed.scheme == "file" else uri
+        return str(Path(path).expanduser().resolve())
+    return uri.rstrip("/")
+
+
+class Lake:
+    """A lake root (local folder or object-store prefix) holding one Delta table per stage."""
+
+    def __init__(self, uri: str | os.PathLike, storage_options: dict[str, str] | None = None):
+        self.uri = normalize_uri(uri)
+        self.storage_options = storage_options or None
+        self.is_local = "://" not in self.uri
+
+    def __repr__(self) -> str:
+        return f"Lake({self.uri!r})"
+
+    def table_uri(self, name: str) -> str:
+        return f"{self.uri}/{name}"
+
+    def ensure_writable(self) -> None:
+        """Fail early, with a fix, when the lake folder cannot be written."""
+        if not self.is_local:
+            return
+        root = Path(self.uri)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / f".write-probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise LaionAssetsError(
+                f"lake path {root} is not writable ({e.strerror}): pass --lake with a folder you can write"
+            ) from None
+
+    def exists(self, name: str) -> bool:
+        return DeltaTable.is_deltatable(self.table_uri(name), storage_options=self.storage_options)
+
+    def table(self, name: str) -> DeltaTable:
+        try:
+            return DeltaTable(self.table_uri(name), storage_options=self.storage_options)
+        except TableNotFoundError:
+            raise LaionAssetsError(
+                f"table '{name}' does not exist in lake {self.uri}: materialize it first"
+            ) from None
+
+    # -- publish ---------------------------------------------------------------------------
+
+    def publish_shard(
+        self, name: str, shard: str, data: pa.Table | pl.DataFrame, metadata: dict | None = None
+    ) -> int:
+        """Replace `shard` in table `name` with `data` in one Delta commit; returns the version.
+
+        Readers see the old shard or the new one, never a mix; re-publishing the same rows
+        gives the same table content (no duplicates).
+        """
+        check_shard_key(shard)
+        table = data.to_arrow() if isinstance(data, pl.DataFrame) else data
+        table = _with_shard(table, shard)
+        self.ensure_writable()
+        props = CommitProperties(custom_metadata={k: str(v) for k, v in (metadata or {}).items()})
+        for attempt in range(5):
+            try:
+                if self.exists(name):
+                    write_deltalake(
+                        self.table_uri(name), table, mode="overwrite",
+                        predicate=f"shard = '{shard}'", partition_by=["shard"],
+                        schema_mode="merge", storage_options=self.storage_options,
+                        commit_properties=props,
+                    )
+                else:
+                    write_deltalake(
+                        self.table_uri(name), table, mode="append", partition_by=["shard"],
+                        storage_options=self.storage_options, commit_properties=props,
+                    )
+                return self.table(name).version()
+            except CommitFailedError:
+                # Another shard's run committed to the same table first; retry on top of it.
+                time.sleep(0.2 * (attempt + 1))
+        raise LaionAssetsError(f"could not commit shard '{shard}' to '{name}': too many concurrent writers")
+
+    def append(self, name: str, data: pa.Table | pl.DataFrame, shard: str | None = None) -> None:
+        """Append rows (staging chunks, registry entries) in one atomic commit.
+
+        `data` carries its own `shard` column unless `shard` is given.
+        """
+        table = data.to_arrow() if isinstance(data, pl.DataFrame) else data
+        if shard is not None:
+            table = _with_shard(table, check_shard_key(shard))
+        self.ensure_writable()
+        for attempt in range(5):
+            try:
+                write_deltalake(
+                    self.table_uri(name), table, mode="append",
+                    partition_by=["shard"], schema_mode="merge",
+                    storage_options=self.storage_options,
+                )
+                return
+            except CommitFailedError:
+                time.sleep(0.2 * (attempt + 1))
+        raise LaionAssetsError(f"could not append to '{name}': too many concurrent writers")
+
+    def delete_shard(self, name: str, shard: str) -> None:
+        if self.exists(name):
+            self.table(name).delete(f"shard = '{check_shard_key(shard)}'")
+
+    # -- read ------------------------------------------------------------------------------
+
+    def scan(self, name: str) -> pl.LazyFrame:
+        if not self.exists(name):
+            raise LaionAssetsError(
+                f"table '{name}' does not exist in lake {self.uri}: materialize it first"
+            )
+        return pl.scan_delta(self.table_uri(name), storage_options=self.storage_options)
+
+    def read_shard(self, name: str, shard: str, columns: list[str] | None = None) -> pl.DataFrame:
+        """The published rows of one shard (empty frame if the table has none for it)."""
+        lf = self.scan(name).filter(pl.col("shard") == check_shard_key(shard))
+        if columns:
+            lf = lf.select(columns)
+        return lf.collect()
+
+    def read_shard_or_none(self, name: str, shard: str, columns: list[str] | None = None):
+        return self.read_shard(name, shard, columns) if self.exists(name) else None
+
+    def shard_row_count(self, name: str, shard: str) -> int:
+        return self.scan(name).filter(pl.col("shard") == shard).select(pl.len()).collect().item()
+
+    # -- maintenance -----------------------------------------------------------------------
+
+    def tables(self) -> list[str]:
+        """Names of the Delta tables under the root (two levels: stages and subsets/<name>)."""
+        if not self.is_local:
+            raise LaionAssetsError("listing tables needs a local lake; name the tables explicitly")
+        root = Path(self.uri)
+        found = [p.parent for p in root.glob("*/_delta_log")] + [p.parent for p in root.glob("*/*/_delta_log")]
+        return sorted(str(p.relative_to(root)) for p in found)
+
+    def maintain(self, name: str, retention_hours: int, target_size_mb: int) -> dict:
+        """Compact small files, then vacuum for real (deltalake's vacuum is a dry run by default)."""
+        dt = self.table(name)
+        compact = dt.optimize.compact(target_size=target_size_mb * 2**20)
+        removed = dt.vacuum(
+            retention_hours=retention_hours, dry_run=False, enforce_retention_duration=True
+        )
+        return {
+            "files_added": compact.get("numFilesAdded", 0),
+            "files_removed_by_compaction": compact.get("numFilesRemoved", 0),
+            "files_vacuumed": len(removed),
+            "version": dt.version(),
+        }
+
+
+def _with_shard(table: pa.Table, shard: str) -> pa.Table:
+    col = pa.array([shard] * table.num_rows, pa.string())
+    if "shard" in table.column_names:
+        return table.set_column(table.column_names.index("shard"), "shard", col)
+    return table.append_column("shard", col)
+

@@ -1,0 +1,154 @@
+"""Data-quality gates: one great-expectations suite per stage, run before a shard is published.
+
+GX has no polars support, so the columns a suite needs are handed over as pandas. GX is
+imported lazily (it takes seconds) and one ephemeral context is reused per process.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+
+import polars as pl
+
+_ctx_lock = threading.Lock()
+_ctx = None
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """A GX expectation by class name and kwargs, so suites can be declared without GX loaded."""
+
+    type: str
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    label: str
+    passed: bool
+    observed: str
+
+
+@dataclass(frozen=True)
+class Report:
+    stage: str
+    shard: str
+    results: tuple[CheckResult, ...]
+
+    @property
+    def success(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    def failures(self) -> list[str]:
+        return [f"{r.label}: {r.observed}" for r in self.results if not r.passed]
+
+    def as_metadata(self) -> dict[str, str]:
+        return {r.label: ("passed" if r.passed else "FAILED") + f" ({r.observed})" for r in self.results}
+
+
+def _context():
+    global _ctx
+    with _ctx_lock:
+        if _ctx is None:
+            os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+            import great_expectations as gx
+            from great_expectations.data_context.types.base import ProgressBarsConfig
+
+            _ctx = gx.get_context(mode="ephemeral")
+            _ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+            _ctx.data_sources.add_pandas("shards").add_dataframe_asset("shard").add_batch_definition_whole_dataframe("whole")
+        return _ctx
+
+
+def validate(stage: str, shard: str, df: pl.DataFrame, expectations: list[Expectation]) -> Report:
+    """Run the suite on `df`; results name each expectation and what it observed."""
+    import great_expectations as gx
+
+    ctx = _context()
+    batch_def = ctx.data_sources.get("shards").get_asset("shard").get_batch_definition("whole")
+    suite = gx.ExpectationSuite(name=f"{stage}")
+    for exp in expectations:
+        suite.add_expectation(getattr(gx.expectations, exp.type)(**exp.kwargs))
+    batch = batch_def.get_batch(batch_parameters={"dataframe": df.to_pandas()})
+    result = batch.validate(suite)
+    by_label = {}
+    for res, exp in zip(_ordered(result, suite), suite.expectations):
+        r = res.result or {}
+        if "unexpected_count" in r and r.get("unexpected_count") is not None:
+            observed = f"{r['unexpected_count']} unexpected of {r.get('element_count')}"
+            sample = r.get("partial_unexpected_list") or []
+            if sample and not res.success:
+                observed += f", e.g. {sample[:3]}"
+        else:
+            observed = f"observed {r.get('observed_value')}"
+        label = _label(exp)
+        by_label[label] = CheckResult(label, bool(res.success), observed)
+    return Report(stage, shard, tuple(by_label.values()))
+
+
+def _ordered(result, suite):
+    """Validation results in the suite's order (GX does not promise one)."""
+    ids = {r.expectation_config.id: r for r in result.results}
+    return [ids[e.id] for e in suite.expectations]
+
+
+def _label(exp) -> str:
+    col = getattr(exp, "column", None)
+    name = type(exp).__name__
+    return f"{name}({col})" if col else name
+
+
+# -- suites --------------------------------------------------------------------------------
+
+def raw_urls_suite(expected_rows: int) -> list[Expectation]:
+    return [
+        Expectation("ExpectTableRowCountToEqual", {"value": expected_rows}),
+        Expectation("ExpectColumnValuesToNotBeNull", {"column": "uid"}),
+        Expectation("ExpectColumnValuesToBeUnique", {"column": "uid"}),
+        Expectation("ExpectColumnValuesToNotBeNull", {"column": "url"}),
+        Expectation("ExpectColumnValuesToMatchRegex", {"column": "url", "regex": r"^[Hh][Tt][Tt][Pp][Ss]?://"}),
+    ]
+
+
+def images_suite(expected_rows: int, statuses: tuple[str, ...], min_success_rate: float) -> list[Expectation]:
+    return [
+        Expectation("ExpectTableRowCountToEqual", {"value": expected_rows}),
+        Expectation("ExpectColumnValuesToBeUnique", {"column": "uid"}),
+        Expectation("ExpectColumnValuesToBeInSet", {"column": "status", "value_set": list(statuses)}),
+        Expectation(
+            "ExpectColumnValuesToBeInSet",
+            {"column": "is_success", "value_set": [True], "mostly": min_success_rate}
+            if min_success_rate > 0 else {"column": "is_success", "value_set": [True, False]},
+        ),
+        Expectation("ExpectColumnValuesToBeInSet", {"column": "has_image_iff_success", "value_set": [True]}),
+        Expectation("ExpectColumnValuesToBeBetween", {"column": "width", "min_value": 1}),
+    ]
+
+
+def embeddings_suite(expected_rows: int, tolerance: float) -> list[Expectation]:
+    return [
+        Expectation("ExpectTableRowCountToEqual", {"value": expected_rows}),
+        Expectation("ExpectColumnValuesToBeUnique", {"column": "uid"}),
+        Expectation("ExpectColumnValuesToBeBetween", {"column": "similarity", "min_value": -1.0, "max_value": 1.0}),
+        Expectation("ExpectColumnValuesToBeBetween", {"column": "image_norm", "min_value": 1 - tolerance, "max_value": 1 + tolerance}),
+        Expectation("ExpectColumnValuesToBeBetween", {"column": "text_norm", "min_value": 1 - tolerance, "max_value": 1 + tolerance}),
+    ]
+
+
+def scores_suite(expected_rows: int) -> list[Expectation]:
+    return [
+        Expectation("ExpectTableRowCountToEqual", {"value": expected_rows}),
+        Expectation("ExpectColumnValuesToBeUnique", {"column": "uid"}),
+        Expectation("ExpectColumnValuesToBeBetween", {"column": "punsafe", "min_value": 0.0, "max_value": 1.0}),
+        Expectation("ExpectColumnValuesToBeBetween", {"column": "aesthetic", "min_value": -100.0, "max_value": 100.0}),
+    ]
+
+
+def subset_suite(max_rows: int) -> list[Expectation]:
+    return [
+        Expectation("ExpectTableRowCountToBeBetween", {"min_value": 0, "max_value": max_rows}),
+        Expectation("ExpectColumnValuesToBeUnique", {"column": "uid"}),
+        Expectation("ExpectColumnValuesToNotBeNull", {"column": "url"}),
+    ]

@@ -1,0 +1,231 @@
+"""The five stages as plain functions: compute a shard, audit it, publish it (write-audit-publish).
+
+Each returns a StageOutput with the numbers the UI shows; a shard that fails its suite raises
+ValidationFailed (carrying the report) and is never published. The Dagster layer wraps these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from laion_assets import __version__
+from laion_assets.core import quality, registry, vectors
+from laion_assets.core.config import PipelineConfig, SubsetConfig
+from laion_assets.core.download import IMAGES_SCHEMA, STATUSES, Progress, ShardDownloader
+from laion_assets.core.errors import LaionAssetsError, ValidationFailed
+from laion_assets.core.ingest import normalize, read_shard_file
+from laion_assets.core.lake import Lake
+from laion_assets.core.subsets import candidates, predicate
+
+log = logging.getLogger(__name__)
+
+RAW_URLS, IMAGES, EMBEDDINGS, SCORES = "raw_urls", "images", "embeddings", "scores"
+STAGING_IMAGES, STAGING_EMBEDDINGS = "_staging/images", "_staging/embeddings"
+EMPTY_IMAGES = pl.from_arrow(IMAGES_SCHEMA.empty_table())
+
+
+def subset_table(name: str) -> str:
+    return f"subsets/{name}"
+
+
+@dataclass
+class StageOutput:
+    rows: int
+    version: int
+    schema: pa.Schema
+    report: quality.Report
+    stats: dict = field(default_factory=dict)
+
+
+def _gate(stage: str, shard: str, df: pl.DataFrame, suite: list[quality.Expectation]) -> quality.Report:
+    report = quality.validate(stage, shard, df, suite)
+    if not report.success:
+        err = ValidationFailed(stage, shard, report.failures())
+        err.report = report
+        raise err
+    return report
+
+
+def _publish(lake: Lake, table: str, shard: str, df: pl.DataFrame, report, stats, meta=None) -> StageOutput:
+    df = df.drop("shard", strict=False)
+    version = lake.publish_shard(table, shard, df, metadata={"stage": table, "code_version": __version__, **(meta or {})})
+    return StageOutput(df.height, version, df.to_arrow().schema, report, stats)
+
+
+def _recipe_hash(*parts) -> str:
+    return hashlib.sha256(json.dumps([p.model_dump(mode="json") for p in parts], sort_keys=True).encode()).hexdigest()[:16]
+
+
+# -- raw_urls ------------------------------------------------------------------------------
+
+def run_raw_urls(lake: Lake, cfg: PipelineConfig, shard: str) -> StageOutput:
+    source = registry.source_of(lake, shard)
+    res = normalize(read_shard_file(source), source)
+    kept = res.rows.height
+    report = _gate(RAW_URLS, shard, res.rows.select("uid", "url"), quality.raw_urls_suite(res.input_rows - sum(res.rejected.values())))
+    stats = {"source": source, "input_rows": res.input_rows, "rows": kept, "rejected": res.rejected, "renamed_columns": res.renamed}
+    for reason, n in res.rejected.items():
+        log.warning("shard %s: %d rows kept out: %s", shard, n, reason)
+    return _publish(lake, RAW_URLS, shard, res.rows, report, stats, {"source": source})
+
+
+# -- images --------------------------------------------------------------------------------
+
+def run_images(
+    lake: Lake, cfg: PipelineConfig, shard: str, *, retry_failures: bool = False,
+    on_progress: Callable[[Progress], None] | None = None, resolver=None,
+) -> StageOutput:
+    """Download a shard. Chunks are staged as they finish, so a killed run resumes where it
+    stopped; `retry_failures` re-fetches only the published rows whose failure is retryable."""
+    raw = lake.read_shard(RAW_URLS, shard, ["uid", "url"])
+    recipe = _recipe_hash(cfg.images)
+    keep = EMPTY_IMAGES
+    if retry_failures:
+        published = lake.read_shard_or_none(IMAGES, shard)
+        if published is None or published.height == 0:
+            raise LaionAssetsError(f"shard '{shard}' has no published images to retry: materialize images first")
+        keep = published.filter(~pl.col("retryable").fill_null(False)).select(IMAGES_SCHEMA.names)
+    staged = _staged(lake, STAGING_IMAGES, shard, recipe, EMPTY_IMAGES)
+    staged = staged.filter(~pl.col("retryable").fill_null(False))
+    done = set(keep["uid"].to_list()) | set(staged["uid"].to_list())
+    todo = raw.filter(~pl.col("uid").is_in(list(done)))
+    if done:
+        log.info("shard %s: %d rows already done (resumed), %d to fetch", shard, len(done), todo.height)
+
+    def stage_chunk(table: pa.Table) -> None:
+        lake.append(STAGING_IMAGES, table.append_column("recipe", pa.array([recipe] * table.num_rows, pa.string())), shard=shard)
+
+    started = time.monotonic()
+    progress = ShardDownloader(cfg.download, cfg.images, resolver=resolver).run(
+        todo.iter_rows(), todo.height, stage_chunk, on_progress
+    )
+    elapsed = time.monotonic() - started
+    fresh = _staged(lake, STAGING_IMAGES, shard, recipe, EMPTY_IMAGES)
+    merged = pl.concat([keep, fresh.filter(~pl.col("uid").is_in(keep["uid"].to_list())).select(IMAGES_SCHEMA.names)], how="vertical_relaxed")
+    rows = raw.select("uid").join(merged.drop("url"), on="uid", how="left").join(raw, on="uid").select(IMAGES_SCHEMA.names)
+    audit = rows.select(
+        "uid", "status", pl.col("width").fill_null(1),
+        is_success=pl.col("status") == "success",
+        has_image_iff_success=(pl.col("status") == "success") == pl.col("image").is_not_null(),
+    )
+    report = _gate(IMAGES, shard, audit, quality.images_suite(raw.height, STATUSES, cfg.download.min_success_rate))
+    counts = dict(rows.group_by("status").len().sort("status").iter_rows())
+    errors = dict(rows.filter(pl.col("status") != "success").group_by(pl.col("error").str.slice(0, 60)).len().sort("len", descending=True).head(10).iter_rows())
+    stats = {
+        "status_counts": counts, "success_rate": round(counts.get("success", 0) / max(1, rows.height), 4),
+        "top_errors": errors, "fetched_this_run": progress.done, "resumed_rows": len(done),
+        "bytes_downloaded": int(rows["bytes_downloaded"].fill_null(0).sum()),
+        "bytes_stored": int(rows["image"].bin.size().fill_null(0).sum()),
+        "duration_s": round(elapsed, 2), "images_per_s": round(progress.done / max(elapsed, 1e-9), 1),
+    }
+    out = _publish(lake, IMAGES, shard, rows, report, stats, {"recipe": recipe})
+    lake.delete_shard(STAGING_IMAGES, shard)
+    return out
+
+
+def _staged(lake: Lake, table: str, shard: str, recipe: str, empty: pl.DataFrame) -> pl.DataFrame:
+    """Rows staged by earlier (killed) runs with the same recipe, last write of a uid winning."""
+    df = lake.read_shard_or_none(table, shard)
+    if df is None:
+        return empty
+    df = df.filter(pl.col("recipe") == recipe).unique("uid", keep="last", maintain_order=True)
+    return df.select(empty.columns)
+
+
+# -- embeddings ----------------------------------------------------------------------------
+
+def run_embeddings(lake: Lake, cfg: PipelineConfig, shard: str, encoder_factory) -> StageOutput:
+    """CLIP image and text embeddings for the successful images; chunks are staged for resume."""
+    ecfg = cfg.embeddings
+    images = lake.read_shard(IMAGES, shard, ["uid", "status", "image"]).filter(pl.col("status") == "success")
+    captions = lake.read_shard(RAW_URLS, shard, ["uid", "caption"])
+    todo = images.join(captions, on="uid", how="left")
+    recipe = _recipe_hash(ecfg)
+    vec = pl.Binary if ecfg.dtype == "float16" else pl.List(pl.Float32)
+    empty = pl.DataFrame(schema={"uid": pl.Int64, "image_embedding": vec, "text_embedding": vec, "similarity": pl.Float32})
+    staged = _staged(lake, STAGING_EMBEDDINGS, shard, recipe, empty)
+    if staged.height:
+        todo = todo.filter(~pl.col("uid").is_in(staged["uid"].to_list()))
+        log.info("shard %s: %d embeddings resumed, %d to compute", shard, staged.height, todo.height)
+    encoder = encoder_factory()
+    started = time.monotonic()
+    for start in range(0, todo.height, ecfg.chunk_rows):
+        chunk = todo.slice(start, ecfg.chunk_rows)
+        img = encoder.images(chunk["image"].to_list())
+        txt = encoder.texts(chunk["caption"].to_list())
+        table = pa.table({
+            "uid": chunk["uid"].to_arrow(),
+            "image_embedding": vectors.to_column(img, ecfg.dtype),
+            "text_embedding": vectors.to_column(txt, ecfg.dtype),
+            "similarity": pa.array((img * txt).sum(axis=1).astype(np.float32)),
+            "recipe": pa.array([recipe] * chunk.height, pa.string()),
+        })
+        lake.append(STAGING_EMBEDDINGS, table, shard=shard)
+        log.info("shard %s: embedded %d/%d", shard, min(start + ecfg.chunk_rows, todo.height), todo.height)
+    elapsed = time.monotonic() - started
+    rows = _staged(lake, STAGING_EMBEDDINGS, shard, recipe, empty)
+    rows = images.select("uid").join(rows, on="uid", how="inner")
+    model = encoder.clip
+    rows = rows.with_columns(embedding_space=pl.lit(model.space))
+    audit = rows.select(
+        "uid", "similarity",
+        image_norm=pl.Series(np.linalg.norm(vectors.from_column(rows["image_embedding"], model.dim), axis=1)),
+        text_norm=pl.Series(np.linalg.norm(vectors.from_column(rows["text_embedding"], model.dim), axis=1)),
+    )
+    report = _gate(EMBEDDINGS, shard, audit, quality.embeddings_suite(images.height, cfg.quality.embedding_norm_tolerance))
+    stats = {
+        **model.describe(), "dtype": ecfg.dtype, "images": images.height,
+        "mean_similarity": round(float(rows["similarity"].mean() or 0), 4),
+        "duration_s": round(elapsed, 2), "images_per_s": round(todo.height / max(elapsed, 1e-9), 1),
+    }
+    if model.meaningless:
+        stats["WARNING"] = "tiny random model: embeddings and similarities are meaningless"
+    out = _publish(lake, EMBEDDINGS, shard, rows, report, stats, {"embedding_space": model.space, "recipe": recipe})
+    lake.delete_shard(STAGING_EMBEDDINGS, shard)
+    return out
+
+
+# -- scores --------------------------------------------------------------------------------
+
+def run_scores(lake: Lake, cfg: PipelineConfig, shard: str, heads: dict) -> StageOutput:
+    """Aesthetic and NSFW heads over the image embeddings, in one pass; unscored is null."""
+    emb = lake.read_shard(EMBEDDINGS, shard, ["uid", "image_embedding", "embedding_space"])
+    x = vectors.from_column(emb["image_embedding"])
+    cols = {"uid": emb["uid"]}
+    for name in ("aesthetic", "punsafe"):
+        head = heads.get("nsfw" if name == "punsafe" else "aesthetic")
+        values = head(x).astype(np.float32) if head is not None and emb.height else None
+        cols[name] = pl.Series(name, values, pl.Float32) if values is not None else pl.repeat(None, emb.height, dtype=pl.Float32, eager=True)
+    rows = pl.DataFrame(cols).with_columns(embedding_space=emb["embedding_space"])
+    report = _gate(SCORES, shard, rows.select("uid", "aesthetic", "punsafe"), quality.scores_suite(emb.height))
+    stats = {
+        "heads": {k: f"{h.kind} {h.path} (trained on {h.trained_on})" for k, h in heads.items()},
+        "mean_aesthetic": rows["aesthetic"].mean(), "mean_punsafe": rows["punsafe"].mean(),
+        "embedding_space": emb["embedding_space"][0] if emb.height else "",
+    }
+    return _publish(lake, SCORES, shard, rows, report, stats)
+
+
+# -- subsets -------------------------------------------------------------------------------
+
+def run_subset(lake: Lake, cfg: PipelineConfig, sub: SubsetConfig, shard: str) -> StageOutput:
+    raw = lake.read_shard(RAW_URLS, shard).drop("shard")
+    images = lake.read_shard(IMAGES, shard, ["uid", "status", "original_width", "original_height", "width", "height", "sha256"])
+    emb = lake.read_shard(EMBEDDINGS, shard, ["uid", "similarity", "embedding_space"])
+    scores = lake.read_shard(SCORES, shard, ["uid", "aesthetic", "punsafe"])
+    pool = candidates(raw, images, emb, scores)
+    recipe = sub.recipe(cfg.embeddings.space, __version__)
+    rows = pool.filter(predicate(sub)).drop("status").with_columns(recipe_id=pl.lit(recipe["recipe_id"]))
+    report = _gate(subset_table(sub.name), shard, rows.select("uid", "url"), quality.subset_suite(raw.height))
+    stats = {"recipe": recipe, "candidates": pool.filter(pl.col("status") == "success").height, "kept": rows.height}
+    stats["kept_fraction"] = round(rows.height / max(1, stats["candidates"]), 4)
+    return _publish(lake, subset_table(sub.name), shard, rows, report, stats, {"recipe": json.dumps(recipe, sort_keys=True)})
