@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from laion_assets.core.config import HeadConfig
+from laion_assets.core.config import HeadConfig, ScoresConfig
 from laion_assets.core.errors import LaionAssetsError
 
 
@@ -74,9 +74,9 @@ def load_head(name: str, cfg: HeadConfig) -> Head:
     return Head(name, kind, str(path), cfg.trained_on, dim, weights)
 
 
-def check_compatible(head: Head, dim: int, space: str, allow_space_mismatch: bool) -> None:
+def check_compatible(head: Head, dim: int | None, space: str, allow_space_mismatch: bool) -> None:
     """Refuse embeddings the head was not trained for (dimension always; space unless allowed)."""
-    if head.dim != dim:
+    if dim is not None and head.dim != dim:
         raise LaionAssetsError(
             f"{head.name} head {head.path} expects {head.dim}-d embeddings but the model gives "
             f"{dim}-d ({space}): use the head trained for this model"
@@ -87,3 +87,15 @@ def check_compatible(head: Head, dim: int, space: str, allow_space_mismatch: boo
             "would be off the published scale; use a matching model or set "
             "scores.allow_embedding_space_mismatch: true"
         )
+
+
+def configured_heads(cfg: ScoresConfig, space: str, dim: int | None) -> dict[str, Head]:
+    """The heads named in the config, each checked against the embeddings it will score."""
+    heads = {}
+    for name in ("aesthetic", "nsfw"):
+        head_cfg = getattr(cfg, name)
+        if head_cfg is not None:
+            head = load_head(name, head_cfg)
+            check_compatible(head, dim, space, cfg.allow_embedding_space_mismatch)
+            heads[name] = head
+    return heads

@@ -89,11 +89,9 @@ class ImageProcessor:
 
     def _transform(self, img: Image.Image, w: int, h: int, data: bytes) -> tuple[bytes, tuple[int, int]]:
         cfg = self.cfg
-        orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
-        tw, th = target_size(w, h, cfg)
-        if orientation in (5, 6, 7, 8):
-            tw, th = target_size(h, w, cfg)
-            tw, th = th, tw  # draft works on the stored (unrotated) orientation
+        orientation = img.getexif().get(0x0112, 1)
+        rotated = orientation in (5, 6, 7, 8)
+        tw, th = target_size(*((h, w) if rotated else (w, h)), cfg)  # displayed orientation
         if (
             cfg.skip_reencode
             and img.format == self.fmt
@@ -103,13 +101,11 @@ class ImageProcessor:
         ):
             img.load()  # still verify the pixels decode
             return data, (w, h)
-        if img.format == "JPEG" and (tw < w or th < h):
-            img.draft("RGB", (tw, th))  # decode at 1/2, 1/4 or 1/8 scale, never below target
-        img = ImageOps.exif_transpose(img)
-        img = _to_rgb(img)
-        w2, h2 = img.size
-        tw, th = target_size(w2, h2, cfg) if cfg.resize_mode != "no" else (w2, h2)
-        if (tw, th) != (w2, h2):
+        if img.format == "JPEG" and tw * th < w * h:
+            # decode at 1/2, 1/4 or 1/8 scale, never below the target (stored orientation)
+            img.draft("RGB", (th, tw) if rotated else (tw, th))
+        img = _to_rgb(ImageOps.exif_transpose(img))
+        if img.size != (tw, th):
             img = img.resize((tw, th), Image.Resampling.LANCZOS, reducing_gap=3.0)
         if cfg.resize_mode == "center_crop":
             left, top = (tw - cfg.size) // 2, (th - cfg.size) // 2

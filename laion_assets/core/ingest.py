@@ -78,7 +78,7 @@ def _to_uri(location: str, path: str) -> str:
 def _read_bytes(source: str) -> bytes:
     fs, path = pafs.FileSystem.from_uri(source if "://" in source else _abspath(source))
     try:
-        with fs.open_input_stream(path) as f:
+        with fs.open_input_stream(path, compression=None) as f:
             data = f.read()
     except FileNotFoundError:
         raise LaionAssetsError(f"shard file {source} no longer exists: restore it or remove the shard") from None

@@ -22,6 +22,7 @@ from laion_assets.core import quality, registry, vectors
 from laion_assets.core.config import PipelineConfig, SubsetConfig
 from laion_assets.core.download import IMAGES_SCHEMA, STATUSES, Progress, ShardDownloader
 from laion_assets.core.errors import LaionAssetsError, ValidationFailed
+from laion_assets.core.heads import configured_heads
 from laion_assets.core.ingest import normalize, read_shard_file
 from laion_assets.core.lake import Lake
 from laion_assets.core.subsets import candidates, predicate
@@ -196,10 +197,12 @@ def run_embeddings(lake: Lake, cfg: PipelineConfig, shard: str, encoder_factory)
 
 # -- scores --------------------------------------------------------------------------------
 
-def run_scores(lake: Lake, cfg: PipelineConfig, shard: str, heads: dict) -> StageOutput:
+def run_scores(lake: Lake, cfg: PipelineConfig, shard: str) -> StageOutput:
     """Aesthetic and NSFW heads over the image embeddings, in one pass; unscored is null."""
     emb = lake.read_shard(EMBEDDINGS, shard, ["uid", "image_embedding", "embedding_space"])
     x = vectors.from_column(emb["image_embedding"])
+    space = emb["embedding_space"][0] if emb.height else cfg.embeddings.space
+    heads = configured_heads(cfg.scores, space, x.shape[1] if emb.height else None)
     cols = {"uid": emb["uid"]}
     for name in ("aesthetic", "punsafe"):
         head = heads.get("nsfw" if name == "punsafe" else "aesthetic")

@@ -1,0 +1,232 @@
+"""`laion-assets`: run the pipeline without the UI, through Dagster (same assets, same
+resources, runs recorded in the instance the UI reads).
+
+    laion-assets run <input files or folders> [--lake URI] [--select ASSETS] [--config FILE]
+    laion-assets demo              # bundled sample end to end, then where to look
+    laion-assets sample-server     # serve the demo sample again (to materialize from the UI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_PORT = 8765
+
+
+@dataclass
+class StageLine:
+    shard: str
+    asset: str
+    status: str  # materialized | failed | skipped
+    rows: int | None = None
+    version: int | None = None
+    detail: str = ""
+
+
+@dataclass
+class RunSummary:
+    lines: list[StageLine] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(line.status == "materialized" for line in self.lines)
+
+    def print(self) -> None:
+        width = max([len(line.asset) for line in self.lines] + [10])
+        for line in self.lines:
+            rows = f"{line.rows} rows" if line.rows is not None else ""
+            version = f"v{line.version}" if line.version is not None else ""
+            print(f"  {line.shard:<16} {line.asset:<{width}} {line.status:<13} {rows:>11} {version:>5}  {line.detail}")
+
+
+def _instance():
+    """The Dagster instance of DAGSTER_HOME; the repo's dagster.yaml when unset."""
+    from dagster import DagsterInstance
+
+    if not os.environ.get("DAGSTER_HOME"):
+        home = Path.cwd() if (Path.cwd() / "dagster.yaml").is_file() else REPO
+        if not (home / "dagster.yaml").is_file():
+            raise SystemExit("error: set DAGSTER_HOME to a folder with a dagster.yaml (see README)")
+        os.environ["DAGSTER_HOME"] = str(home)
+    return DagsterInstance.get()
+
+
+def run_pipeline(inputs: list[str], lake: str, config: str | None, select: str | None, instance=None, retry_failures: bool = False) -> RunSummary:
+    """Register the shard files, then materialize the selected assets per shard."""
+    from dagster import AssetSelection, DagsterEventType, define_asset_job
+
+    from laion_assets.core import registry
+    from laion_assets.core.ingest import list_shard_files, shard_key
+    from laion_assets.core.lake import Lake
+    from laion_assets.defs.definitions import build_defs
+    from laion_assets.defs.partitions import shards
+    from laion_assets.defs.resources import Settings
+
+    settings = Settings(lake=lake, inputs=inputs[0] if inputs else "data/input", config=config)
+    defs = build_defs(settings)  # validates the config file first
+    lk = Lake(lake)
+    lk.ensure_writable()
+    files = [f for location in inputs for f in list_shard_files(location)]
+    if not files:
+        raise SystemExit(f"error: no shard files (.parquet, .csv, .tsv, .jsonl, optionally .gz) in {', '.join(inputs)}")
+    registry.register(lk, files)
+    keys = [shard_key(f) for f in files]
+    instance = instance or _instance()
+    known = set(instance.get_dynamic_partitions(shards.name))
+    new = [k for k in dict.fromkeys(keys) if k not in known]
+    if new:
+        instance.add_dynamic_partitions(shards.name, new)
+
+    graph = defs.resolve_asset_graph()
+    all_keys = graph.get_all_asset_keys()
+    selection = AssetSelection.all() if not select else AssetSelection.from_coercible(
+        [s.strip() for s in select.split(",") if s.strip()]
+    )
+    chosen = selection.resolve(graph)
+    missing = [s for s in (select or "").split(",") if s.strip() and not any(k.to_user_string() == s.strip() for k in all_keys)]
+    if missing:
+        raise SystemExit(f"error: unknown asset(s) {', '.join(missing)}; known: {', '.join(sorted(k.to_user_string() for k in all_keys))}")
+    job_def = define_asset_job("laion_assets_run", selection=AssetSelection.assets(*chosen), partitions_def=shards)
+    job = build_defs_with_job(defs, job_def).resolve_job_def("laion_assets_run")
+    order = [k for k in graph.toposorted_asset_keys if k in chosen]
+
+    summary = RunSummary()
+    run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    if retry_failures:
+        run_config["ops"] = {"images": {"config": {"retry_failures": True}}}
+    for key in dict.fromkeys(keys):
+        print(f"shard {key}: running {', '.join(k.to_user_string() for k in order)}", flush=True)
+        result = job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False, run_config=run_config)
+        materialized, failed = {}, {}
+        for event in result.all_events:
+            if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
+                mat = event.event_specific_data.materialization
+                materialized[mat.asset_key] = mat.metadata
+            elif event.event_type == DagsterEventType.STEP_FAILURE:
+                err = event.event_specific_data.error
+                msg = event.event_specific_data.user_failure_data.description if event.event_specific_data.user_failure_data else (err.message if err else "")
+                failed[event.step_key] = (msg or "").strip().splitlines()[0] if msg else "failed"
+        for asset_key in order:
+            name = asset_key.to_user_string()
+            step = "__".join(asset_key.path)
+            if asset_key in materialized:
+                md = materialized[asset_key]
+                rows = md.get("dagster/row_count")
+                version = md.get("delta_version")
+                summary.lines.append(StageLine(key, name, "materialized", getattr(rows, "value", rows), getattr(version, "value", version), "gate passed"))
+            elif step in failed:
+                summary.lines.append(StageLine(key, name, "FAILED", detail=failed[step]))
+            else:
+                summary.lines.append(StageLine(key, name, "skipped", detail="upstream failed or its gate did not pass"))
+    return summary
+
+
+def build_defs_with_job(defs, job_def):
+    from dagster import Definitions
+
+    return Definitions.merge(defs, Definitions(jobs=[job_def]))
+
+
+def _print_tables(lake: str) -> None:
+    from laion_assets.core.lake import Lake
+
+    lk = Lake(lake)
+    print("\nDelta tables (read them with pl.read_delta(path) or duckdb's delta_scan(path)):")
+    for name in lk.tables():
+        if name.startswith("_"):
+            continue
+        rows = lk.scan(name).select(__import__("polars").len()).collect().item()
+        print(f"  {name:<28} {rows:>7} rows  {lk.table_uri(name)}")
+
+
+def cmd_run(args) -> int:
+    summary = run_pipeline(args.inputs, args.lake, args.config, args.select, retry_failures=args.retry_failures)
+    print("\nper-stage summary:")
+    summary.print()
+    _print_tables(args.lake)
+    return 0 if summary.ok else 1
+
+
+def cmd_demo(args) -> int:
+    from laion_assets.core.sample import SampleServer, write_demo_shard
+
+    root = Path(args.data) / "demo"
+    with SampleServer(root / "site", port=args.port) as server:
+        shard = write_demo_shard(root, server.base_url, n_generated=200)
+        print(f"sample shard {shard} served from {server.base_url}")
+        summary = run_pipeline([str(shard)], args.lake, args.config, None)
+    print("\nper-stage summary:")
+    summary.print()
+    _print_tables(args.lake)
+    print(
+        "\nSee the same runs, checks and lineage in the UI:\n"
+        "  make ui            # then open http://127.0.0.1:3000\n"
+        "To materialize the demo shard again from the UI, serve the sample meanwhile:\n"
+        "  .venv/bin/laion-assets sample-server"
+    )
+    return 0 if summary.ok else 1
+
+
+def cmd_sample_server(args) -> int:
+    from laion_assets.core.sample import SampleServer
+
+    site = Path(args.data) / "demo" / "site"
+    if not site.is_dir():
+        raise SystemExit("error: no demo sample yet: run `make demo` first")
+    with SampleServer(site, port=args.port) as server:
+        print(f"serving {site} at {server.base_url} (Ctrl-C to stop)")
+        try:
+            server.thread.join()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="laion-assets", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    env_lake = os.environ.get("LAION_ASSETS_LAKE", "data/lake")
+    env_config = os.environ.get("LAION_ASSETS_CONFIG")
+
+    run = sub.add_parser("run", help="register shard files and materialize the selected assets")
+    run.add_argument("inputs", nargs="+", help="shard files or folders (.parquet/.csv/.tsv/.jsonl[.gz]; s3:// too)")
+    run.add_argument("--lake", default=env_lake, help="lake root: folder or s3://bucket/prefix (default %(default)s)")
+    run.add_argument("--select", help="comma-separated asset keys, e.g. raw_urls,images (default: all)")
+    run.add_argument("--config", default=env_config, help="pipeline config YAML (default: built-in)")
+    run.add_argument("--retry-failures", action="store_true", help="images: re-fetch only retryable failures")
+    run.set_defaults(fn=cmd_run)
+
+    demo = sub.add_parser("demo", help="build the bundled sample, serve it on 127.0.0.1 and run every stage")
+    demo.add_argument("--lake", default=env_lake)
+    demo.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
+    demo.add_argument("--data", default="data")
+    demo.add_argument("--port", type=int, default=DEMO_PORT)
+    demo.set_defaults(fn=cmd_demo)
+
+    serve = sub.add_parser("sample-server", help="serve the demo sample on 127.0.0.1")
+    serve.add_argument("--data", default="data")
+    serve.add_argument("--port", type=int, default=DEMO_PORT)
+    serve.set_defaults(fn=cmd_sample_server)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    from laion_assets.core.errors import LaionAssetsError
+
+    try:
+        return args.fn(args)
+    except LaionAssetsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""embeddings: open_clip image and text embeddings of the successful images."""
+
+from functools import lru_cache
+
+from dagster import AssetExecutionContext, BackfillPolicy, asset
+
+from laion_assets.core import stages
+from laion_assets.core.clip import TINY_WARNING, Encoder, load_model
+from laion_assets.core.config import EmbeddingConfig
+from laion_assets.defs.gate import gate_spec, run_stage
+from laion_assets.defs.images import images
+from laion_assets.defs.partitions import shards
+from laion_assets.defs.resources import LakeResource, PipelineResource
+
+
+@lru_cache(maxsize=2)
+def encoder_for(cfg: EmbeddingConfig) -> Encoder:
+    """Models are loaded once per process and reused across shards."""
+    return Encoder(load_model(cfg), cfg.batch_size, cfg.workers)
+
+
+@asset(
+    partitions_def=shards,
+    deps=[images],
+    check_specs=[gate_spec("embeddings")],
+    backfill_policy=BackfillPolicy.multi_run(1),
+    pool="gpu",
+    kinds={"delta", "pytorch"},
+    group_name="laion",
+)
+def embeddings(context: AssetExecutionContext, lake: LakeResource, pipeline: PipelineResource):
+    """L2-normalised CLIP image and text embeddings (float16 bytes by default) and their
+    cosine `similarity`, with the `embedding_space` (model/pretrained) they live in."""
+    lk = lake.lake()
+    cfg = pipeline.config()
+    if cfg.embeddings.model == "tiny":
+        context.log.warning(TINY_WARNING)
+    yield from run_stage(
+        context, lk, stages.EMBEDDINGS,
+        lambda: stages.run_embeddings(lk, cfg, context.partition_key, lambda: encoder_for(cfg.embeddings)),
+    )

@@ -1,0 +1,72 @@
+"""Write-audit-publish in Dagster terms: run a core stage, turn its report into a blocking
+check result and its numbers into materialization metadata; a failed gate fails the step
+with the failing expectations, and nothing is materialized."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+
+import pyarrow as pa
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetKey,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    TableColumn,
+    TableSchema,
+)
+
+from laion_assets.core.errors import LaionAssetsError, ValidationFailed
+from laion_assets.core.lake import Lake
+from laion_assets.core.stages import StageOutput
+
+GATE = "quality_gate"
+
+
+def gate_spec(key: str | AssetKey) -> AssetCheckSpec:
+    return AssetCheckSpec(
+        GATE, asset=key, blocking=True,
+        description="great-expectations suite run on the shard before it is published",
+    )
+
+
+def table_schema(schema: pa.Schema) -> TableSchema:
+    return TableSchema(columns=[TableColumn(f.name, str(f.type)) for f in schema])
+
+
+def _value(v):
+    if isinstance(v, dict):
+        return MetadataValue.json(json.loads(json.dumps(v, default=str)))
+    if v is None:
+        return MetadataValue.text("")
+    return v
+
+
+def run_stage(context, lake: Lake, table: str, fn: Callable[[], StageOutput], extra: dict | None = None) -> Iterator:
+    """Yield the check result and MaterializeResult of one stage run, or fail the step."""
+    try:
+        out = fn()
+    except ValidationFailed as e:
+        yield AssetCheckResult(
+            check_name=GATE, passed=False, severity=AssetCheckSeverity.ERROR,
+            metadata={**e.report.as_metadata(), "shard": e.shard}, description=str(e)[:2000],
+        )
+        raise Failure(description=str(e), metadata={"failing expectations": "\n".join(e.failures)}, allow_retries=False) from None
+    except LaionAssetsError as e:
+        raise Failure(description=str(e), allow_retries=False) from None
+    yield MaterializeResult(
+        metadata={
+            "dagster/row_count": out.rows,
+            "dagster/column_schema": table_schema(out.schema),
+            "dagster/uri": lake.table_uri(table),
+            "delta_version": out.version,
+            **{k: _value(v) for k, v in {**out.stats, **(extra or {})}.items()},
+        },
+        check_results=[
+            AssetCheckResult(check_name=GATE, passed=True, metadata=out.report.as_metadata())
+        ],
+    )

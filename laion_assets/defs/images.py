@@ -1,0 +1,37 @@
+"""images: every URL of a shard downloaded, checked, resized and re-encoded."""
+
+from dagster import AssetExecutionContext, BackfillPolicy, Config, asset
+
+from laion_assets.core import stages
+from laion_assets.defs.gate import gate_spec, run_stage
+from laion_assets.defs.partitions import shards
+from laion_assets.defs.raw_urls import raw_urls
+from laion_assets.defs.resources import LakeResource, PipelineResource
+
+
+class ImagesRunConfig(Config):
+    retry_failures: bool = False
+    """Re-download only the published rows whose failure is retryable (timeouts, 429, 5xx)."""
+
+
+@asset(
+    partitions_def=shards,
+    deps=[raw_urls],
+    check_specs=[gate_spec("images")],
+    backfill_policy=BackfillPolicy.multi_run(1),
+    pool="download",
+    kinds={"delta"},
+    group_name="laion",
+)
+def images(context: AssetExecutionContext, config: ImagesRunConfig, lake: LakeResource, pipeline: PipelineResource):
+    """One row per input row: `status` (success or the failure kind), `error`, HTTP status,
+    original and stored sizes, sha256 of the original bytes, and the re-encoded `image`.
+    Finished chunks are staged, so a killed run resumes without downloading them again."""
+    lk = lake.lake()
+    yield from run_stage(
+        context, lk, stages.IMAGES,
+        lambda: stages.run_images(
+            lk, pipeline.config(), context.partition_key, retry_failures=config.retry_failures,
+            on_progress=lambda p: context.log.info(f"shard {context.partition_key}: {p.line()}"),
+        ),
+    )

@@ -1,0 +1,25 @@
+"""raw_urls: one input shard file read, normalised and given LAION uids."""
+
+from dagster import AssetExecutionContext, BackfillPolicy, asset
+
+from laion_assets.core import stages
+from laion_assets.defs.gate import gate_spec, run_stage
+from laion_assets.defs.partitions import shards
+from laion_assets.defs.resources import LakeResource, PipelineResource
+
+
+@asset(
+    partitions_def=shards,
+    check_specs=[gate_spec("raw_urls")],
+    backfill_policy=BackfillPolicy.multi_run(1),
+    kinds={"delta", "polars"},
+    group_name="laion",
+)
+def raw_urls(context: AssetExecutionContext, lake: LakeResource, pipeline: PipelineResource):
+    """Input rows of one shard: `uid` (LAION's mmh3.hash64(url+text)[0]), `url`, `caption`
+    and every source column. Rows without a usable http(s) URL are kept out and counted."""
+    lk = lake.lake()
+    yield from run_stage(
+        context, lk, stages.RAW_URLS,
+        lambda: stages.run_raw_urls(lk, pipeline.config(), context.partition_key),
+    )

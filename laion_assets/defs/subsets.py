@@ -1,0 +1,46 @@
+"""subsets: one asset (and Delta table) per subset declared in the config."""
+
+
+import json
+
+from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, BackfillPolicy, MetadataValue, asset
+
+from laion_assets import __version__
+from laion_assets.core import stages
+from laion_assets.core.config import PipelineConfig, SubsetConfig
+from laion_assets.defs.gate import gate_spec, run_stage
+from laion_assets.defs.images import images
+from laion_assets.defs.partitions import shards
+from laion_assets.defs.raw_urls import raw_urls
+from laion_assets.defs.resources import LakeResource, PipelineResource
+from laion_assets.defs.scores import scores
+
+
+def subset_asset(sub: SubsetConfig, cfg: PipelineConfig) -> AssetsDefinition:
+    key = AssetKey(["subsets", sub.name])
+    recipe = sub.recipe(cfg.embeddings.space, __version__)
+
+    @asset(
+        key=key,
+        partitions_def=shards,
+        deps=[raw_urls, images, scores],
+        check_specs=[gate_spec(key)],
+        backfill_policy=BackfillPolicy.multi_run(1),
+        kinds={"delta", "polars"},
+        group_name="subsets",
+        description=f"{sub.description or sub.name}. Recipe: {json.dumps(recipe, sort_keys=True)}",
+        metadata={"recipe": MetadataValue.json(recipe)},
+    )
+    def _subset(context: AssetExecutionContext, lake: LakeResource, pipeline: PipelineResource):
+        lk = lake.lake()
+        current = next(s for s in pipeline.config().subsets if s.name == sub.name)
+        yield from run_stage(
+            context, lk, stages.subset_table(sub.name),
+            lambda: stages.run_subset(lk, pipeline.config(), current, context.partition_key),
+        )
+
+    return _subset
+
+
+def subset_assets(cfg: PipelineConfig) -> list[AssetsDefinition]:
+    return [subset_asset(sub, cfg) for sub in cfg.subsets]

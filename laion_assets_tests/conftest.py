@@ -1,0 +1,85 @@
+"""Fixtures start real things: an HTTP image server on 127.0.0.1, Delta lakes in tmp_path,
+Dagster instances (instance_for_test); the real LAION heads and data come from ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+
+from laion_assets.core.config import DownloadConfig, EmbeddingConfig, HeadConfig, PipelineConfig, ScoresConfig, SubsetConfig  # noqa: E402
+from laion_assets.core.lake import Lake  # noqa: E402
+from laion_assets.core.sample import SampleServer, build_site, sample_rows  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("LAION_ASSETS_SHARED", REPO.parent / "shared"))
+MODELS = SHARED / "models"
+DATA = SHARED / "data"
+
+
+def shared_file(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present (../shared beside the checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory) -> tuple[Path, list[dict]]:
+    root = tmp_path_factory.mktemp("site")
+    return root, build_site(root, n_generated=12)
+
+
+@pytest.fixture(scope="session")
+def server(site):
+    with SampleServer(site[0]) as srv:
+        yield srv
+
+
+@pytest.fixture
+def shard_rows(site, server):
+    """A LAION-style shard over the test server: photos, generated images and every fault."""
+    return sample_rows(site[1], server.base_url)
+
+
+@pytest.fixture
+def lake(tmp_path) -> Lake:
+    return Lake(tmp_path / "lake")
+
+
+def make_config(**overrides) -> PipelineConfig:
+    """Offline pipeline config: 127.0.0.1 allowed, tiny CLIP, real B/32 heads (space override)."""
+    scores = ScoresConfig()
+    if (MODELS / "clip-based-nsfw-detector").is_dir():
+        scores = ScoresConfig(
+            aesthetic=HeadConfig(path=str(MODELS / "laion-aesthetic-predictor/sa_0_4_vit_b_32_linear.pth")),
+            nsfw=HeadConfig(path=str(MODELS / "clip-based-nsfw-detector/clip_ViT-B-32_openai_binary_nsfw_head.pth")),
+            allow_embedding_space_mismatch=True,
+        )
+    base = dict(
+        download=DownloadConfig(allowed_networks=("127.0.0.1/32",), retries=0, min_success_rate=0.5, chunk_rows=16),
+        embeddings=EmbeddingConfig(model="tiny", batch_size=16, chunk_rows=32),
+        scores=scores,
+        subsets=(
+            SubsetConfig(name="similar", min_similarity=-1.0, max_punsafe=0.99),
+            SubsetConfig(name="pretty", min_aesthetic=3.5),
+        ),
+    )
+    base.update(overrides)
+    return PipelineConfig(**base)
+
+
+@pytest.fixture
+def config() -> PipelineConfig:
+    return make_config()
+
+
+def write_config(path: Path, cfg: PipelineConfig) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True)))
+    return path
