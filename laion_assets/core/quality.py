@@ -73,31 +73,23 @@ def validate(stage: str, shard: str, df: pl.DataFrame, expectations: list[Expect
         suite.add_expectation(getattr(gx.expectations, exp.type)(**exp.kwargs))
     batch = batch_def.get_batch(batch_parameters={"dataframe": df.to_pandas()})
     result = batch.validate(suite)
-    by_label = {}
-    for res, exp in zip(_ordered(result, suite), suite.expectations):
+    checks = []
+    for res in result.results:
+        conf = res.expectation_config
         r = res.result or {}
-        if "unexpected_count" in r and r.get("unexpected_count") is not None:
+        if r.get("unexpected_count") is not None:
             observed = f"{r['unexpected_count']} unexpected of {r.get('element_count')}"
             sample = r.get("partial_unexpected_list") or []
             if sample and not res.success:
                 observed += f", e.g. {sample[:3]}"
         else:
             observed = f"observed {r.get('observed_value')}"
-        label = _label(exp)
-        by_label[label] = CheckResult(label, bool(res.success), observed)
-    return Report(stage, shard, tuple(by_label.values()))
-
-
-def _ordered(result, suite):
-    """Validation results in the suite's order (GX does not promise one)."""
-    ids = {r.expectation_config.id: r for r in result.results}
-    return [ids[e.id] for e in suite.expectations]
-
-
-def _label(exp) -> str:
-    col = getattr(exp, "column", None)
-    name = type(exp).__name__
-    return f"{name}({col})" if col else name
+        if res.exception_info and res.exception_info.get("raised_exception"):
+            observed = f"error: {res.exception_info.get('exception_message')}"
+        column = conf.kwargs.get("column")
+        label = f"{conf.type}({column})" if column else conf.type
+        checks.append(CheckResult(label, bool(res.success), observed))
+    return Report(stage, shard, tuple(checks))
 
 
 # -- suites --------------------------------------------------------------------------------

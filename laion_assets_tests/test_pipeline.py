@@ -1,0 +1,284 @@
+"""The whole pipeline through Dagster: a real instance, real HTTP server, real Delta tables,
+real GX validations and a real (tiny) open_clip forward pass."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pytest
+from dagster import (
+    AssetCheckKey,
+    AssetKey,
+    AssetSelection,
+    DagsterInstance,
+    SensorResult,
+    SkipReason,
+    build_sensor_context,
+    evaluate_automation_conditions,
+    instance_for_test,
+)
+
+from laion_assets.cli import run_pipeline
+from laion_assets.core.lake import Lake
+from laion_assets.defs.definitions import build_defs
+from laion_assets.defs.resources import InputsResource, LakeResource, Settings
+from laion_assets_tests.conftest import make_config, write_config
+
+STAGES = ["raw_urls", "images", "embeddings", "scores", "subsets/similar", "subsets/pretty"]
+
+
+@pytest.fixture
+def instance():
+    with instance_for_test() as inst:
+        yield inst
+
+
+@pytest.fixture
+def env(tmp_path, shard_rows):
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    shard_rows.write_parquet(inputs / "shard-a.parquet")
+    config = write_config(tmp_path / "config.yaml", make_config())
+    return {"inputs": inputs, "lake": str(tmp_path / "lake"), "config": str(config), "tmp": tmp_path}
+
+
+def run(env, instance: DagsterInstance, inputs=None, config=None, select=None):
+    return run_pipeline([str(inputs or env["inputs"])], env["lake"], config or env["config"], select, instance=instance)
+
+
+def statuses(summary) -> dict[str, str]:
+    return {line.asset: line.status for line in summary.lines}
+
+
+def duckdb_count(path: str) -> int:
+    ext = glob.glob(os.path.join(os.path.dirname(duckdb.__file__), "..", "duckdb_ext", "extensions", "*", "*", "delta.duckdb_extension"))[0]
+    con = duckdb.connect()
+    con.execute(f"LOAD '{ext}'")
+    return con.execute(f"SELECT count(*) FROM delta_scan('{path}')").fetchone()[0]
+
+
+def test_asset_graph_snapshot(env):
+    defs = build_defs(Settings(lake=env["lake"], inputs=str(env["inputs"]), config=env["config"]))
+    graph = defs.resolve_asset_graph()
+    deps = {k.to_user_string(): sorted(p.to_user_string() for p in graph.get(k).parent_keys) for k in graph.get_all_asset_keys()}
+    assert deps == {
+        "raw_urls": [],
+        "images": ["raw_urls"],
+        "embeddings": ["images"],
+        "scores": ["embeddings"],
+        "subsets/similar": ["images", "raw_urls", "scores"],
+        "subsets/pretty": ["images", "raw_urls", "scores"],
+    }
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        assert node.partitions_def.name == "shards"
+        assert [c.name for c in node.check_keys] == ["quality_gate"]
+    assert graph.get(AssetKey("images")).pools == {"download"}
+    assert graph.get(AssetKey("embeddings")).pools == {"gpu"}
+    assert graph.get(AssetKey("raw_urls")).automation_condition is None  # the sensor starts it
+    assert "all_deps_blocking_checks_passed" in str(graph.get(AssetKey("images")).automation_condition)
+
+
+@pytest.mark.slow
+def test_end_to_end_every_stage(env, instance, site):
+    summary = run(env, instance)
+    assert statuses(summary) == {s: "materialized" for s in STAGES}, summary.lines
+    lake = Lake(env["lake"])
+
+    images = pl.read_delta(lake.table_uri("images"))
+    by_kind = dict(
+        images.with_columns(kind=pl.col("url").str.extract(r"//[^/]+/([a-z]+)/")).group_by("kind", "status").len().select("kind", "status").iter_rows()
+    )
+    assert by_kind == {
+        "img": "success", "missing": "http_error", "error": "http_error", "html": "failed_decode",
+        "truncated": "failed_decode", "noai": "opted_out", "redirect": "success",
+    }
+    assert images.height == len(site[1]) + 16  # one row per usable input row
+    ok = images.filter(pl.col("status") == "success")
+    assert ok["image"].null_count() == 0 and ok["sha256"].str.len_chars().unique().to_list() == [64]
+    assert ok.select((pl.min_horizontal("width", "height") == 256) | (pl.col("original_width") < 256) | (pl.col("original_height") < 256)).to_series().all()
+
+    emb = pl.read_delta(lake.table_uri("embeddings"))
+    assert emb.height == ok.height and emb["similarity"].is_between(-1, 1).all()
+    assert emb["embedding_space"].unique().to_list() == ["tiny/random-seed0"]
+    scores = pl.read_delta(lake.table_uri("scores"))
+    assert scores.height == ok.height and scores["punsafe"].is_between(0, 1).all()
+
+    # tables are plain Delta: polars and duckdb read them without our code
+    for table in ["raw_urls", "images", "embeddings", "scores", "subsets/similar", "subsets/pretty"]:
+        assert duckdb_count(lake.table_uri(table)) == pl.read_delta(lake.table_uri(table)).height
+    similar = pl.read_delta(lake.table_uri("subsets/similar"))
+    assert similar.height > 0 and {"url", "caption", "similarity", "punsafe", "aesthetic", "recipe_id", "source_WIDTH"} <= set(similar.columns)
+
+    # materialization metadata and blocking checks, as the UI shows them
+    mat = instance.get_latest_materialization_event(AssetKey("images")).asset_materialization
+    assert mat.metadata["dagster/row_count"].value == images.height
+    assert mat.metadata["delta_version"].value == 0
+    assert mat.metadata["status_counts"].data["success"] == ok.height
+    assert "dagster/column_schema" in mat.metadata
+    recipe = instance.get_latest_materialization_event(AssetKey(["subsets", "similar"])).asset_materialization.metadata["recipe"].data
+    assert recipe["min_similarity"] == -1.0 and recipe["embedding_space"] == "tiny/random-seed0"
+    for stage in STAGES:
+        key = AssetCheckKey(AssetKey(stage.split("/")), "quality_gate")
+        record = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
+        assert record.status.value == "SUCCEEDED", stage
+
+
+@pytest.mark.slow
+def test_rematerializing_a_shard_replaces_it(env, instance):
+    run(env, instance, select="raw_urls,images")
+    lake = Lake(env["lake"])
+    first = pl.read_delta(lake.table_uri("images")).drop("duration_s").sort("uid")
+    summary = run(env, instance, select="raw_urls,images")
+    assert statuses(summary) == {"raw_urls": "materialized", "images": "materialized"}
+    again = pl.read_delta(lake.table_uri("images")).drop("duration_s").sort("uid")
+    assert again.equals(first)  # same rows, no duplicates
+    assert lake.table("images").version() == 1
+
+
+@pytest.mark.slow
+def test_failed_gate_publishes_nothing_and_stops_downstream(env, instance):
+    run(env, instance, select="raw_urls,images")
+    lake = Lake(env["lake"])
+    before = pl.read_delta(lake.table_uri("images")).drop("duration_s").sort("uid")
+    strict = write_config(env["tmp"] / "strict.yaml", make_config(download=make_config().download.model_copy(update={"min_success_rate": 1.0})))
+
+    summary = run(env, instance, config=str(strict))
+
+    assert statuses(summary) == {
+        "raw_urls": "materialized", "images": "FAILED", "embeddings": "skipped", "scores": "skipped",
+        "subsets/similar": "skipped", "subsets/pretty": "skipped",
+    }
+    assert "failed validation" in next(line.detail for line in summary.lines if line.asset == "images")
+    after = pl.read_delta(lake.table_uri("images")).drop("duration_s").sort("uid")
+    assert after.equals(before) and lake.table("images").version() == 0
+    assert not lake.exists("embeddings")
+    key = AssetCheckKey(AssetKey("images"), "quality_gate")
+    record = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
+    assert record.status.value == "FAILED"
+    evaluation = record.event.dagster_event.event_specific_data
+    assert "FAILED" in evaluation.metadata["expect_column_values_to_be_in_set(is_success)"].value
+
+
+def test_sensor_registers_new_files_once(env, instance, shard_rows):
+    defs = build_defs(Settings(lake=env["lake"], inputs=str(env["inputs"]), config=env["config"]))
+    sensor = defs.get_sensor_def("shard_files")
+
+    resources = {"inputs": InputsResource(location=str(env["inputs"])), "lake": LakeResource(uri=env["lake"])}
+
+    def tick():
+        with build_sensor_context(instance=instance, resources=resources) as ctx:
+            return sensor(ctx)
+
+    first = tick()
+    assert isinstance(first, SensorResult)
+    assert first.dynamic_partitions_requests[0].partition_keys == ["shard-a"]
+    assert [r.partition_key for r in first.run_requests] == ["shard-a"]
+    instance.add_dynamic_partitions("shards", ["shard-a"])  # what the daemon does with the request
+
+    assert isinstance(tick(), SkipReason)  # same file again: nothing new
+
+    shard_rows.head(5).write_csv(env["inputs"] / "shard-b.csv")
+    third = tick()
+    assert third.dynamic_partitions_requests[0].partition_keys == ["shard-b"]
+    assert [r.partition_key for r in third.run_requests] == ["shard-b"]
+
+
+@pytest.mark.slow
+def test_downstream_follows_only_passed_checks(env, instance, tmp_path):
+    defs = build_defs(Settings(lake=env["lake"], inputs=str(env["inputs"]), config=env["config"]))
+    baseline = evaluate_automation_conditions(defs=defs, instance=instance)
+    assert baseline.total_requested == 0
+
+    run(env, instance, select="raw_urls")  # its gate passed
+    after_raw = evaluate_automation_conditions(defs=defs, instance=instance, cursor=baseline.cursor)
+    assert after_raw.get_requested_partitions(AssetKey("images")) == {"shard-a"}
+    assert after_raw.get_num_requested(AssetKey("embeddings")) == 0
+
+    # images fails its gate: nothing is published, so embeddings is not requested
+    strict = write_config(tmp_path / "strict.yaml", make_config(download=make_config().download.model_copy(update={"min_success_rate": 1.0})))
+    assert statuses(run(env, instance, config=str(strict), select="images")) == {"images": "FAILED"}
+    after_fail = evaluate_automation_conditions(defs=defs, instance=instance, cursor=after_raw.cursor)
+    assert after_fail.get_num_requested(AssetKey("embeddings")) == 0
+
+    # images passes: embeddings follows
+    assert statuses(run(env, instance, select="images")) == {"images": "materialized"}
+    after_ok = evaluate_automation_conditions(defs=defs, instance=instance, cursor=after_fail.cursor)
+    assert after_ok.get_requested_partitions(AssetKey("embeddings")) == {"shard-a"}
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no_url_column", "has no URL column"),
+        ("empty_file", "is empty"),
+        ("corrupt_parquet", "could not be read as parquet"),
+    ],
+)
+def test_bad_input_files_fail_clearly_and_keep_published_shards(env, instance, tmp_path, case, message):
+    run(env, instance, select="raw_urls")
+    lake = Lake(env["lake"])
+    before = pl.read_delta(lake.table_uri("raw_urls")).sort("uid")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    if case == "no_url_column":
+        pl.DataFrame({"link": ["https://x.example/a.jpg"], "TEXT": ["t"]}).write_parquet(bad / "bad-1.parquet")
+    elif case == "empty_file":
+        (bad / "bad-1.csv").write_text("")
+    else:
+        (bad / "bad-1.parquet").write_bytes(b"PAR1 garbage")
+    summary = run(env, instance, inputs=bad, select="raw_urls")
+    [line] = summary.lines
+    assert line.status == "FAILED" and message in line.detail and "\n" not in line.detail
+    assert pl.read_delta(lake.table_uri("raw_urls")).sort("uid").equals(before)
+
+
+@pytest.mark.slow
+def test_unknown_model_and_mismatched_head_fail_clearly(env, instance):
+    from laion_assets.core.config import EmbeddingConfig, HeadConfig, ScoresConfig
+    from laion_assets_tests.conftest import shared_file
+
+    bad_model = write_config(env["tmp"] / "m.yaml", make_config(embeddings=EmbeddingConfig(model="ViT-Q-99")))
+    summary = run(env, instance, config=str(bad_model))
+    detail = {line.asset: (line.status, line.detail) for line in summary.lines}
+    assert detail["images"][0] == "materialized"
+    assert detail["embeddings"][0] == "FAILED" and "open_clip has no model 'ViT-Q-99'" in detail["embeddings"][1]
+
+    l14 = shared_file("models", "laion-aesthetic-predictor", "sa_0_4_vit_l_14_linear.pth")
+    bad_head = write_config(env["tmp"] / "h.yaml", make_config(scores=ScoresConfig(aesthetic=HeadConfig(path=str(l14)), allow_embedding_space_mismatch=True)))
+    summary = run(env, instance, config=str(bad_head), select="embeddings,scores")
+    detail = {line.asset: (line.status, line.detail) for line in summary.lines}
+    assert detail["scores"][0] == "FAILED" and "expects 768-d embeddings but the model gives 512-d" in detail["scores"][1]
+
+
+def test_cli_errors_are_one_line(env, tmp_path, capsys):
+    from laion_assets.cli import main
+
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text("download:\n  concurency: 3\n")
+    assert main(["run", str(env["inputs"]), "--lake", env["lake"], "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: config file") and "unknown key 'download.concurency'" in err and "\n" not in err
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["run", str(env["inputs"]), "--lake", str(blocker / "lake"), "--config", env["config"]]) == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_definitions_validate_command():
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    dagster = Path(sys.executable).with_name("dagster")
+    proc = subprocess.run(
+        [str(dagster), "definitions", "validate", "-w", "workspace.yaml"], cwd=repo, capture_output=True, text=True,
+        env={**os.environ, "DAGSTER_HOME": str(repo), "LAION_ASSETS_CONFIG": str(repo / "configs" / "demo.yaml")}, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
