@@ -174,11 +174,15 @@ class Lake:
         return sorted(str(p.relative_to(root)) for p in found)
 
     def maintain(self, name: str, retention_hours: int, target_size_mb: int) -> dict:
-        """Compact small files, then vacuum for real (deltalake's vacuum is a dry run by default)."""
+        """Compact small files, then vacuum for real (deltalake's vacuum is a dry run by default).
+
+        The retention comes from config and is honoured as given; below Delta's 7-day default,
+        readers time-travelling (or still reading) older versions may lose their files.
+        """
         dt = self.table(name)
         compact = dt.optimize.compact(target_size=target_size_mb * 2**20)
         removed = dt.vacuum(
-            retention_hours=retention_hours, dry_run=False, enforce_retention_duration=True
+            retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False
         )
         return {
             "files_added": compact.get("numFilesAdded", 0),
