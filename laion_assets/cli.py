@@ -159,7 +159,7 @@ def cmd_demo(args) -> int:
 
     root = Path(args.data) / "demo"
     with SampleServer(root / "site", port=args.port) as server:
-        shard = write_demo_shard(root, server.base_url, n_generated=200)
+        shard = write_demo_shard(root, server.base_url, n_generated=300)
         print(f"sample shard {shard} served from {server.base_url}")
         summary = run_pipeline([str(shard)], args.lake, args.config, None)
     print("\nper-stage summary:")
