@@ -122,6 +122,8 @@ def test_end_to_end_every_stage(env, instance, site):
     assert "dagster/column_schema" in mat.metadata
     recipe = instance.get_latest_materialization_event(AssetKey(["subsets", "similar"])).asset_materialization.metadata["recipe"].data
     assert recipe["min_similarity"] == -1.0 and recipe["embedding_space"] == "tiny/random-seed0"
+    preview = instance.get_latest_materialization_event(AssetKey("raw_urls")).asset_materialization.metadata["preview"].value
+    assert preview.startswith("| uid | url | caption |") and preview.count("\n") == 6  # header, rule, 5 rows
     for stage in STAGES:
         key = AssetCheckKey(AssetKey(stage.split("/")), "quality_gate")
         record = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]

@@ -45,6 +45,7 @@ class StageOutput:
     schema: pa.Schema
     report: quality.Report
     stats: dict = field(default_factory=dict)
+    preview: pl.DataFrame | None = None
 
 
 def _gate(stage: str, shard: str, df: pl.DataFrame, suite: list[quality.Expectation]) -> quality.Report:
@@ -59,7 +60,13 @@ def _gate(stage: str, shard: str, df: pl.DataFrame, suite: list[quality.Expectat
 def _publish(lake: Lake, table: str, shard: str, df: pl.DataFrame, report, stats, meta=None) -> StageOutput:
     df = df.drop("shard", strict=False)
     version = lake.publish_shard(table, shard, df, metadata={"stage": table, "code_version": __version__, **(meta or {})})
-    return StageOutput(df.height, version, df.to_arrow().schema, report, stats)
+    return StageOutput(df.height, version, df.to_arrow().schema, report, stats, preview(df))
+
+
+def preview(df: pl.DataFrame, rows: int = 5) -> pl.DataFrame:
+    """The first rows without bytes or vectors, long strings cut: for a look in the UI."""
+    cols = [c for c, t in df.schema.items() if t not in (pl.Binary,) and not isinstance(t, (pl.List, pl.Array))]
+    return df.head(rows).select(cols).with_columns(pl.col(pl.String).str.slice(0, 80))
 
 
 def _recipe_hash(*parts) -> str:

@@ -38,6 +38,13 @@ def table_schema(schema: pa.Schema) -> TableSchema:
     return TableSchema(columns=[TableColumn(f.name, str(f.type)) for f in schema])
 
 
+def markdown_table(df) -> str:
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    for row in df.iter_rows():
+        lines.append("| " + " | ".join("" if v is None else str(v).replace("|", "\\|") for v in row) + " |")
+    return "\n".join(lines)
+
+
 def _value(v):
     if isinstance(v, dict):
         return MetadataValue.json(json.loads(json.dumps(v, default=str)))
@@ -46,7 +53,7 @@ def _value(v):
     return v
 
 
-def run_stage(context, lake: Lake, table: str, fn: Callable[[], StageOutput], extra: dict | None = None) -> Iterator:
+def run_stage(context, lake: Lake, table: str, fn: Callable[[], StageOutput]) -> Iterator:
     """Yield the check result and MaterializeResult of one stage run, or fail the step."""
     try:
         out = fn()
@@ -64,7 +71,8 @@ def run_stage(context, lake: Lake, table: str, fn: Callable[[], StageOutput], ex
             "dagster/column_schema": table_schema(out.schema),
             "dagster/uri": lake.table_uri(table),
             "delta_version": out.version,
-            **{k: _value(v) for k, v in {**out.stats, **(extra or {})}.items()},
+            **{k: _value(v) for k, v in out.stats.items()},
+            **({"preview": MetadataValue.md(markdown_table(out.preview))} if out.preview is not None else {}),
         },
         check_results=[
             AssetCheckResult(check_name=GATE, passed=True, metadata=out.report.as_metadata())
