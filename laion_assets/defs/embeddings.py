@@ -2,14 +2,14 @@
 
 from functools import lru_cache
 
-from dagster import AssetExecutionContext, BackfillPolicy, asset
+from dagster import AssetExecutionContext
 
 from laion_assets.core import stages
 from laion_assets.core.clip import TINY_WARNING, Encoder, load_model
 from laion_assets.core.config import EmbeddingConfig
 from laion_assets.defs.gate import gate_spec, run_stage
 from laion_assets.defs.images import images
-from laion_assets.defs.partitions import shards
+from laion_assets.defs.partitions import shard_asset
 from laion_assets.defs.resources import LakeResource, PipelineResource
 
 
@@ -19,11 +19,9 @@ def encoder_for(cfg: EmbeddingConfig) -> Encoder:
     return Encoder(load_model(cfg), cfg.batch_size, cfg.workers)
 
 
-@asset(
-    partitions_def=shards,
+@shard_asset(
     deps=[images],
     check_specs=[gate_spec("embeddings")],
-    backfill_policy=BackfillPolicy.multi_run(1),
     pool="gpu",
     kinds={"delta", "pytorch"},
     group_name="laion",

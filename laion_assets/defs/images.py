@@ -1,10 +1,10 @@
 """images: every URL of a shard downloaded, checked, resized and re-encoded."""
 
-from dagster import AssetExecutionContext, BackfillPolicy, Config, asset
+from dagster import AssetExecutionContext, Config
 
 from laion_assets.core import stages
 from laion_assets.defs.gate import gate_spec, run_stage
-from laion_assets.defs.partitions import shards
+from laion_assets.defs.partitions import shard_asset
 from laion_assets.defs.raw_urls import raw_urls
 from laion_assets.defs.resources import LakeResource, PipelineResource
 
@@ -14,11 +14,9 @@ class ImagesRunConfig(Config):
     """Re-download only the published rows whose failure is retryable (timeouts, 429, 5xx)."""
 
 
-@asset(
-    partitions_def=shards,
+@shard_asset(
     deps=[raw_urls],
     check_specs=[gate_spec("images")],
-    backfill_policy=BackfillPolicy.multi_run(1),
     pool="download",
     kinds={"delta"},
     group_name="laion",

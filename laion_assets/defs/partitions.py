@@ -1,5 +1,11 @@
 """Shards are the partitions of every stage asset: one dynamic key per input file."""
 
-from dagster import DynamicPartitionsDefinition
+from functools import partial
+
+from dagster import BackfillPolicy, DynamicPartitionsDefinition, asset
 
 shards = DynamicPartitionsDefinition(name="shards")
+
+# Every stage asset: partitioned by shard, one shard per run in backfills (scale-out is many
+# runs through Dagster's run queue and launchers).
+shard_asset = partial(asset, partitions_def=shards, backfill_policy=BackfillPolicy.multi_run(1))

@@ -1,17 +1,15 @@
 """raw_urls: one input shard file read, normalised and given LAION uids."""
 
-from dagster import AssetExecutionContext, BackfillPolicy, asset
+from dagster import AssetExecutionContext
 
 from laion_assets.core import stages
 from laion_assets.defs.gate import gate_spec, run_stage
-from laion_assets.defs.partitions import shards
+from laion_assets.defs.partitions import shard_asset
 from laion_assets.defs.resources import LakeResource, PipelineResource
 
 
-@asset(
-    partitions_def=shards,
+@shard_asset(
     check_specs=[gate_spec("raw_urls")],
-    backfill_policy=BackfillPolicy.multi_run(1),
     kinds={"delta", "polars"},
     group_name="laion",
 )

@@ -1,19 +1,17 @@
 """scores: LAION aesthetic and NSFW heads applied to the image embeddings."""
 
-from dagster import AssetExecutionContext, BackfillPolicy, asset
+from dagster import AssetExecutionContext
 
 from laion_assets.core import stages
 from laion_assets.defs.embeddings import embeddings
 from laion_assets.defs.gate import gate_spec, run_stage
-from laion_assets.defs.partitions import shards
+from laion_assets.defs.partitions import shard_asset
 from laion_assets.defs.resources import LakeResource, PipelineResource
 
 
-@asset(
-    partitions_def=shards,
+@shard_asset(
     deps=[embeddings],
     check_specs=[gate_spec("scores")],
-    backfill_policy=BackfillPolicy.multi_run(1),
     kinds={"delta", "numpy"},
     group_name="laion",
 )

@@ -3,14 +3,14 @@
 
 import json
 
-from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, BackfillPolicy, MetadataValue, asset
+from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, MetadataValue
 
 from laion_assets import __version__
 from laion_assets.core import stages
 from laion_assets.core.config import PipelineConfig, SubsetConfig
 from laion_assets.defs.gate import gate_spec, run_stage
 from laion_assets.defs.images import images
-from laion_assets.defs.partitions import shards
+from laion_assets.defs.partitions import shard_asset
 from laion_assets.defs.raw_urls import raw_urls
 from laion_assets.defs.resources import LakeResource, PipelineResource
 from laion_assets.defs.scores import scores
@@ -20,13 +20,11 @@ def subset_asset(sub: SubsetConfig, cfg: PipelineConfig) -> AssetsDefinition:
     key = AssetKey(["subsets", sub.name])
     recipe = sub.recipe(cfg.embeddings.space, __version__)
 
-    @asset(
+    @shard_asset(
         key=key,
-        partitions_def=shards,
-        deps=[raw_urls, images, scores],
+            deps=[raw_urls, images, scores],
         check_specs=[gate_spec(key)],
-        backfill_policy=BackfillPolicy.multi_run(1),
-        kinds={"delta", "polars"},
+            kinds={"delta", "polars"},
         group_name="subsets",
         description=f"{sub.description or sub.name}. Recipe: {json.dumps(recipe, sort_keys=True)}",
         metadata={"recipe": MetadataValue.json(recipe)},
