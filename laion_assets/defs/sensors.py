@@ -32,10 +32,10 @@ def shard_files(context: SensorEvaluationContext, inputs: InputsResource, lake: 
     except LaionAssetsError as e:
         return SkipReason(str(e))
     lk = lake.lake()
-    registry.register(lk, files)  # raises on a key clash, which the sensor shows as an error
-    keys = set(registry.registered(lk))
-    on_disk = {k for k, src in registry.registered(lk).items() if src in set(files)}
-    new = sorted(on_disk & keys - set(context.instance.get_dynamic_partitions(shards.name)))
+    registry.register(lk, files)  # raises on a key clash: the tick fails with the message
+    present = set(files)
+    on_disk = {key for key, source in registry.registered(lk).items() if source in present}
+    new = sorted(on_disk - set(context.instance.get_dynamic_partitions(shards.name)))
     if not new:
         return SkipReason(f"no new shard files in {inputs.location} ({len(files)} known)")
     context.log.info(f"registering {len(new)} new shards: {new[:10]}")
