@@ -122,6 +122,8 @@ def test_end_to_end_every_stage(env, instance, site):
     assert "dagster/column_schema" in mat.metadata
     recipe = instance.get_latest_materialization_event(AssetKey(["subsets", "similar"])).asset_materialization.metadata["recipe"].data
     assert recipe["min_similarity"] == -1.0 and recipe["embedding_space"] == "tiny/random-seed0"
+    commit = lake.table("subsets/similar").history(1)[0]
+    assert '"recipe_id"' in commit["recipe"] and commit["code_version"]  # the recipe is stored with the table
     preview = instance.get_latest_materialization_event(AssetKey("raw_urls")).asset_materialization.metadata["preview"].value
     assert preview.startswith("| uid | url | caption |") and preview.count("\n") == 6  # header, rule, 5 rows
     for stage in STAGES:
@@ -284,3 +286,18 @@ def test_definitions_validate_command():
         env={**os.environ, "DAGSTER_HOME": str(repo), "LAION_ASSETS_CONFIG": str(repo / "configs" / "demo.yaml")}, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_maintenance_job_compacts_and_vacuums(env, instance):
+    import polars as pl
+
+    lake = Lake(env["lake"])
+    for i in range(3):
+        lake.publish_shard("raw_urls", "a", pl.DataFrame({"uid": [i]}))
+    cfg = write_config(env["tmp"] / "m.yaml", make_config(maintenance={"vacuum_retention_hours": 0, "target_file_size_mb": 1}))
+    defs = build_defs(Settings(lake=env["lake"], inputs=str(env["inputs"]), config=str(cfg)))
+    assert defs.resolve_schedule_def("nightly_maintenance").cron_schedule == "0 3 * * *"
+    result = defs.resolve_job_def("lake_maintenance").execute_in_process(instance=instance)
+    assert result.success
+    assert len(list(Path(lake.table_uri("raw_urls")).rglob("*.parquet"))) == 1
+    assert pl.read_delta(lake.table_uri("raw_urls"))["uid"].to_list() == [2]

@@ -20,4 +20,4 @@ def lake_maintenance():
     maintain_lake()
 
 
-nightly_maintenance = ScheduleDefinition(job=lake_maintenance, cron_schedule="0 3 * * *")
+nightly_maintenance = ScheduleDefinition(name="nightly_maintenance", job=lake_maintenance, cron_schedule="0 3 * * *")
