@@ -1,8 +1,28 @@
 """open_clip models: loading by name + pretrained tag, local checkpoint, or the tiny offline
 preset; batched, L2-normalised image and text embeddings.
 
-Images are decoded and preprocessed on worker threads while the model runs the previous
-batch (threads, not processes: deltalake panics in forked children).
+The image path is a pipeline, not a loop:
+
+- the model's own open_clip transform is split in two. Everything before ``ToTensor`` (decode,
+  resize, crop: PIL, which releases the GIL) runs per image on worker threads and writes
+  uint8 pixels straight into the batch buffer (pinned memory on CUDA); ``ToTensor`` +
+  ``Normalize`` run once per batch, vectorised, on the model's device. The values are the
+  same as calling ``preprocess(img)`` image by image (same operations, same order: tested
+  against the OpenAI golden tensor), at a quarter of the bytes to move and without per-image
+  float tensors (small multithreaded torch ops that stall when the cores are busy).
+- decoding of the next batches is under way while the model runs the current one (threads,
+  not processes: deltalake panics in forked children);
+- uint8 batches go to the GPU with ``non_blocking`` copies from pinned memory, embeddings stay
+  on the device until the end of the call (no per-batch sync);
+- the attention blocks run ``F.scaled_dot_product_attention`` (flash / memory-efficient
+  kernels on GPU, fused on CPU) instead of ``nn.MultiheadAttention``'s generic path.
+
+Optional ``compile``: torch.compile of the image tower (inductor, weights frozen on CPU), one
+static batch shape; ~15 % faster fp32 forward on CPU after a 10-30 s warm-up, so opt-in.
+
+Optional ``gpu_decode``: JPEGs decoded by nvJPEG (``torchvision.io.decode_jpeg`` on CUDA) and
+resized on the GPU. It is close to, not identical with, PIL's decode + bicubic resize (see
+``TENSOR_PATH_TOLERANCE``), so it is off unless asked for.
 """
 
 from __future__ import annotations
@@ -11,9 +31,10 @@ import difflib
 import io
 import logging
 import os
+import types
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +42,9 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torchvision import transforms as T
 
 from laion_assets.core.config import EmbeddingConfig
 from laion_assets.core.errors import LaionAssetsError
@@ -34,6 +57,11 @@ TINY_WARNING = (
     "demos and tests: its embeddings, similarities and scores are MEANINGLESS"
 )
 open_clip.add_model_config(Path(__file__).with_name(f"{TINY_NAME}.json"))
+
+# Max abs difference (normalised-tensor units) measured between the GPU-decode tensor path and
+# PIL on real photos: nvJPEG/libjpeg IDCT and torch's antialiased bicubic differ by a few uint8
+# levels on some pixels. The exact (default) path is within 1e-4 of open_clip's transform.
+TENSOR_PATH_TOLERANCE = 0.25
 
 
 @dataclass
@@ -120,6 +148,7 @@ def load_model(cfg: EmbeddingConfig) -> ClipModel:
         )
         raise LaionAssetsError(f"could not load {name} ({pretrained}): {first}: {hint}") from None
     model.eval()
+    fuse_attention(model)
     return ClipModel(
         model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name),
         name=cfg.model, pretrained=pretrained if not cfg.checkpoint else None, space=cfg.space,
@@ -128,13 +157,128 @@ def load_model(cfg: EmbeddingConfig) -> ClipModel:
     )
 
 
+# -- fused attention -----------------------------------------------------------------------
+
+def _sdpa_attention(self, q_x, k_x=None, v_x=None, attn_mask=None):
+    """ResidualAttentionBlock.attention via one qkv matmul + F.scaled_dot_product_attention."""
+    if k_x is not None or v_x is not None or self.training:
+        return self._mha_attention(q_x, k_x, v_x, attn_mask)
+    a = self.attn
+    n, seq, width = q_x.shape
+    qkv = F.linear(q_x, a.in_proj_weight, a.in_proj_bias)
+    q, k, v = qkv.view(n, seq, 3, a.num_heads, width // a.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    if attn_mask is not None:
+        attn_mask = attn_mask.to(q.dtype)
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return F.linear(x.transpose(1, 2).reshape(n, seq, width), a.out_proj.weight, a.out_proj.bias)
+
+
+def fuse_attention(model: torch.nn.Module) -> int:
+    """Route open_clip's batch-first nn.MultiheadAttention blocks through fused SDPA (same
+    maths: max abs diff ~1e-6 in fp32). Returns the number of blocks changed."""
+    changed = 0
+    for block in model.modules():
+        attn = getattr(block, "attn", None)
+        if (
+            type(block).__name__ == "ResidualAttentionBlock"
+            and isinstance(attn, torch.nn.MultiheadAttention)
+            and attn.batch_first and attn._qkv_same_embed_dim and attn.in_proj_weight is not None
+            and not hasattr(block, "ln_1_kv") and not hasattr(block, "_mha_attention")
+        ):
+            block._mha_attention = block.attention
+            block.attention = types.MethodType(_sdpa_attention, block)
+            changed += 1
+    return changed
+
+
+# -- preprocessing -------------------------------------------------------------------------
+
+def _decode(blob: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(blob))
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+class Preprocess:
+    """The model's open_clip transform, split at ``ToTensor``: ``pixels`` (PIL steps, per image,
+    thread-safe) and ``finish`` (ToTensor + Normalize on a uint8 NHWC batch, vectorised).
+
+    ``finish(stack(pixels(b)))`` equals ``stack(preprocess(decode(b)))``: the same float
+    operations in the same order. Transforms of another shape fall back to per-image calls
+    (``exact_split`` False)."""
+
+    def __init__(self, preprocess):
+        self.preprocess = preprocess
+        steps = list(getattr(preprocess, "transforms", []))
+        cut = next((i for i, s in enumerate(steps) if isinstance(s, T.ToTensor)), None)
+        tail = steps[cut + 1:] if cut is not None else []
+        self.exact_split = cut is not None and all(isinstance(s, T.Normalize) for s in tail)
+        self.pil_steps = steps[:cut] if self.exact_split else []
+        self.normalize = [
+            (torch.tensor(s.mean, dtype=torch.float32), torch.tensor(s.std, dtype=torch.float32))
+            for s in (tail if self.exact_split else [])
+        ]
+        # geometry for the tensor (GPU decode) path: Resize(short side) + CenterCrop only
+        self.resize = self.crop = None
+        kinds = [type(s) for s in self.pil_steps if type(s).__name__ != "MaybeConvertMode"]
+        if self.exact_split and kinds == [T.Resize, T.CenterCrop]:
+            rs, cc = (s for s in self.pil_steps if type(s).__name__ != "MaybeConvertMode")
+            size = rs.size if isinstance(rs.size, int) else (rs.size[0] if len(rs.size) == 1 else None)
+            if size is not None and rs.max_size is None and rs.interpolation == T.InterpolationMode.BICUBIC:
+                self.resize, self.crop = size, tuple(cc.size)
+
+    def pixels(self, blob: bytes) -> np.ndarray:
+        """(H, W, 3) uint8 after decode, resize, crop; exact_split only."""
+        img = _decode(blob)
+        for step in self.pil_steps:
+            img = step(img)
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        return np.asarray(img)
+
+    def full(self, blob: bytes) -> torch.Tensor:
+        """The transform as open_clip applies it: (3, H, W) float32."""
+        with _decode(blob) as img:
+            return self.preprocess(img)
+
+    def finish(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3) on any device -> normalised float32 (N, 3, H, W), contiguous."""
+        x = batch.permute(0, 3, 1, 2).float().div_(255)
+        for mean, std in self.normalize:
+            x.sub_(mean.to(x.device)[:, None, None]).div_(std.to(x.device)[:, None, None])
+        return x.contiguous()
+
+    def gpu_resize(self, img: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) uint8 -> (crop_h, crop_w, 3) uint8: short side to `resize` with antialiased
+        bicubic, rounded like PIL, then the same center crop as torchvision."""
+        _, h, w = img.shape
+        s = self.resize
+        nh, nw = (s, max(1, int(s * w / h))) if h <= w else (max(1, int(s * h / w)), s)
+        x = img.unsqueeze(0).float()
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+        ch, cw = self.crop
+        top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
+        if top < 0 or left < 0:  # smaller than the crop: let the exact path pad it
+            raise ValueError("image smaller than crop")
+        x = x[0, :, top:top + ch, left:left + cw]
+        return x.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+
+
 class Encoder:
     """Batched encoding for one loaded model."""
 
-    def __init__(self, clip: ClipModel, batch_size: int, workers: int | None = None):
+    def __init__(self, clip: ClipModel, batch_size: int, workers: int | None = None, *,
+                 prefetch: int = 2, gpu_decode: bool = False, compile: bool = False):
         self.clip = clip
+        self.compile = compile  # torch.compile the image tower (opt-in: slow first batch)
+        self._compiled = None
         self.batch_size = batch_size
         self.workers = workers or max(1, (os.cpu_count() or 1))
+        self.prefetch = max(1, prefetch)  # batches decoded ahead of the forward pass
+        self.prep = Preprocess(clip.preprocess)
+        self.gpu_decode = gpu_decode and clip.device.type == "cuda" and self.prep.resize is not None
+        if gpu_decode and not self.gpu_decode:
+            log.warning("gpu_decode needs CUDA and a Resize+CenterCrop transform: decoding on CPU")
 
     def _autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.clip.precision)
@@ -142,43 +286,104 @@ class Encoder:
             return nullcontext()
         return torch.autocast(self.clip.device.type, dtype=dtype)
 
-    def _prep(self, blob: bytes) -> torch.Tensor:
-        with Image.open(io.BytesIO(blob)) as img:
-            return self.clip.preprocess(img.convert("RGB"))
+    # -- batches of preprocessed images, decoded ahead on worker threads --
+
+    def _cpu_batch(self, blobs: list[bytes], pool: ThreadPoolExecutor) -> tuple[torch.Tensor | None, list[Future]]:
+        """Start decoding one batch; returns (buffer or None, futures)."""
+        if not self.prep.exact_split:
+            return None, [pool.submit(self.prep.full, b) for b in blobs]
+        h, w = self.prep.crop or _probe_size(self.prep, blobs[0])
+        buf = torch.empty((len(blobs), h, w, 3), dtype=torch.uint8, pin_memory=self.clip.device.type == "cuda")
+        view = buf.numpy()
+
+        def fill(i: int, blob: bytes) -> None:
+            view[i] = self.prep.pixels(blob)
+
+        return buf, [pool.submit(fill, i, b) for i, b in enumerate(blobs)]
 
     def _batches(self, blobs: Iterable[bytes], pool: ThreadPoolExecutor) -> Iterator[torch.Tensor]:
-        """Preprocessed batches, with the next two batches' decoding already under way."""
-        window: deque = deque()
+        """Normalised float batches on the model's device, `prefetch` batches decoded ahead."""
         it = iter(blobs)
-        limit = 3 * self.batch_size
+        window: deque = deque()
 
-        def fill() -> None:
-            while len(window) < limit:
-                try:
-                    window.append(pool.submit(self._prep, next(it)))
-                except StopIteration:
-                    return
+        def submit() -> bool:
+            chunk = [b for _, b in zip(range(self.batch_size), it)]
+            if chunk:
+                window.append(self._gpu_batch(chunk, pool) if self.gpu_decode else self._cpu_batch(chunk, pool))
+            return bool(chunk)
 
-        fill()
+        while len(window) < self.prefetch + 1 and submit():
+            pass
         while window:
-            batch = [window.popleft().result() for _ in range(min(self.batch_size, len(window)))]
-            fill()
-            yield torch.stack(batch)
+            buf, futures = window.popleft()
+            results = [f.result() for f in futures]
+            submit()
+            if callable(buf):  # gpu decode: finish on this thread (CUDA work stays in order)
+                yield buf(results)
+            elif buf is None:
+                yield torch.stack(results).to(self.clip.device, non_blocking=True)
+            else:
+                yield self.prep.finish(buf.to(self.clip.device, non_blocking=True))
+
+    def _gpu_batch(self, blobs: list[bytes], pool: ThreadPoolExecutor):
+        """nvJPEG batch decode + GPU resize; non-JPEG blobs and failures go the CPU way."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        jpeg = [i for i, b in enumerate(blobs) if b[:3] == b"\xff\xd8\xff"]
+        others = {i: pool.submit(self.prep.pixels, b) for i, b in enumerate(blobs) if b[:3] != b"\xff\xd8\xff"}
+
+        def finish(_results) -> torch.Tensor:
+            out: list = [None] * len(blobs)
+            if jpeg:
+                data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpeg]
+                try:
+                    decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.clip.device)
+                except RuntimeError:
+                    decoded = [None] * len(jpeg)
+                for i, img in zip(jpeg, decoded):
+                    try:
+                        out[i] = self.prep.gpu_resize(img) if img is not None else None
+                    except ValueError:
+                        out[i] = None
+            for i, px in enumerate(out):
+                if px is None:
+                    fut = others.get(i) or pool.submit(self.prep.pixels, blobs[i])
+                    out[i] = torch.from_numpy(fut.result()).to(self.clip.device, non_blocking=True)
+            return self.prep.finish(torch.stack(out))
+
+        return finish, []
 
     @torch.inference_mode()
     def images(self, blobs: Iterable[bytes]) -> np.ndarray:
         """(n, dim) float32, L2-normalised."""
         out = []
-        pin = self.clip.device.type == "cuda"
         with ThreadPoolExecutor(self.workers, thread_name_prefix="clip-prep") as pool:
             for batch in self._batches(blobs, pool):
-                if pin:
-                    batch = batch.pin_memory()
-                batch = batch.to(self.clip.device, non_blocking=True)
                 with self._autocast():
-                    emb = self.clip.model.encode_image(batch)
-                out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.clip.dim), np.float32)
+                    emb = self._encode_image(batch)
+                out.append(F.normalize(emb.float(), dim=-1))
+        if not out:
+            return np.zeros((0, self.clip.dim), np.float32)
+        return torch.cat(out).cpu().numpy()
+
+    def _encode_image(self, batch: torch.Tensor) -> torch.Tensor:
+        """encode_image, through torch.compile when asked: one static shape (a short last batch
+        is padded), inductor with weight freezing on CPU (oneDNN linear + fused epilogues).
+        Any compile failure falls back to eager for the rest of the run."""
+        if not self.compile:
+            return self.clip.model.encode_image(batch)
+        n = batch.shape[0]
+        if n < self.batch_size:
+            batch = torch.cat([batch, batch.new_zeros((self.batch_size - n, *batch.shape[1:]))])
+        try:
+            if self._compiled is None:
+                options = {"freezing": True} if self.clip.device.type == "cpu" else None
+                self._compiled = torch.compile(self.clip.model.encode_image, dynamic=False, options=options)
+            return self._compiled(batch)[:n]
+        except Exception as e:  # no C++ compiler / triton, unsupported op: stay correct, go eager
+            log.warning("torch.compile failed (%s): encoding eagerly", str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+            self.compile = False
+            return self.clip.model.encode_image(batch[:n])
 
     @torch.inference_mode()
     def texts(self, captions: list[str | None]) -> np.ndarray:
@@ -188,6 +393,12 @@ class Encoder:
         for start in range(0, len(captions), bs):
             tokens = self.clip.tokenizer([c or "" for c in captions[start : start + bs]])
             with self._autocast():
-                emb = self.clip.model.encode_text(tokens.to(self.clip.device))
-            out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.clip.dim), np.float32)
+                emb = self.clip.model.encode_text(tokens.to(self.clip.device, non_blocking=True))
+            out.append(F.normalize(emb.float(), dim=-1))
+        if not out:
+            return np.zeros((0, self.clip.dim), np.float32)
+        return torch.cat(out).cpu().numpy()
+
+
+def _probe_size(prep: Preprocess, blob: bytes) -> tuple[int, int]:
+    return prep.pixels(blob).shape[:2]
