@@ -1,9 +1,16 @@
-"""Download a shard: fetch every URL concurrently, process images on worker threads, and hand
-results over in chunks so a killed run loses at most one chunk in flight.
+"""Download a shard: fetch every URL concurrently, process images on worker processes, and hand
+results over in chunks so a killed run loses at most the rows not yet flushed.
 
-Network waits overlap on one asyncio loop; decode/resize/encode and hashing run on a thread
-pool (Pillow and hashlib release the GIL). In-flight work is bounded by `concurrency`, and
-results are flushed every `chunk_rows`, so memory does not grow with the shard.
+Network waits overlap on one asyncio loop (aiohttp: connection reuse, DNS cache, per-host
+limits). Decode/resize/encode and sha256 run in worker processes started with exec (never a
+bare fork: deltalake must not be forked; no multiprocessing, whose spawn re-imports the
+caller's __main__), one per core by default, so the two halves use every core without
+fighting over the GIL; a decoder that crashes or hangs costs one worker, not the run.
+`decode="thread"` keeps everything in one process (small shards, tests, 1-core machines).
+
+Memory is bounded by configuration, not by the shard: at most `concurrency` samples are in
+flight (each body <= `max_body_bytes`, usually ~100 KB), at most `chunk_rows` finished rows
+wait for the next flush, and rows are pulled from the input iterator only as slots free up.
 """
 
 from __future__ import annotations
@@ -11,12 +18,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import pickle
+import struct
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 from aiohttp.abc import AbstractResolver
@@ -24,7 +35,7 @@ from aiohttp.abc import AbstractResolver
 from laion_assets.core.config import DownloadConfig, ImageConfig
 from laion_assets.core.errors import LaionAssetsError
 from laion_assets.core.fetch import Fetched, Fetcher
-from laion_assets.core.imaging import ImageProcessor
+from laion_assets.core.imaging import WORKER_CMD, ImageProcessor, ImageResult
 
 IMAGES_SCHEMA = pa.schema(
     [
@@ -51,6 +62,16 @@ STATUSES = (
     "success", "http_error", "failed_download", "failed_decode", "opted_out", "refused_address",
     "blocked", "too_small", "bad_aspect_ratio", "too_large",
 )
+# img2dataset's three outcomes, for comparisons and exports
+I2D_STATUS = {
+    "success": "success",
+    "http_error": "failed_to_download", "failed_download": "failed_to_download",
+    "opted_out": "failed_to_download", "refused_address": "failed_to_download", "blocked": "failed_to_download",
+    "failed_decode": "failed_to_resize", "too_small": "failed_to_resize",
+    "bad_aspect_ratio": "failed_to_resize", "too_large": "failed_to_resize",
+}
+DECODER_RETRIES = 1  # a sample whose worker dies this many times more is failed_decode
+DECODE_TIMEOUT_S = 60.0  # CPU time one image may take before its worker is killed
 
 
 def default_concurrency() -> int:
@@ -65,11 +86,118 @@ def load_blocklist(path: str | None) -> frozenset[str]:
     if not p.is_file():
         raise LaionAssetsError(f"blocklist {p} not found: fix the path in the download config")
     lines = (line.split("#", 1)[0].strip() for line in p.read_text().splitlines())
-    return frozenset(line for line in lines if line)
+    return frozenset(line.lower() if len(line) == 64 else line for line in lines if line)
 
 
 def url_hash(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()
+
+
+# -- the CPU half: worker processes (or threads) -------------------------------------------
+
+def _work(body: bytes, processor: ImageProcessor) -> tuple[str, ImageResult]:
+    """sha256 of the original bytes, then decode/check/resize/encode (thread mode)."""
+    return hashlib.sha256(body).hexdigest(), processor(body)
+
+
+class _Worker:
+    """One decode process speaking imaging.worker_main's pipe protocol."""
+
+    def __init__(self, proc: asyncio.subprocess.Process):
+        self.proc = proc
+
+    @classmethod
+    async def start(cls, icfg_json: str) -> _Worker:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", WORKER_CMD, icfg_json,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 20,
+        )
+        return cls(proc)
+
+    async def call(self, body: bytes) -> tuple[str, ImageResult]:
+        self.proc.stdin.write(struct.pack("<Q", len(body)))
+        self.proc.stdin.write(body)
+        await self.proc.stdin.drain()
+        n = struct.unpack("<Q", await self.proc.stdout.readexactly(8))[0]
+        return pickle.loads(await self.proc.stdout.readexactly(n))
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            try:
+                self.proc.stdin.close()
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except (asyncio.TimeoutError, OSError):
+                self.kill()
+                await self.proc.wait()
+
+
+class _CpuPool:
+    """Decode/resize/encode on `workers` worker processes (or threads). A worker that dies
+    on a sample is replaced and the sample retried, then failed; one that takes longer than
+    DECODE_TIMEOUT_S is killed and its sample failed."""
+
+    def __init__(self, icfg: ImageConfig, workers: int, mode: str):
+        self.icfg, self.workers, self.mode = icfg, workers, mode
+        self.icfg_json = icfg.model_dump_json()
+        self.threads = ThreadPoolExecutor(workers, thread_name_prefix="image") if mode == "thread" else None
+        self.processor = ImageProcessor(icfg)
+        self.idle: asyncio.Queue[_Worker] | None = None
+        self.all: set[_Worker] = set()
+
+    async def start(self) -> None:
+        if self.mode == "process":
+            self.idle = asyncio.Queue()
+            for w in await asyncio.gather(*(self._spawn() for _ in range(self.workers))):
+                self.idle.put_nowait(w)
+
+    async def _spawn(self) -> _Worker:
+        w = await _Worker.start(self.icfg_json)
+        self.all.add(w)
+        return w
+
+    def _retire(self, w: _Worker) -> None:
+        w.kill()
+        self.all.discard(w)
+
+    async def run(self, body: bytes) -> tuple[str, ImageResult]:
+        if self.mode == "thread":
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.threads, _work, body, self.processor)
+        attempts = 0
+        while attempts <= DECODER_RETRIES:
+            w = await self.idle.get()
+            if w.proc.returncode is not None:  # died idle (killed from outside): not this sample's fault
+                self._retire(w)
+                self.idle.put_nowait(await self._spawn())
+                continue
+            attempts += 1
+            try:
+                async with asyncio.timeout(DECODE_TIMEOUT_S):
+                    result = await w.call(body)
+            except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
+                self._retire(w)  # it died on this sample (or before): replace and retry
+                self.idle.put_nowait(await self._spawn())
+                continue
+            except TimeoutError:
+                self._retire(w)
+                self.idle.put_nowait(await self._spawn())
+                return hashlib.sha256(body).hexdigest(), ImageResult("failed_decode", f"decode took > {DECODE_TIMEOUT_S} s")
+            except BaseException:  # cancelled mid-call: its pipe is out of step, so retire it
+                self._retire(w)
+                raise
+            self.idle.put_nowait(w)
+            return result
+        return hashlib.sha256(body).hexdigest(), ImageResult("failed_decode", "image decoder crashed (worker process died)")
+
+    async def shutdown(self) -> None:
+        if self.threads:
+            self.threads.shutdown(wait=True, cancel_futures=True)
+        await asyncio.gather(*(w.stop() for w in list(self.all)), return_exceptions=True)
+        self.all.clear()
 
 
 @dataclass
@@ -81,25 +209,42 @@ class Progress:
     bytes: int = 0
 
     @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
     def rate(self) -> float:
-        return self.done / max(1e-9, time.monotonic() - self.started)
+        return self.done / max(1e-9, self.elapsed)
 
     def line(self) -> str:
         failed = self.done - self.statuses.get("success", 0)
-        return f"{self.done}/{self.total} images, {self.rate:.1f}/s, {failed} not stored so far"
+        top = ", ".join(f"{k} {v}" for k, v in self.statuses.most_common() if k != "success")
+        return (
+            f"{self.done}/{self.total} images, {self.rate:.1f}/s, {self.bytes / 2**20:.0f} MiB, "
+            f"{failed} not stored so far" + (f" ({top})" if top else "")
+        )
 
 
 class ShardDownloader:
-    """Configured once per shard; `run` streams result chunks to `on_chunk`."""
+    """Configured once per shard; `run` streams result chunks to `on_chunk`.
+
+    workers: CPU workers for decode/resize/encode (default: one per core).
+    decode: "process" (default on machines with 2+ cores) or "thread".
+    """
 
     def __init__(
         self, dcfg: DownloadConfig, icfg: ImageConfig, *, resolver: AbstractResolver | None = None,
-        workers: int | None = None,
+        workers: int | None = None, decode: Literal["process", "thread"] | None = None,
     ):
         self.dcfg = dcfg.model_copy(update={"concurrency": dcfg.concurrency or default_concurrency()})
+        self.icfg = icfg
         self.process = ImageProcessor(icfg)
         self.resolver = resolver
-        self.workers = workers or max(2, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+        self.workers = workers or cores
+        self.decode = decode or os.environ.get("LAION_ASSETS_DECODE") or ("process" if cores > 1 else "thread")
+        if self.decode not in ("process", "thread"):
+            raise LaionAssetsError(f"decode must be 'process' or 'thread', got '{self.decode}'")
         self.blocked_urls = load_blocklist(dcfg.url_blocklist)
         self.blocked_images = load_blocklist(dcfg.image_blocklist)
 
@@ -117,25 +262,26 @@ class ShardDownloader:
         progress = Progress(total)
         pending: list[dict] = []
         sem = asyncio.Semaphore(self.dcfg.concurrency)
-        cpu = ThreadPoolExecutor(self.workers, thread_name_prefix="image")
+        cpu = _CpuPool(self.icfg, self.workers, self.decode)
         writer = ThreadPoolExecutor(1, thread_name_prefix="stage-writer")
         flush_lock = asyncio.Lock()
         loop = asyncio.get_running_loop()
 
         async def flush(force: bool = False) -> None:
-            async with flush_lock:
-                if pending and (force or len(pending) >= self.dcfg.chunk_rows):
-                    batch = pending[:]
-                    pending.clear()
+            n = self.dcfg.chunk_rows
+            async with flush_lock:  # rows finishing meanwhile wait in `pending` (<= n + concurrency)
+                while pending and (force or len(pending) >= n):
+                    batch = pending[:n]
+                    del pending[:n]
                     table = pa.Table.from_pylist(batch, schema=IMAGES_SCHEMA)
                     await loop.run_in_executor(writer, on_chunk, table)
 
         async def one(uid: int, url: str, fetcher: Fetcher) -> None:
             start = time.monotonic()
             try:
-                row = await self._sample(uid, url, fetcher, cpu, loop)
+                row = await self._sample(uid, url, fetcher, cpu)
             except Exception as e:  # never lose a row, whatever broke
-                row = {"uid": uid, "url": url, "status": "failed_download", "error": f"internal: {e!r}"}
+                row = {"uid": uid, "url": url, "status": "failed_download", "error": f"internal: {e!r}"[:300]}
             finally:
                 sem.release()
             row["duration_s"] = time.monotonic() - start
@@ -154,6 +300,7 @@ class ShardDownloader:
         reporter = asyncio.create_task(report())
         tasks: set[asyncio.Task] = set()
         try:
+            await cpu.start()
             async with Fetcher(self.dcfg, resolver=self.resolver) as fetcher:
                 for uid, url in rows:
                     await sem.acquire()
@@ -164,13 +311,15 @@ class ShardDownloader:
             await flush(force=True)
         finally:
             reporter.cancel()
-            cpu.shutdown(wait=False, cancel_futures=True)
+            for task in list(tasks):
+                task.cancel()
             writer.shutdown(wait=True)
+            await cpu.shutdown()
         if on_progress:
             on_progress(progress)
         return progress
 
-    async def _sample(self, uid, url, fetcher: Fetcher, cpu, loop) -> dict:
+    async def _sample(self, uid, url, fetcher: Fetcher, cpu: _CpuPool) -> dict:
         row: dict = {"uid": uid, "url": url}
         if self.blocked_urls and (url in self.blocked_urls or url_hash(url) in self.blocked_urls):
             row.update(status="blocked", error="URL on the blocklist", attempts=0)
@@ -183,19 +332,15 @@ class ShardDownloader:
         )
         if got.status != "success":
             return row
-        row.update(await loop.run_in_executor(cpu, self._image, got.body))
+        body, got.body = got.body, None
+        sha, res = await cpu.run(body)
+        del body
+        if sha in self.blocked_images:  # never stored, whatever the decode said
+            row.update(status="blocked", error="image hash on the blocklist", sha256=sha)
+            return row
+        row.update(
+            status=res.status, error=res.error, sha256=sha,
+            original_width=res.original_width, original_height=res.original_height,
+            width=res.width, height=res.height, image=res.image,
+        )
         return row
-
-    def _image(self, body: bytes) -> dict:
-        sha = hashlib.sha256(body).hexdigest()
-        if sha in self.blocked_images:
-            return {"status": "blocked", "error": "image hash on the blocklist", "sha256": sha}
-        res = self.process(body)
-        return {
-            "status": res.status, "error": res.error, "sha256": sha,
-            "original_width": res.original_width, "original_height": res.original_height,
-            "width": res.width, "height": res.height, "image": res.image,
-        }
-
-
-

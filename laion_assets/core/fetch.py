@@ -3,14 +3,23 @@
 The SSRF guard sits in the resolver: every host name is resolved, every address checked,
 and only then does the connector connect, to exactly the checked addresses (no second lookup
 an attacker could rebind). IP-literal hosts skip resolvers in aiohttp, so they are checked
-before the request. Redirects are followed by hand so each hop passes the same checks.
+before the request (legacy numeric forms such as `2130706433` or `127.1` included).
+Redirects are followed by hand so each hop passes the same checks.
+
+Concurrency: the caller bounds the total in flight; the Fetcher bounds requests per host with
+its own semaphores, taken *before* a request's clock starts, so waiting for a busy host never
+counts against the timeouts (aiohttp's own `limit_per_host` queue does count, and turns a
+shard with many URLs of one host into spurious timeouts).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import random
+import re
 import socket
+from collections import defaultdict
 from dataclasses import dataclass
 
 import aiohttp
@@ -21,6 +30,10 @@ from laion_assets import __version__
 from laion_assets.core.config import DownloadConfig
 
 RETRYABLE_HTTP = {408, 425, 429, 500, 502, 503, 504}
+REDIRECTS = {301, 302, 303, 307, 308}
+# X-Robots-Tag directives that take a value after a colon: not user-agent prefixes.
+_VALUED = {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}
+_AGENT = re.compile(r"^\s*([a-z0-9_.*-]+)\s*:\s*(.*)$")
 
 
 class AddressRefused(Exception):
@@ -36,6 +49,7 @@ class Fetched:
     body: bytes | None = None
     retryable: bool = False
     attempts: int = 1
+    retry_after: float | None = None
 
 
 def _networks(cidrs) -> list[ipaddress._BaseNetwork]:
@@ -51,6 +65,21 @@ def check_address(addr: str, allowed) -> None:
         return
     if not ip.is_global or ip.is_multicast or ip.is_reserved or ip.is_unspecified:
         raise AddressRefused(f"{addr} is not a public address (SSRF guard)")
+
+
+def literal_address(host: str) -> str | None:
+    """The address an IP-literal host names (canonical or legacy numeric IPv4), else None."""
+    h = host.strip("[]")
+    try:
+        return str(ipaddress.ip_address(h))
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9a-fA-Fx.]+", h) and not h.endswith("."):
+        try:
+            return socket.inet_ntoa(socket.inet_aton(h))  # 2130706433, 127.1, 0x7f.1 ...
+        except OSError:
+            return None
+    return None
 
 
 class GuardedResolver(AbstractResolver):
@@ -71,51 +100,68 @@ class GuardedResolver(AbstractResolver):
 
 
 def user_agent(cfg: DownloadConfig) -> str:
+    """`Mozilla/5.0 (compatible; laion-assets/<v>; <token>; +<url>)`: sites can name the token."""
     token = f"; {cfg.user_agent_token}" if cfg.user_agent_token else ""
     return f"Mozilla/5.0 (compatible; laion-assets/{__version__}{token}; +{cfg.user_agent_url})"
 
 
 def opted_out(headers, directives, token: str | None) -> str | None:
-    """The X-Robots-Tag directive that forbids use, if any ("noai", "bot: noimageai", ...)."""
+    """The X-Robots-Tag directive that forbids use, if any ("noai", "bot: noimageai", ...).
+
+    Directives without a user-agent prefix apply to everyone; `agent: d1, d2` applies d1 and
+    d2 to that agent only (Google's syntax), and we listen to `*`, `laion-assets` and the
+    configured user-agent token."""
     names = {"*", "laion-assets"} | ({token.lower()} if token else set())
     for value in headers.getall("X-Robots-Tag", []):
+        agent = None
         for part in value.split(","):
             part = part.strip().lower()
-            agent, sep, directive = part.rpartition(":")
-            if sep and agent.strip() not in names:
+            m = _AGENT.match(part)
+            if m and m.group(1) not in _VALUED:
+                agent, directive = m.group(1), m.group(2).strip()
+            else:
+                directive = part
+            if agent is not None and agent not in names:
                 continue
-            # "bot: noai" splits above; "noai" has no agent
-            directive = directive.strip() if sep else part
             if directive in directives:
                 return part
     return None
 
 
+def _retry_after(value: str | None) -> float | None:
+    if value and value.strip().isdigit():
+        return float(value.strip())
+    return None
+
+
 class Fetcher:
-    """One aiohttp session for a shard: connection reuse, DNS cache, guarded resolver."""
+    """One aiohttp session for a shard: connection reuse, DNS cache, guarded resolver,
+    per-host limits, timeouts per attempt (connect, read, total incl. redirects)."""
 
     def __init__(self, cfg: DownloadConfig, resolver: AbstractResolver | None = None):
         self.cfg = cfg
         self.allowed = _networks(cfg.allowed_networks)
         self.directives = {d.lower() for d in cfg.opt_out_directives}
         self._resolver = GuardedResolver(cfg.allowed_networks, inner=resolver)
+        self._hosts: dict[str, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(cfg.per_host))
         self.session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Fetcher:
         cfg = self.cfg
         connector = aiohttp.TCPConnector(
-            limit=cfg.concurrency or 0, limit_per_host=cfg.per_host, resolver=self._resolver,
+            limit=0, limit_per_host=0,  # bounded by the caller and by self._hosts, not queued here
+            resolver=self._resolver,
             use_dns_cache=cfg.dns_cache_ttl_s > 0, ttl_dns_cache=cfg.dns_cache_ttl_s or None,
-            enable_cleanup_closed=True,
+            enable_cleanup_closed=True, keepalive_timeout=30,
         )
         self.session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(
-                total=cfg.total_timeout_s, sock_connect=cfg.connect_timeout_s,
-                sock_read=cfg.read_timeout_s,
+                total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s,
             ),
             headers={"User-Agent": user_agent(cfg), "Accept": "image/*,*/*;q=0.8"},
             auto_decompress=True,
+            trust_env=False,  # no proxies from the environment: the guard must see the real peer
         )
         return self
 
@@ -123,11 +169,15 @@ class Fetcher:
         await self.session.close()
 
     async def fetch(self, url: str) -> Fetched:
-        """Fetch with retries (timeouts, resets, 429, 5xx only) and exponential backoff."""
+        """Fetch with retries (timeouts, resets, 429, 5xx only) and exponential backoff with
+        jitter; a `Retry-After` in seconds is honoured up to the total timeout."""
         result = Fetched("failed_download")
         for attempt in range(self.cfg.retries + 1):
             if attempt:
-                await asyncio.sleep(self.cfg.backoff_s * 2 ** (attempt - 1))
+                delay = self.cfg.backoff_s * 2 ** (attempt - 1) * random.uniform(0.75, 1.25)
+                if result.retry_after is not None:
+                    delay = max(delay, min(result.retry_after, self.cfg.total_timeout_s))
+                await asyncio.sleep(delay)
             result = await self._fetch_once(url)
             result.attempts = attempt + 1
             if not result.retryable:
@@ -136,58 +186,71 @@ class Fetcher:
 
     async def _fetch_once(self, url: str) -> Fetched:
         cfg = self.cfg
-        current = URL(url, encoded=False)
+        loop = asyncio.get_running_loop()
+        deadline = None
         try:
+            current = URL(url, encoded=False)
             for _ in range(cfg.max_redirects + 1):
                 if current.scheme not in ("http", "https"):
-                    return Fetched("failed_download", f"unsupported scheme in {current}")
-                self._check_literal(current.host)
-                async with self.session.get(current, allow_redirects=False) as resp:
-                    if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
-                        current = current.join(URL(resp.headers["Location"]))
-                        continue
-                    return await self._read(resp)
+                    return Fetched("failed_download", f"unsupported scheme '{current.scheme}'")
+                host = self._check_literal(current.host)
+                async with self._hosts[host]:
+                    if deadline is None:  # the clock starts once a slot is ours
+                        deadline = loop.time() + cfg.total_timeout_s
+                    async with asyncio.timeout_at(deadline):
+                        async with self.session.get(current, allow_redirects=False) as resp:
+                            if resp.status in REDIRECTS and "Location" in resp.headers:
+                                current = current.join(URL(resp.headers["Location"]))
+                                continue
+                            return await self._read(resp)
             return Fetched("failed_download", f"more than {cfg.max_redirects} redirects")
         except AddressRefused as e:
             return Fetched("refused_address", str(e))
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
             return Fetched("failed_download", "timeout", retryable=True)
         except aiohttp.ClientConnectorDNSError as e:
             return Fetched("failed_download", f"dns: {e.os_error}", retryable=True)
+        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as e:
+            return Fetched("failed_download", f"tls: {type(e).__name__}")
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError) as e:
-            return Fetched("failed_download", f"{type(e).__name__}: {e}", retryable=True)
-        except (aiohttp.ClientError, ValueError) as e:
-            return Fetched("failed_download", f"{type(e).__name__}: {e}")
+            return Fetched("failed_download", f"{type(e).__name__}: {e}"[:200], retryable=True)
+        except (aiohttp.ClientError, ValueError, UnicodeError) as e:
+            return Fetched("failed_download", f"{type(e).__name__}: {e}"[:200])
 
-    def _check_literal(self, host: str | None) -> None:
-        if host is None:
+    def _check_literal(self, host: str | None) -> str:
+        """Refuse a disallowed IP-literal host before any connection; returns the host key."""
+        if not host:
             raise AddressRefused("URL has no host")
-        try:
-            ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            return  # a name: the guarded resolver checks what it resolves to
-        check_address(host.strip("[]"), self.allowed)
+        addr = literal_address(host)
+        if addr is not None:
+            check_address(addr, self.allowed)
+        return host.lower()
 
     async def _read(self, resp: aiohttp.ClientResponse) -> Fetched:
         cfg = self.cfg
         ctype = resp.headers.get("Content-Type")
         if resp.status != 200:
+            retryable = resp.status in RETRYABLE_HTTP
             return Fetched(
-                "http_error", f"HTTP {resp.status}", resp.status, ctype,
-                retryable=resp.status in RETRYABLE_HTTP,
+                "http_error", f"HTTP {resp.status}", resp.status, ctype, retryable=retryable,
+                retry_after=_retry_after(resp.headers.get("Retry-After")) if retryable else None,
             )
         directive = opted_out(resp.headers, self.directives, cfg.user_agent_token)
         if directive:
-            # Decided on the headers alone: the body is never downloaded.
+            # Decided on the headers alone: the body is never read (the connection is dropped).
             resp.close()
             return Fetched("opted_out", f"X-Robots-Tag: {directive}", resp.status, ctype)
-        if (resp.content_length or 0) > cfg.max_body_bytes:
+        length = resp.content_length
+        if length is not None and length > cfg.max_body_bytes:
             resp.close()
-            return Fetched("failed_download", f"body {resp.content_length} B > max_body_bytes", resp.status, ctype)
+            return Fetched("failed_download", f"body {length} B > max_body_bytes {cfg.max_body_bytes}", resp.status, ctype)
+        if length is not None and "Content-Encoding" not in resp.headers:
+            body = await resp.read()  # one buffer; aiohttp stops at Content-Length
+            return Fetched("success", None, resp.status, ctype, body)
         chunks, size = [], 0
         async for chunk in resp.content.iter_chunked(1 << 16):
             size += len(chunk)
-            if size > cfg.max_body_bytes:
+            if size > cfg.max_body_bytes:  # counts decoded bytes: gzip bombs stop here too
                 resp.close()
                 return Fetched("failed_download", f"body > max_body_bytes {cfg.max_body_bytes}", resp.status, ctype)
             chunks.append(chunk)

@@ -16,6 +16,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from laion_assets.core.config import ImageConfig
 
 PIL_FORMAT = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
+# Decoders tried on downloaded bytes: the web's image formats only (less attack surface and
+# no probing of every Pillow plugin for bytes that are not an image).
+DECODERS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "ICO", "AVIF")
 MIME = {"jpg": "image/jpeg", "webp": "image/webp", "png": "image/png"}
 
 
@@ -42,6 +45,14 @@ def target_size(w: int, h: int, cfg: ImageConfig) -> tuple[int, int]:
     return max(1, round(w * k)), max(1, round(h * k))
 
 
+def _available(names) -> tuple[str, ...]:
+    Image.init()
+    return tuple(n for n in names if n in Image.OPEN)
+
+
+_DECODERS = _available(DECODERS)
+
+
 def _sniff(data: bytes) -> str:
     head = data[:64].lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
@@ -61,7 +72,7 @@ class ImageProcessor:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data))
+                img = Image.open(io.BytesIO(data), formats=_DECODERS)
                 w, h = img.size
         except UnidentifiedImageError:
             return ImageResult("failed_decode", _sniff(data))
@@ -101,12 +112,20 @@ class ImageProcessor:
         ):
             img.load()  # still verify the pixels decode
             return data, (w, h)
-        if img.format == "JPEG" and tw * th < w * h:
+        if img.format in ("JPEG", "MPO") and tw * th < w * h:
             # decode at 1/2, 1/4 or 1/8 scale, never below the target (stored orientation)
             img.draft("RGB", (th, tw) if rotated else (tw, th))
-        img = _to_rgb(ImageOps.exif_transpose(img))
-        if img.size != (tw, th):
-            img = img.resize((tw, th), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        if orientation != 1:
+            img = ImageOps.exif_transpose(img)  # copies: only when there is something to do
+        if img.mode in ("L", "RGB"):
+            # resize first: a grey image costs a third to resample, then becomes RGB
+            if img.size != (tw, th):
+                img = img.resize((tw, th), Image.Resampling.LANCZOS, reducing_gap=3.0)
+            img = _to_rgb(img)
+        else:
+            img = _to_rgb(img)
+            if img.size != (tw, th):
+                img = img.resize((tw, th), Image.Resampling.LANCZOS, reducing_gap=3.0)
         if cfg.resize_mode == "center_crop":
             left, top = (tw - cfg.size) // 2, (th - cfg.size) // 2
             img = img.crop((left, top, left + cfg.size, top + cfg.size))
@@ -131,3 +150,35 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return bg
     return img.convert("RGB")
 
+
+
+# -- worker process ------------------------------------------------------------------------
+# The images stage decodes in worker processes it starts itself (`python -c ...worker_main()`):
+# no multiprocessing (whose spawn re-imports the caller's __main__, and whose fork deltalake
+# does not survive), a plain pipe protocol, and a crash or hang costs one worker, not the run.
+# Request: 8-byte little-endian length + the downloaded bytes. Reply: 8-byte length + pickle
+# of (sha256 hex of the bytes, ImageResult). EOF on stdin ends the worker.
+
+WORKER_CMD = "from laion_assets.core.imaging import worker_main; worker_main()"
+
+
+def worker_main() -> None:
+    import hashlib
+    import os
+    import pickle
+    import struct
+    import sys
+
+    proc = ImageProcessor(ImageConfig.model_validate_json(sys.argv[1]))
+    inp = sys.stdin.buffer
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything a library prints goes to stderr, never into the protocol
+    while True:
+        head = inp.read(8)
+        if len(head) < 8:
+            return
+        body = inp.read(int.from_bytes(head, "little"))
+        reply = pickle.dumps((hashlib.sha256(body).hexdigest(), proc(body)), protocol=5)
+        out.write(struct.pack("<Q", len(reply)))
+        out.write(reply)
+        out.flush()
