@@ -142,7 +142,8 @@ def test_blocklists(testsite, tmp_path):
 
 def test_memory_is_bounded_by_configuration(testsite):
     """Rows are pulled from the input only as slots free up, never more than `concurrency` are
-    in flight, and finished rows are flushed every `chunk_rows`."""
+    in flight on the network, bodies waiting for decode stay within `max_pending_mb`, and
+    finished rows are flushed every `chunk_rows`."""
     site, base = testsite
     pulled = []
     flushed_at = []
@@ -154,13 +155,15 @@ def test_memory_is_bounded_by_configuration(testsite):
 
     with site.lock:
         site.max_sleeping = 0
-    ShardDownloader(dcfg(concurrency=5, per_host=50, chunk_rows=10), ImageConfig(size=32), decode="thread").run(
+    ShardDownloader(dcfg(concurrency=5, per_host=50, chunk_rows=10, max_pending_mb=1), ImageConfig(size=32), decode="thread").run(
         rows(), 60, lambda t: flushed_at.append((t.num_rows, len(pulled)))
     )
     assert site.max_sleeping <= 5
     assert all(n <= 10 for n, _ in flushed_at) and sum(n for n, _ in flushed_at) == 60
-    # when the first chunk was flushed, at most chunk_rows + concurrency rows had been pulled
-    assert flushed_at[0][1] <= 10 + 5
+    # when the first chunk was flushed, at most chunk_rows + concurrency rows had been pulled,
+    # plus the bodies that fit the decode budget
+    waiting = 2**20 // (site.root / "p0.jpg").stat().st_size
+    assert flushed_at[0][1] <= 10 + 5 + waiting
 
 
 def test_progress_is_reported_while_running(testsite):
@@ -313,3 +316,23 @@ def test_retry_only_failures(testsite, tmp_path):
         assert site.count(path) == hits[url] + (1 if "/flaky/" in url else 0), url
     untouched = ~pl.col("url").str.contains("/flaky/")
     assert after.filter(untouched).drop("duration_s").equals(published.filter(untouched).drop("duration_s"))
+
+
+def test_decode_budget_holds_bodies_back_until_bytes_are_released():
+    import asyncio
+
+    from laion_assets.core.download import ByteBudget
+
+    async def go():
+        budget = ByteBudget(100)
+        await budget.acquire(60)
+        waiter = asyncio.create_task(budget.acquire(60))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()  # 120 > 100: waits
+        budget.release(60)
+        await asyncio.wait_for(waiter, 1)
+        assert budget.held == 60
+        budget.release(60)
+        await asyncio.wait_for(budget.acquire(500), 1)  # larger than the budget, alone: passes
+
+    asyncio.run(go())

@@ -45,6 +45,7 @@ class DownloadConfig(_Strict):
     dns_cache_ttl_s: int = Field(300, ge=0)
     min_success_rate: float = Field(0.5, ge=0, le=1, description="quality gate on each shard")
     chunk_rows: int = Field(256, ge=1, description="rows per staged chunk (resume granularity)")
+    max_pending_mb: int = Field(256, ge=1, description="downloaded bodies waiting for decode, MiB")
     url_blocklist: str | None = Field(None, description="file of URLs or sha256(url) hex, one a line")
     image_blocklist: str | None = Field(None, description="file of sha256 hex of image bytes")
 
@@ -54,6 +55,9 @@ class ImageConfig(_Strict):
 
     size: int = Field(256, ge=8)
     resize_mode: ResizeMode = "keep_ratio"
+    downscale_filter: Literal["area", "bicubic", "lanczos"] = Field(
+        "area", description="filter to shrink (area = img2dataset's INTER_AREA); enlarging uses lanczos"
+    )
     format: Literal["jpg", "webp", "png"] = "jpg"
     quality: int = Field(95, ge=1, le=100)
     skip_reencode: bool = Field(False, description="store original bytes when already small enough")
@@ -76,6 +80,8 @@ class EmbeddingConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     workers: int | None = Field(None, ge=1, description="decode/preprocess threads")
     dtype: Literal["float16", "float32"] = "float16"
+    compile: bool = Field(False, description="torch.compile the image tower (~15% on CPU, slow start)")
+    gpu_decode: bool = Field(False, description="nvJPEG decode + GPU resize (close to, not equal to, PIL)")
     chunk_rows: int = Field(1024, ge=1, description="rows per staged chunk (resume granularity)")
 
     @property

@@ -262,6 +262,7 @@ class ShardDownloader:
         progress = Progress(total)
         pending: list[dict] = []
         sem = asyncio.Semaphore(self.dcfg.concurrency)
+        budget = ByteBudget(self.dcfg.max_pending_mb * 2**20)
         cpu = _CpuPool(self.icfg, self.workers, self.decode)
         writer = ThreadPoolExecutor(1, thread_name_prefix="stage-writer")
         flush_lock = asyncio.Lock()
@@ -278,12 +279,24 @@ class ShardDownloader:
 
         async def one(uid: int, url: str, fetcher: Fetcher) -> None:
             start = time.monotonic()
+            holds_slot, held_bytes = True, 0
             try:
-                row = await self._sample(uid, url, fetcher, cpu)
+                row, body = await self._fetch(uid, url, fetcher)
+                if body is not None:
+                    # Keep fetching while images wait for a CPU worker, up to the byte budget:
+                    # the network (and slow hosts) stay busy instead of queueing behind decode.
+                    held_bytes = await budget.acquire(len(body))
+                sem.release()
+                holds_slot = False
+                if body is not None:
+                    row = await self._process(row, body, cpu)
+                    del body
             except Exception as e:  # never lose a row, whatever broke
                 row = {"uid": uid, "url": url, "status": "failed_download", "error": f"internal: {e!r}"[:300]}
             finally:
-                sem.release()
+                if holds_slot:
+                    sem.release()
+                budget.release(held_bytes)
             row["duration_s"] = time.monotonic() - start
             pending.append(row)
             progress.done += 1
@@ -319,22 +332,23 @@ class ShardDownloader:
             on_progress(progress)
         return progress
 
-    async def _sample(self, uid, url, fetcher: Fetcher, cpu: _CpuPool) -> dict:
+    async def _fetch(self, uid, url, fetcher: Fetcher) -> tuple[dict, bytes | None]:
+        """The network half: a row, and the body when there is an image to process."""
         row: dict = {"uid": uid, "url": url}
         if self.blocked_urls and (url in self.blocked_urls or url_hash(url) in self.blocked_urls):
             row.update(status="blocked", error="URL on the blocklist", attempts=0)
-            return row
+            return row, None
         got: Fetched = await fetcher.fetch(url)
         row.update(
             status=got.status, error=got.error, retryable=got.retryable, http_status=got.http_status,
             content_type=got.content_type, attempts=got.attempts,
             bytes_downloaded=len(got.body) if got.body is not None else None,
         )
-        if got.status != "success":
-            return row
-        body, got.body = got.body, None
+        return row, (got.body if got.status == "success" else None)
+
+    async def _process(self, row: dict, body: bytes, cpu: _CpuPool) -> dict:
+        """The CPU half: hash, blocklist, decode/check/resize/encode."""
         sha, res = await cpu.run(body)
-        del body
         if sha in self.blocked_images:  # never stored, whatever the decode said
             row.update(status="blocked", error="image hash on the blocklist", sha256=sha)
             return row
@@ -344,3 +358,27 @@ class ShardDownloader:
             width=res.width, height=res.height, image=res.image,
         )
         return row
+
+
+class ByteBudget:
+    """Bytes of downloaded bodies allowed to wait for a CPU worker. A body larger than the
+    whole budget still passes when nothing else is held, so nothing waits forever."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+        self.cond = asyncio.Condition()
+
+    async def acquire(self, n: int) -> int:
+        async with self.cond:
+            await self.cond.wait_for(lambda: self.held == 0 or self.held + n <= self.limit)
+            self.held += n
+        return n
+
+    def release(self, n: int) -> None:
+        if n:
+            self.held -= n
+            asyncio.get_running_loop().create_task(self._wake())
+
+    async def _wake(self) -> None:
+        async with self.cond:
+            self.cond.notify_all()

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from laion_assets.core.config import HeadConfig, ScoresConfig
 from laion_assets.core.errors import LaionAssetsError
@@ -58,6 +57,8 @@ def load_head(name: str, cfg: HeadConfig) -> Head:
     path = Path(cfg.path)
     if not path.is_file():
         raise LaionAssetsError(f"{name} head file {path} not found: fix scores.{name}.path")
+    import torch  # here, not at import: the CLI and UI start without loading torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

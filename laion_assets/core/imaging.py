@@ -15,6 +15,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from laion_assets.core.config import ImageConfig
 
+DOWNSCALE = {
+    "area": Image.Resampling.BOX,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 PIL_FORMAT = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 # Decoders tried on downloaded bytes: the web's image formats only (less attack surface and
 # no probing of every Pillow plugin for bytes that are not an image).
@@ -98,6 +103,13 @@ class ImageProcessor:
             return ImageResult("failed_decode", f"{type(e).__name__}: {e}", w, h)
         return res
 
+    def _filter(self, size: tuple[int, int], target: tuple[int, int]) -> Image.Resampling:
+        """img2dataset's choice: area averaging to shrink (cv2.INTER_AREA ~ Pillow's BOX),
+        Lanczos to enlarge; `downscale_filter` picks another filter for shrinking."""
+        if target[0] >= size[0] and target[1] >= size[1]:
+            return Image.Resampling.LANCZOS
+        return DOWNSCALE[self.cfg.downscale_filter]
+
     def _transform(self, img: Image.Image, w: int, h: int, data: bytes) -> tuple[bytes, tuple[int, int]]:
         cfg = self.cfg
         orientation = img.getexif().get(0x0112, 1)
@@ -120,12 +132,12 @@ class ImageProcessor:
         if img.mode in ("L", "RGB"):
             # resize first: a grey image costs a third to resample, then becomes RGB
             if img.size != (tw, th):
-                img = img.resize((tw, th), Image.Resampling.LANCZOS, reducing_gap=3.0)
+                img = img.resize((tw, th), self._filter(img.size, (tw, th)), reducing_gap=3.0)
             img = _to_rgb(img)
         else:
             img = _to_rgb(img)
             if img.size != (tw, th):
-                img = img.resize((tw, th), Image.Resampling.LANCZOS, reducing_gap=3.0)
+                img = img.resize((tw, th), self._filter(img.size, (tw, th)), reducing_gap=3.0)
         if cfg.resize_mode == "center_crop":
             left, top = (tw - cfg.size) // 2, (th - cfg.size) // 2
             img = img.crop((left, top, left + cfg.size, top + cfg.size))

@@ -84,7 +84,8 @@ class Lake:
     # -- publish ---------------------------------------------------------------------------
 
     def publish_shard(
-        self, name: str, shard: str, data: pa.Table | pl.DataFrame, metadata: dict | None = None
+        self, name: str, shard: str, data: pa.Table | pl.DataFrame | pa.RecordBatchReader,
+        metadata: dict | None = None,
     ) -> int:
         """Replace `shard` in table `name` with `data` in one Delta commit; returns the version.
 
@@ -93,7 +94,7 @@ class Lake:
         """
         check_shard_key(shard)
         table = data.to_arrow() if isinstance(data, pl.DataFrame) else data
-        table = _with_shard(table, shard)
+        table = _with_shard(table, shard)  # a reader stays a stream: one commit, bounded memory
         self.ensure_writable()
         props = CommitProperties(custom_metadata={k: str(v) for k, v in (metadata or {}).items()})
         for attempt in range(5):
@@ -113,6 +114,8 @@ class Lake:
                 return self.table(name).version()
             except CommitFailedError:
                 # Another shard's run committed to the same table first; retry on top of it.
+                if isinstance(table, pa.RecordBatchReader):
+                    raise  # a stream cannot be replayed: the caller reruns the stage
                 time.sleep(0.2 * (attempt + 1))
         raise LaionAssetsError(f"could not commit shard '{shard}' to '{name}': too many concurrent writers")
 
@@ -138,8 +141,23 @@ class Lake:
         raise LaionAssetsError(f"could not append to '{name}': too many concurrent writers")
 
     def delete_shard(self, name: str, shard: str) -> None:
+        self.delete_where(name, f"shard = '{check_shard_key(shard)}'")
+
+    def delete_where(self, name: str, predicate: str) -> None:
         if self.exists(name):
-            self.table(name).delete(f"shard = '{check_shard_key(shard)}'")
+            self.table(name).delete(predicate)
+
+    def batches(self, name: str, shard: str, columns: list[str], uids: list[int] | None = None):
+        """Record batches of one shard (optionally only `uids`), read lazily: for streaming."""
+        import pyarrow.compute as pc
+
+        if not self.exists(name):
+            return iter(())
+        flt = pc.field("shard") == check_shard_key(shard)
+        if uids is not None:
+            flt = flt & pc.field("uid").isin(pa.array(uids, pa.int64()))
+        dataset = self.table(name).to_pyarrow_dataset()
+        return dataset.scanner(columns=columns, filter=flt, batch_size=256).to_batches()
 
     # -- read ------------------------------------------------------------------------------
 
@@ -192,9 +210,17 @@ class Lake:
         }
 
 
-def _with_shard(table: pa.Table, shard: str) -> pa.Table:
-    col = pa.array([shard] * table.num_rows, pa.string())
-    if "shard" in table.column_names:
-        return table.set_column(table.column_names.index("shard"), "shard", col)
-    return table.append_column("shard", col)
+def _with_shard(data, shard: str):
+    """`data` with its `shard` column set; a RecordBatchReader stays a lazy stream."""
+    if isinstance(data, pa.RecordBatchReader):
+        schema = data.schema if "shard" in data.schema.names else data.schema.append(pa.field("shard", pa.string()))
 
+        def batches():
+            for batch in data:
+                yield from _with_shard(pa.Table.from_batches([batch], data.schema), shard).to_batches()
+
+        return pa.RecordBatchReader.from_batches(schema, batches())
+    col = pa.array([shard] * data.num_rows, pa.string())
+    if "shard" in data.column_names:
+        return data.set_column(data.column_names.index("shard"), "shard", col)
+    return data.append_column("shard", col)

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 RAW_URLS, IMAGES, EMBEDDINGS, SCORES = "raw_urls", "images", "embeddings", "scores"
 STAGING_IMAGES, STAGING_EMBEDDINGS = "_staging/images", "_staging/embeddings"
-EMPTY_IMAGES = pl.from_arrow(IMAGES_SCHEMA.empty_table())
 
 
 def subset_table(name: str) -> str:
@@ -93,21 +92,26 @@ def run_images(
     on_progress: Callable[[Progress], None] | None = None, resolver=None,
 ) -> StageOutput:
     """Download a shard. Chunks are staged as they finish, so a killed run resumes where it
-    stopped; `retry_failures` re-fetches only the published rows whose failure is retryable."""
+    stopped; `retry_failures` re-fetches only the published rows whose failure is retryable.
+
+    Memory stays bounded: image bytes go from the downloader to staging chunk by chunk, the
+    gate reads only metadata columns, and the publish streams record batches to Delta.
+    """
     raw = lake.read_shard(RAW_URLS, shard, ["uid", "url"])
     recipe = _recipe_hash(cfg.images)
-    keep = EMPTY_IMAGES
+    # Staged rows from another image recipe, and retryable failures, are fetched again: drop
+    # them first, so every uid is staged at most once.
+    lake.delete_where(STAGING_IMAGES, f"shard = '{shard}' AND (recipe <> '{recipe}' OR retryable = true)")
+    kept = pl.DataFrame(schema={"uid": pl.Int64})
     if retry_failures:
-        published = lake.read_shard_or_none(IMAGES, shard)
-        if published is None or published.height == 0:
+        if not lake.exists(IMAGES) or lake.shard_row_count(IMAGES, shard) == 0:
             raise LaionAssetsError(f"shard '{shard}' has no published images to retry: materialize images first")
-        keep = published.filter(~pl.col("retryable").fill_null(False)).select(IMAGES_SCHEMA.names)
-    staged = _staged(lake, STAGING_IMAGES, shard, recipe, EMPTY_IMAGES)
-    staged = staged.filter(~pl.col("retryable").fill_null(False))
-    done = set(keep["uid"].to_list()) | set(staged["uid"].to_list())
-    todo = raw.filter(~pl.col("uid").is_in(list(done)))
-    if done:
-        log.info("shard %s: %d rows already done (resumed), %d to fetch", shard, len(done), todo.height)
+        kept = lake.read_shard(IMAGES, shard, ["uid", "retryable"]).filter(~pl.col("retryable").fill_null(False)).select("uid")
+    staged = lake.read_shard(STAGING_IMAGES, shard, ["uid"]) if lake.exists(STAGING_IMAGES) else kept.clear()
+    done = pl.concat([kept, staged])["uid"]
+    todo = raw.filter(~pl.col("uid").is_in(done.implode()))
+    if done.len():
+        log.info("shard %s: %d rows already done (kept or resumed), %d to fetch", shard, done.len(), todo.height)
 
     def stage_chunk(table: pa.Table) -> None:
         lake.append(STAGING_IMAGES, table.append_column("recipe", pa.array([recipe] * table.num_rows, pa.string())), shard=shard)
@@ -117,27 +121,38 @@ def run_images(
         todo.iter_rows(), todo.height, stage_chunk, on_progress
     )
     elapsed = time.monotonic() - started
-    fresh = _staged(lake, STAGING_IMAGES, shard, recipe, EMPTY_IMAGES)
-    merged = pl.concat([keep, fresh.filter(~pl.col("uid").is_in(keep["uid"].to_list())).select(IMAGES_SCHEMA.names)], how="vertical_relaxed")
-    rows = raw.select("uid").join(merged.drop("url"), on="uid", how="left").join(raw, on="uid").select(IMAGES_SCHEMA.names)
+
+    meta = ["uid", "status", "error", "width", "bytes_downloaded"]
+    sources = [(STAGING_IMAGES, None)] + ([(IMAGES, kept["uid"])] if retry_failures else [])
+    audit_parts = []
+    for table, uids in sources:
+        lf = lake.scan(table).filter(pl.col("shard") == shard)
+        if uids is not None:
+            lf = lf.filter(pl.col("uid").is_in(uids.implode()))
+        audit_parts.append(lf.select(*meta, stored=pl.col("image").bin.size()).collect(engine="streaming"))
+    rows = pl.concat(audit_parts)
     audit = rows.select(
         "uid", "status", pl.col("width").fill_null(1),
         is_success=pl.col("status") == "success",
-        has_image_iff_success=(pl.col("status") == "success") == pl.col("image").is_not_null(),
+        has_image_iff_success=(pl.col("status") == "success") == pl.col("stored").is_not_null(),
     )
     report = _gate(IMAGES, shard, audit, quality.images_suite(raw.height, STATUSES, cfg.download.min_success_rate))
     counts = dict(rows.group_by("status").len().sort("status").iter_rows())
     errors = dict(rows.filter(pl.col("status") != "success").group_by(pl.col("error").str.slice(0, 60)).len().sort("len", descending=True).head(10).iter_rows())
     stats = {
         "status_counts": counts, "success_rate": round(counts.get("success", 0) / max(1, rows.height), 4),
-        "top_errors": errors, "fetched_this_run": progress.done, "resumed_rows": len(done),
+        "top_errors": errors, "fetched_this_run": progress.done, "resumed_rows": done.len(),
         "bytes_downloaded": int(rows["bytes_downloaded"].fill_null(0).sum()),
-        "bytes_stored": int(rows["image"].bin.size().fill_null(0).sum()),
+        "bytes_stored": int(rows["stored"].fill_null(0).sum()),
         "duration_s": round(elapsed, 2), "images_per_s": round(progress.done / max(elapsed, 1e-9), 1),
     }
-    out = _publish(lake, IMAGES, shard, rows, report, stats, {"recipe": recipe})
+    batches = [lake.batches(STAGING_IMAGES, shard, IMAGES_SCHEMA.names)]
+    if retry_failures:
+        batches.append(lake.batches(IMAGES, shard, IMAGES_SCHEMA.names, uids=kept["uid"].to_list()))
+    reader = pa.RecordBatchReader.from_batches(IMAGES_SCHEMA, (b.cast(IMAGES_SCHEMA) for part in batches for b in part))
+    version = lake.publish_shard(IMAGES, shard, reader, metadata={"stage": IMAGES, "code_version": __version__, "recipe": recipe})
     lake.delete_shard(STAGING_IMAGES, shard)
-    return out
+    return StageOutput(rows.height, version, IMAGES_SCHEMA, report, stats, preview(lake.read_shard(IMAGES, shard).head(5)))
 
 
 def _staged(lake: Lake, table: str, shard: str, recipe: str, empty: pl.DataFrame) -> pl.DataFrame:

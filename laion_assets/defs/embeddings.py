@@ -5,7 +5,6 @@ from functools import lru_cache
 from dagster import AssetExecutionContext
 
 from laion_assets.core import stages
-from laion_assets.core.clip import TINY_WARNING, Encoder, load_model
 from laion_assets.core.config import EmbeddingConfig
 from laion_assets.defs.gate import gate_spec, run_stage
 from laion_assets.defs.images import images
@@ -14,9 +13,12 @@ from laion_assets.defs.resources import LakeResource, PipelineResource
 
 
 @lru_cache(maxsize=2)
-def encoder_for(cfg: EmbeddingConfig) -> Encoder:
-    """Models are loaded once per process and reused across shards."""
-    return Encoder(load_model(cfg), cfg.batch_size, cfg.workers)
+def encoder_for(cfg: EmbeddingConfig):
+    """Models are loaded once per process and reused across shards (torch and open_clip are
+    imported here, so runs that do not embed start faster)."""
+    from laion_assets.core.clip import Encoder, load_model
+
+    return Encoder(load_model(cfg), cfg.batch_size, cfg.workers, compile=cfg.compile, gpu_decode=cfg.gpu_decode)
 
 
 @shard_asset(
@@ -32,6 +34,8 @@ def embeddings(context: AssetExecutionContext, lake: LakeResource, pipeline: Pip
     lk = lake.lake()
     cfg = pipeline.config()
     if cfg.embeddings.model == "tiny":
+        from laion_assets.core.clip import TINY_WARNING
+
         context.log.warning(TINY_WARNING)
     yield from run_stage(
         context, lk, stages.EMBEDDINGS,
