@@ -53,3 +53,18 @@ def test_maintenance_compacts_and_really_vacuums(lake: Lake):
     assert len(files_after) < len(files_before)
     assert pl.read_delta(lake.table_uri("t"))["tag"].unique().to_list() == ["v3"]
     assert lake.tables() == ["t"]
+
+
+def test_publish_stream_replaces_its_shard_in_one_commit(lake: Lake):
+    import pyarrow as pa
+
+    def stream(n: int, tag: str) -> pa.RecordBatchReader:
+        batches = frame(n, tag).to_arrow().to_batches(max_chunksize=2)
+        return pa.RecordBatchReader.from_batches(batches[0].schema, iter(batches))
+
+    assert lake.publish_stream("s", "a", stream(5, "a1"), {"recipe": "r1"}) == 0
+    assert lake.publish_stream("s", "b", stream(3, "b1")) == 1
+    assert lake.publish_stream("s", "a", stream(4, "a2")) == 2
+    df = pl.read_delta(lake.table_uri("s")).sort("shard", "uid")
+    assert df.select("shard", "tag").rows() == [("a", "a2")] * 4 + [("b", "b1")] * 3
+    assert lake.table("s").history(3)[-1]["recipe"] == "r1"

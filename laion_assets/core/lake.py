@@ -14,10 +14,17 @@ from urllib.parse import urlparse
 
 import polars as pl
 import pyarrow as pa
-from deltalake import CommitProperties, DeltaTable, write_deltalake
+import pyarrow.fs as pafs
+from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from laion_assets.core.errors import LaionAssetsError
+
+# Row groups of at most this many rows: image rows are ~20 KB, so a reader (and the writer's
+# buffer) holds a few tens of MB at a time instead of a whole shard.
+ROW_GROUP_ROWS = 1024
+WRITER = WriterProperties(max_row_group_size=ROW_GROUP_ROWS, compression="ZSTD")
+TARGET_FILE_BYTES = 128 * 2**20
 
 SHARD_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -104,12 +111,13 @@ class Lake:
                         self.table_uri(name), table, mode="overwrite",
                         predicate=f"shard = '{shard}'", partition_by=["shard"],
                         schema_mode="merge", storage_options=self.storage_options,
-                        commit_properties=props,
+                        commit_properties=props, writer_properties=WRITER, target_file_size=TARGET_FILE_BYTES,
                     )
                 else:
                     write_deltalake(
                         self.table_uri(name), table, mode="append", partition_by=["shard"],
                         storage_options=self.storage_options, commit_properties=props,
+                        writer_properties=WRITER, target_file_size=TARGET_FILE_BYTES,
                     )
                 return self.table(name).version()
             except CommitFailedError:
@@ -118,6 +126,66 @@ class Lake:
                     raise  # a stream cannot be replayed: the caller reruns the stage
                 time.sleep(0.2 * (attempt + 1))
         raise LaionAssetsError(f"could not commit shard '{shard}' to '{name}': too many concurrent writers")
+
+    def publish_stream(
+        self, name: str, shard: str, reader: pa.RecordBatchReader, metadata: dict | None = None
+    ) -> int:
+        """Like `publish_shard` for a stream of record batches, in bounded memory.
+
+        deltalake's writer collects a whole input stream in memory before writing
+        (delta-rs#2255, #3578), so we write the shard's parquet files ourselves, batch by batch,
+        and commit them with one transaction that replaces the shard (still atomic).
+        """
+        import json
+        import uuid
+
+        import pyarrow.parquet as pq
+        from deltalake import Schema
+        from deltalake.transaction import AddAction, create_table_with_add_actions
+
+        check_shard_key(shard)
+        self.ensure_writable()
+        fs, root = pafs.FileSystem.from_uri(self.table_uri(name) if not self.is_local else Path(self.table_uri(name)).as_uri())
+        schema = reader.schema.remove(reader.schema.get_field_index("shard")) if "shard" in reader.schema.names else reader.schema
+        adds: list = []
+        writer, path, rows, size = None, None, 0, 0
+
+        def close() -> None:
+            writer.close()
+            adds.append(AddAction(
+                path.removeprefix(root + "/"), fs.get_file_info(path).size, {"shard": shard},
+                int(time.time() * 1000), True, json.dumps({"numRecords": rows}),
+            ))
+
+        fs.create_dir(f"{root}/shard={shard}", recursive=True)
+        for batch in reader:
+            if "shard" in batch.schema.names:
+                batch = batch.drop_columns(["shard"])
+            if writer is None:
+                path = f"{root}/shard={shard}/part-{uuid.uuid4()}.zstd.parquet"
+                writer = pq.ParquetWriter(path, schema, filesystem=fs, compression="zstd")
+                rows = size = 0
+            writer.write_batch(batch, row_group_size=ROW_GROUP_ROWS)
+            rows += batch.num_rows
+            size += batch.nbytes
+            if size >= TARGET_FILE_BYTES:
+                close()
+                writer = None
+        if writer is not None:
+            close()
+        full = Schema.from_arrow(schema.append(pa.field("shard", pa.string())))
+        props = CommitProperties(custom_metadata={k: str(v) for k, v in (metadata or {}).items()})
+        if self.exists(name):
+            self.table(name).create_write_transaction(
+                adds, mode="overwrite", schema=full, partition_by=["shard"],
+                partition_filters=[("shard", "=", shard)], commit_properties=props,
+            )
+        else:
+            create_table_with_add_actions(
+                self.table_uri(name), full, adds, mode="append", partition_by=["shard"],
+                storage_options=self.storage_options, commit_properties=props,
+            )
+        return self.table(name).version()
 
     def append(self, name: str, data: pa.Table | pl.DataFrame, shard: str | None = None) -> None:
         """Append rows (staging chunks, registry entries) in one atomic commit.
@@ -157,7 +225,9 @@ class Lake:
         if uids is not None:
             flt = flt & pc.field("uid").isin(pa.array(uids, pa.int64()))
         dataset = self.table(name).to_pyarrow_dataset()
-        return dataset.scanner(columns=columns, filter=flt, batch_size=256).to_batches()
+        return dataset.scanner(
+            columns=columns, filter=flt, batch_size=256, batch_readahead=2, fragment_readahead=1
+        ).to_batches()
 
     # -- read ------------------------------------------------------------------------------
 

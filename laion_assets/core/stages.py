@@ -150,9 +150,9 @@ def run_images(
     if retry_failures:
         batches.append(lake.batches(IMAGES, shard, IMAGES_SCHEMA.names, uids=kept["uid"].to_list()))
     reader = pa.RecordBatchReader.from_batches(IMAGES_SCHEMA, (b.cast(IMAGES_SCHEMA) for part in batches for b in part))
-    version = lake.publish_shard(IMAGES, shard, reader, metadata={"stage": IMAGES, "code_version": __version__, "recipe": recipe})
+    version = lake.publish_stream(IMAGES, shard, reader, metadata={"stage": IMAGES, "code_version": __version__, "recipe": recipe})
     lake.delete_shard(STAGING_IMAGES, shard)
-    return StageOutput(rows.height, version, IMAGES_SCHEMA, report, stats, preview(lake.read_shard(IMAGES, shard).head(5)))
+    return StageOutput(rows.height, version, IMAGES_SCHEMA, report, stats, preview(lake.scan(IMAGES).filter(pl.col("shard") == shard).head(5).collect()))
 
 
 def _staged(lake: Lake, table: str, shard: str, recipe: str, empty: pl.DataFrame) -> pl.DataFrame:
