@@ -91,8 +91,7 @@ class Lake:
     # -- publish ---------------------------------------------------------------------------
 
     def publish_shard(
-        self, name: str, shard: str, data: pa.Table | pl.DataFrame | pa.RecordBatchReader,
-        metadata: dict | None = None,
+        self, name: str, shard: str, data: pa.Table | pl.DataFrame, metadata: dict | None = None
     ) -> int:
         """Replace `shard` in table `name` with `data` in one Delta commit; returns the version.
 
@@ -101,7 +100,7 @@ class Lake:
         """
         check_shard_key(shard)
         table = data.to_arrow() if isinstance(data, pl.DataFrame) else data
-        table = _with_shard(table, shard)  # a reader stays a stream: one commit, bounded memory
+        table = _with_shard(table, shard)
         self.ensure_writable()
         props = CommitProperties(custom_metadata={k: str(v) for k, v in (metadata or {}).items()})
         for attempt in range(5):
@@ -122,8 +121,6 @@ class Lake:
                 return self.table(name).version()
             except CommitFailedError:
                 # Another shard's run committed to the same table first; retry on top of it.
-                if isinstance(table, pa.RecordBatchReader):
-                    raise  # a stream cannot be replayed: the caller reruns the stage
                 time.sleep(0.2 * (attempt + 1))
         raise LaionAssetsError(f"could not commit shard '{shard}' to '{name}': too many concurrent writers")
 
@@ -175,16 +172,23 @@ class Lake:
             close()
         full = Schema.from_arrow(schema.append(pa.field("shard", pa.string())))
         props = CommitProperties(custom_metadata={k: str(v) for k, v in (metadata or {}).items()})
-        if self.exists(name):
-            self.table(name).create_write_transaction(
-                adds, mode="overwrite", schema=full, partition_by=["shard"],
-                partition_filters=[("shard", "=", shard)], commit_properties=props,
-            )
+        for attempt in range(5):  # the files are written: only the commit is retried
+            try:
+                if self.exists(name):
+                    self.table(name).create_write_transaction(
+                        adds, mode="overwrite", schema=full, partition_by=["shard"],
+                        partition_filters=[("shard", "=", shard)], commit_properties=props,
+                    )
+                else:
+                    create_table_with_add_actions(
+                        self.table_uri(name), full, adds, mode="append", partition_by=["shard"],
+                        storage_options=self.storage_options, commit_properties=props,
+                    )
+                break
+            except CommitFailedError:
+                time.sleep(0.2 * (attempt + 1))
         else:
-            create_table_with_add_actions(
-                self.table_uri(name), full, adds, mode="append", partition_by=["shard"],
-                storage_options=self.storage_options, commit_properties=props,
-            )
+            raise LaionAssetsError(f"could not commit shard '{shard}' to '{name}': too many concurrent writers")
         return self.table(name).version()
 
     def append(self, name: str, data: pa.Table | pl.DataFrame, shard: str | None = None) -> None:
@@ -280,17 +284,8 @@ class Lake:
         }
 
 
-def _with_shard(data, shard: str):
-    """`data` with its `shard` column set; a RecordBatchReader stays a lazy stream."""
-    if isinstance(data, pa.RecordBatchReader):
-        schema = data.schema if "shard" in data.schema.names else data.schema.append(pa.field("shard", pa.string()))
-
-        def batches():
-            for batch in data:
-                yield from _with_shard(pa.Table.from_batches([batch], data.schema), shard).to_batches()
-
-        return pa.RecordBatchReader.from_batches(schema, batches())
-    col = pa.array([shard] * data.num_rows, pa.string())
-    if "shard" in data.column_names:
-        return data.set_column(data.column_names.index("shard"), "shard", col)
-    return data.append_column("shard", col)
+def _with_shard(table: pa.Table, shard: str) -> pa.Table:
+    col = pa.array([shard] * table.num_rows, pa.string())
+    if "shard" in table.column_names:
+        return table.set_column(table.column_names.index("shard"), "shard", col)
+    return table.append_column("shard", col)
