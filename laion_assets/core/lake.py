@@ -259,11 +259,20 @@ class Lake:
 
     def tables(self) -> list[str]:
         """Names of the Delta tables under the root (two levels: stages and subsets/<name>)."""
-        if not self.is_local:
-            raise LaionAssetsError("listing tables needs a local lake; name the tables explicitly")
-        root = Path(self.uri)
-        found = [p.parent for p in root.glob("*/_delta_log")] + [p.parent for p in root.glob("*/*/_delta_log")]
-        return sorted(str(p.relative_to(root)) for p in found)
+        fs, root = pafs.FileSystem.from_uri(Path(self.uri).as_uri() if self.is_local else self.uri)
+        found = []
+
+        def walk(path: str, depth: int) -> None:
+            for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+                if info.type != pafs.FileType.Directory or info.base_name == "_delta_log":
+                    continue
+                if fs.get_file_info(f"{info.path}/_delta_log").type == pafs.FileType.Directory:
+                    found.append(info.path.removeprefix(root).strip("/"))
+                elif depth < 2:
+                    walk(info.path, depth + 1)
+
+        walk(root, 1)
+        return sorted(found)
 
     def maintain(self, name: str, retention_hours: int, target_size_mb: int) -> dict:
         """Compact small files, then vacuum for real (deltalake's vacuum is a dry run by default).
