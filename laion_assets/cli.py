@@ -60,7 +60,7 @@ def _instance():
 
 def run_pipeline(inputs: list[str], lake: str, config: str | None, select: str | None, instance=None, retry_failures: bool = False) -> RunSummary:
     """Register the shard files, then materialize the selected assets per shard."""
-    from dagster import AssetSelection, DagsterEventType, define_asset_job
+    from dagster import AssetSelection, DagsterEventType, Definitions, define_asset_job
 
     from laion_assets.core import registry
     from laion_assets.core.ingest import list_shard_files, shard_key
@@ -94,7 +94,7 @@ def run_pipeline(inputs: list[str], lake: str, config: str | None, select: str |
     if missing:
         raise SystemExit(f"error: unknown asset(s) {', '.join(missing)}; known: {', '.join(sorted(k.to_user_string() for k in all_keys))}")
     job_def = define_asset_job("laion_assets_run", selection=AssetSelection.assets(*chosen), partitions_def=shards)
-    job = build_defs_with_job(defs, job_def).resolve_job_def("laion_assets_run")
+    job = Definitions.merge(defs, Definitions(jobs=[job_def])).resolve_job_def("laion_assets_run")
     order = [k for k in graph.toposorted_asset_keys if k in chosen]
 
     summary = RunSummary()
@@ -128,13 +128,9 @@ def run_pipeline(inputs: list[str], lake: str, config: str | None, select: str |
     return summary
 
 
-def build_defs_with_job(defs, job_def):
-    from dagster import Definitions
-
-    return Definitions.merge(defs, Definitions(jobs=[job_def]))
-
-
 def _print_tables(lake: str) -> None:
+    import polars as pl
+
     from laion_assets.core.lake import Lake
 
     lk = Lake(lake)
@@ -142,7 +138,7 @@ def _print_tables(lake: str) -> None:
     for name in lk.tables():
         if name.startswith("_"):
             continue
-        rows = lk.scan(name).select(__import__("polars").len()).collect().item()
+        rows = lk.scan(name).select(pl.len()).collect().item()
         print(f"  {name:<28} {rows:>7} rows  {lk.table_uri(name)}")
 
 
