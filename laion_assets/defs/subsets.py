@@ -31,10 +31,11 @@ def subset_asset(sub: SubsetConfig, cfg: PipelineConfig) -> AssetsDefinition:
     )
     def _subset(context: AssetExecutionContext, lake: LakeResource, pipeline: PipelineResource):
         lk = lake.lake()
-        current = next(s for s in pipeline.config().subsets if s.name == sub.name)
+        cfg_now = pipeline.config()
+        current = next(s for s in cfg_now.subsets if s.name == sub.name)
         yield from run_stage(
             context, lk, stages.subset_table(sub.name),
-            lambda: stages.run_subset(lk, pipeline.config(), current, context.partition_key),
+            lambda: stages.run_subset(lk, cfg_now, current, context.partition_key),
         )
 
     return _subset
