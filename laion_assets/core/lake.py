@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -25,6 +26,9 @@ from laion_assets.core.errors import LaionAssetsError
 ROW_GROUP_ROWS = 1024
 WRITER = WriterProperties(max_row_group_size=ROW_GROUP_ROWS, compression="ZSTD")
 TARGET_FILE_BYTES = 128 * 2**20
+# Streaming reads pull column data in pieces of this size instead of whole column chunks
+# (one row group of images is ~20-40 MB): memory stays near one record batch.
+READ_BUFFER_BYTES = 4 * 2**20
 
 SHARD_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -142,7 +146,7 @@ class Lake:
 
         check_shard_key(shard)
         self.ensure_writable()
-        fs, root = pafs.FileSystem.from_uri(self.table_uri(name) if not self.is_local else Path(self.table_uri(name)).as_uri())
+        fs, root = self._filesystem(name)
         schema = reader.schema.remove(reader.schema.get_field_index("shard")) if "shard" in reader.schema.names else reader.schema
         adds: list = []
         writer, path, rows, size = None, None, 0, 0
@@ -219,19 +223,43 @@ class Lake:
         if self.exists(name):
             self.table(name).delete(predicate)
 
-    def batches(self, name: str, shard: str, columns: list[str], uids: list[int] | None = None):
-        """Record batches of one shard (optionally only `uids`), read lazily: for streaming."""
-        import pyarrow.compute as pc
+    def _filesystem(self, name: str) -> tuple[pafs.FileSystem, str]:
+        """pyarrow's native filesystem for a table (credentials and endpoint from the usual AWS
+        environment on object stores) and the table's root path in it."""
+        uri = self.table_uri(name)
+        return pafs.FileSystem.from_uri(Path(uri).as_uri() if self.is_local else uri)
 
+    def batches(self, name: str, shard: str, columns: list[str], uids: list[int] | None = None) -> Iterator[pa.RecordBatch]:
+        """Record batches of one shard (optionally only `uids`), for streaming: file by file,
+        row group by row group, so memory holds about one row group whatever the shard size
+        (deltalake's pyarrow dataset buffers whole files through its Python filesystem)."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        check_shard_key(shard)
         if not self.exists(name):
-            return iter(())
-        flt = pc.field("shard") == check_shard_key(shard)
-        if uids is not None:
-            flt = flt & pc.field("uid").isin(pa.array(uids, pa.int64()))
-        dataset = self.table(name).to_pyarrow_dataset()
-        return dataset.scanner(
-            columns=columns, filter=flt, batch_size=256, batch_readahead=2, fragment_readahead=1
-        ).to_batches()
+            return
+        dt = self.table(name)
+        schema = pa.schema(dt.schema().to_arrow())
+        schema = pa.schema([schema.field(c) for c in columns])
+        fs, root = self._filesystem(name)
+        wanted = pa.array(uids, pa.int64()) if uids is not None else None
+        for uri in dt.file_uris(partition_filters=[("shard", "=", shard)]):
+            path = uri if self.is_local else uri.split("://", 1)[1]
+            with fs.open_input_file(path) as f:
+                pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
+                present = [c for c in columns if c in pf.schema_arrow.names]
+                for batch in pf.iter_batches(batch_size=256, columns=present):
+                    if wanted is not None:
+                        batch = batch.filter(pc.is_in(batch["uid"], wanted))
+                    if batch.num_rows:
+                        arrays = [
+                            pa.array([shard] * batch.num_rows, pa.string()) if c == "shard"
+                            else batch[c].cast(schema.field(c).type) if c in present
+                            else pa.nulls(batch.num_rows, schema.field(c).type)  # added to the table later
+                            for c in columns
+                        ]
+                        yield pa.RecordBatch.from_arrays(arrays, schema=schema)
 
     # -- read ------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -155,87 +155,128 @@ def run_images(
     return StageOutput(rows.height, version, IMAGES_SCHEMA, report, stats, preview(lake.scan(IMAGES).filter(pl.col("shard") == shard).head(5).collect()))
 
 
-def _staged(lake: Lake, table: str, shard: str, recipe: str, empty: pl.DataFrame) -> pl.DataFrame:
-    """Rows staged by earlier (killed) runs with the same recipe, last write of a uid winning."""
-    df = lake.read_shard_or_none(table, shard)
-    if df is None:
-        return empty
-    df = df.filter(pl.col("recipe") == recipe).unique("uid", keep="last", maintain_order=True)
-    return df.select(empty.columns)
+def _chunked(frames: Iterable[pl.DataFrame], rows: int) -> Iterator[pl.DataFrame]:
+    """Regroup a stream of frames into frames of `rows` rows (the last one may be shorter)."""
+    buf, n = [], 0
+    for df in frames:
+        while df.height:
+            take = df.head(rows - n)
+            df = df.slice(take.height)
+            buf.append(take)
+            n += take.height
+            if n == rows:
+                yield pl.concat(buf)
+                buf, n = [], 0
+    if buf:
+        yield pl.concat(buf)
+
+
+def _uids(lake: Lake, table: str, shard: str, where: pl.Expr | bool = True) -> pl.Series:
+    if not lake.exists(table):
+        return pl.Series("uid", [], pl.Int64)
+    return lake.scan(table).filter((pl.col("shard") == shard) & where).select("uid").collect()["uid"]
 
 
 # -- embeddings ----------------------------------------------------------------------------
 
 def run_embeddings(lake: Lake, cfg: PipelineConfig, shard: str, encoder_factory) -> StageOutput:
-    """CLIP image and text embeddings for the successful images; chunks are staged for resume."""
+    """CLIP image and text embeddings for the successful images, in memory bounded for any
+    shard size: images are read in record batches and encoded `chunk_rows` at a time, each
+    chunk staged as soon as it is done (a killed run resumes after the last staged chunk);
+    the audit reads the staged vectors back batch by batch and the publish streams them into
+    one Delta commit."""
     ecfg = cfg.embeddings
-    images = lake.read_shard(IMAGES, shard, ["uid", "status", "image"]).filter(pl.col("status") == "success")
-    captions = lake.read_shard(RAW_URLS, shard, ["uid", "caption"])
-    todo = images.join(captions, on="uid", how="left")
     recipe = _recipe_hash(ecfg)
-    vec = pl.Binary if ecfg.dtype == "float16" else pl.List(pl.Float32)
-    empty = pl.DataFrame(schema={"uid": pl.Int64, "image_embedding": vec, "text_embedding": vec, "similarity": pl.Float32})
-    staged = _staged(lake, STAGING_EMBEDDINGS, shard, recipe, empty)
-    if staged.height:
-        todo = todo.filter(~pl.col("uid").is_in(staged["uid"].to_list()))
-        log.info("shard %s: %d embeddings resumed, %d to compute", shard, staged.height, todo.height)
+    lake.delete_where(STAGING_EMBEDDINGS, f"shard = '{shard}' AND recipe <> '{recipe}'")
+    success = _uids(lake, IMAGES, shard, pl.col("status") == "success")
+    staged = _uids(lake, STAGING_EMBEDDINGS, shard)
+    staged = staged.filter(staged.is_in(success.implode()))
+    total = success.len() - staged.len()
+    if staged.len():
+        log.info("shard %s: %d embeddings resumed, %d to compute", shard, staged.len(), total)
+    captions = lake.read_shard(RAW_URLS, shard, ["uid", "caption"])
     encoder = encoder_factory()
-    started = time.monotonic()
-    for start in range(0, todo.height, ecfg.chunk_rows):
-        chunk = todo.slice(start, ecfg.chunk_rows)
+    model = encoder.clip
+    todo = (
+        pl.from_arrow(b).filter((pl.col("status") == "success") & ~pl.col("uid").is_in(staged.implode()))
+        for b in lake.batches(IMAGES, shard, ["uid", "status", "image"])
+    )
+    started, done = time.monotonic(), 0
+    for chunk in _chunked(todo, ecfg.chunk_rows):
+        chunk = chunk.join(captions, on="uid", how="left", maintain_order="left")
         img = encoder.images(chunk["image"].to_list())
         txt = encoder.texts(chunk["caption"].to_list())
-        table = pa.table({
+        lake.append(STAGING_EMBEDDINGS, pa.table({
             "uid": chunk["uid"].to_arrow(),
             "image_embedding": vectors.to_column(img, ecfg.dtype),
             "text_embedding": vectors.to_column(txt, ecfg.dtype),
             "similarity": pa.array((img * txt).sum(axis=1).astype(np.float32)),
             "recipe": pa.array([recipe] * chunk.height, pa.string()),
-        })
-        lake.append(STAGING_EMBEDDINGS, table, shard=shard)
-        log.info("shard %s: embedded %d/%d", shard, min(start + ecfg.chunk_rows, todo.height), todo.height)
+        }), shard=shard)
+        done += chunk.height
+        rate = done / max(time.monotonic() - started, 1e-9)
+        log.info("shard %s: embedded %d/%d (%.1f images/s)", shard, done, total, rate)
     elapsed = time.monotonic() - started
-    rows = _staged(lake, STAGING_EMBEDDINGS, shard, recipe, empty)
-    rows = images.select("uid").join(rows, on="uid", how="inner")
-    model = encoder.clip
-    rows = rows.with_columns(embedding_space=pl.lit(model.space))
-    audit = rows.select(
-        "uid", "similarity",
-        image_norm=pl.Series(np.linalg.norm(vectors.from_column(rows["image_embedding"], model.dim), axis=1)),
-        text_norm=pl.Series(np.linalg.norm(vectors.from_column(rows["text_embedding"], model.dim), axis=1)),
-    )
-    report = _gate(EMBEDDINGS, shard, audit, quality.embeddings_suite(images.height, cfg.quality.embedding_norm_tolerance))
+
+    columns = ["uid", "image_embedding", "text_embedding", "similarity"]
+    uids = success.to_list()
+    audit = [
+        pl.from_arrow(b).select(
+            "uid", "similarity",
+            image_norm=pl.lit(np.linalg.norm(vectors.from_arrow(b["image_embedding"], model.dim), axis=1)),
+            text_norm=pl.lit(np.linalg.norm(vectors.from_arrow(b["text_embedding"], model.dim), axis=1)),
+        )
+        for b in lake.batches(STAGING_EMBEDDINGS, shard, columns, uids=uids)
+    ]
+    audit = pl.concat(audit) if audit else pl.DataFrame(schema={"uid": pl.Int64, "similarity": pl.Float32, "image_norm": pl.Float32, "text_norm": pl.Float32})
+    report = _gate(EMBEDDINGS, shard, audit, quality.embeddings_suite(success.len(), cfg.quality.embedding_norm_tolerance))
     stats = {
-        **model.describe(), "dtype": ecfg.dtype, "images": images.height,
-        "mean_similarity": round(float(rows["similarity"].mean() or 0), 4),
-        "duration_s": round(elapsed, 2), "images_per_s": round(todo.height / max(elapsed, 1e-9), 1),
+        **model.describe(), "dtype": ecfg.dtype, "images": success.len(), "resumed_rows": staged.len(),
+        "mean_similarity": round(float(audit["similarity"].mean() or 0), 4),
+        "duration_s": round(elapsed, 2), "images_per_s": round(done / max(elapsed, 1e-9), 1),
     }
     if model.meaningless:
         stats["WARNING"] = "tiny random model: embeddings and similarities are meaningless"
-    out = _publish(lake, EMBEDDINGS, shard, rows, report, stats, {"embedding_space": model.space, "recipe": recipe})
+    vec = vectors.arrow_type(ecfg.dtype)
+    schema = pa.schema([("uid", pa.int64()), ("image_embedding", vec), ("text_embedding", vec),
+                        ("similarity", pa.float32()), ("embedding_space", pa.string())])
+    published = (
+        b.append_column("embedding_space", pa.array([model.space] * b.num_rows, pa.string())).cast(schema)
+        for b in lake.batches(STAGING_EMBEDDINGS, shard, columns, uids=uids)
+    )
+    version = lake.publish_stream(
+        EMBEDDINGS, shard, pa.RecordBatchReader.from_batches(schema, published),
+        metadata={"stage": EMBEDDINGS, "code_version": __version__, "embedding_space": model.space, "recipe": recipe},
+    )
     lake.delete_shard(STAGING_EMBEDDINGS, shard)
-    return out
+    return StageOutput(audit.height, version, schema, report, stats, preview(lake.scan(EMBEDDINGS).filter(pl.col("shard") == shard).head(5).collect()))
 
 
 # -- scores --------------------------------------------------------------------------------
 
 def run_scores(lake: Lake, cfg: PipelineConfig, shard: str) -> StageOutput:
-    """Aesthetic and NSFW heads over the image embeddings, in one pass; unscored is null."""
-    emb = lake.read_shard(EMBEDDINGS, shard, ["uid", "image_embedding", "embedding_space"])
-    x = vectors.from_column(emb["image_embedding"])
-    space = emb["embedding_space"][0] if emb.height else cfg.embeddings.space
-    heads = configured_heads(cfg.scores, space, x.shape[1] if emb.height else None)
-    cols = {"uid": emb["uid"]}
-    for name in ("aesthetic", "punsafe"):
-        head = heads.get("nsfw" if name == "punsafe" else "aesthetic")
-        values = head(x).astype(np.float32) if head is not None and emb.height else None
-        cols[name] = pl.Series(name, values, pl.Float32) if values is not None else pl.repeat(None, emb.height, dtype=pl.Float32, eager=True)
-    rows = pl.DataFrame(cols).with_columns(embedding_space=emb["embedding_space"])
-    report = _gate(SCORES, shard, rows.select("uid", "aesthetic", "punsafe"), quality.scores_suite(emb.height))
+    """Aesthetic and NSFW heads over the image embeddings, both in one pass over record
+    batches (memory bounded for any shard size); unscored is null."""
+    first = lake.scan(EMBEDDINGS).filter(pl.col("shard") == shard).select("image_embedding", "embedding_space").head(1).collect()
+    space = first["embedding_space"][0] if first.height else cfg.embeddings.space
+    dim = vectors.from_column(first["image_embedding"]).shape[1] if first.height else None
+    heads = configured_heads(cfg.scores, space, dim)
+    parts = []
+    for b in lake.batches(EMBEDDINGS, shard, ["uid", "image_embedding", "embedding_space"]):
+        x = vectors.from_arrow(b["image_embedding"], dim)
+        cols = {"uid": pl.from_arrow(b["uid"]), "embedding_space": pl.from_arrow(b["embedding_space"])}
+        for name, head in (("aesthetic", heads.get("aesthetic")), ("punsafe", heads.get("nsfw"))):
+            cols[name] = (
+                pl.Series(name, head(x), pl.Float32) if head is not None
+                else pl.repeat(None, b.num_rows, dtype=pl.Float32, eager=True)
+            )
+        parts.append(pl.DataFrame(cols).select("uid", "aesthetic", "punsafe", "embedding_space"))
+    rows = pl.concat(parts) if parts else pl.DataFrame(schema={"uid": pl.Int64, "aesthetic": pl.Float32, "punsafe": pl.Float32, "embedding_space": pl.String})
+    report = _gate(SCORES, shard, rows.select("uid", "aesthetic", "punsafe"), quality.scores_suite(rows.height))
     stats = {
         "heads": {k: f"{h.kind} {h.path} (trained on {h.trained_on})" for k, h in heads.items()},
         "mean_aesthetic": rows["aesthetic"].mean(), "mean_punsafe": rows["punsafe"].mean(),
-        "embedding_space": emb["embedding_space"][0] if emb.height else "",
+        "embedding_space": space if first.height else "",
     }
     return _publish(lake, SCORES, shard, rows, report, stats)
 

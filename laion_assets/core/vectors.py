@@ -12,18 +12,34 @@ import polars as pl
 import pyarrow as pa
 
 
+def arrow_type(dtype: str) -> pa.DataType:
+    return pa.binary() if dtype == "float16" else pa.list_(pa.float32())
+
+
 def to_column(vectors: np.ndarray, dtype: str) -> pa.Array:
     if dtype == "float16":
         v = np.ascontiguousarray(vectors, dtype="<f2")
         return pa.array([row.tobytes() for row in v], pa.binary())
-    return pa.array(list(np.asarray(vectors, np.float32)), pa.list_(pa.float32()))
+    v = np.ascontiguousarray(vectors, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(v.ravel(), v.shape[1]).cast(pa.list_(pa.float32()))
+
+
+def from_arrow(col: pa.Array | pa.ChunkedArray, dim: int | None = None) -> np.ndarray:
+    """(n, dim) float32 from a binary-float16 or list<float> column, without per-row objects."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if len(col) == 0:
+        return np.zeros((0, dim or 0), np.float32)
+    if col.null_count:
+        raise ValueError("embedding column has nulls")
+    if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type) or pa.types.is_binary_view(col.type):
+        col = col.cast(pa.large_binary())
+        offsets = np.frombuffer(col.buffers()[1], np.int64)[col.offset : col.offset + len(col) + 1]
+        flat = np.frombuffer(col.buffers()[2], np.uint8)[offsets[0] : offsets[-1]].view("<f2")
+        return flat.reshape(len(col), -1).astype(np.float32)
+    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(len(col), -1)
 
 
 def from_column(col: pl.Series, dim: int | None = None) -> np.ndarray:
-    """(n, dim) float32 from a binary-float16 or list<float> column."""
-    if col.len() == 0:
-        return np.zeros((0, dim or 0), np.float32)
-    if col.dtype == pl.Binary:
-        flat = np.frombuffer(b"".join(col.to_list()), dtype="<f2")
-        return flat.reshape(col.len(), -1).astype(np.float32)
-    return np.asarray(col.to_list(), dtype=np.float32)
+    """(n, dim) float32 from a polars binary-float16 or list<float> column."""
+    return from_arrow(col.to_arrow(), dim)
