@@ -15,6 +15,7 @@ from torchvision import transforms as T
 
 from laion_assets.core.clip import (
     TENSOR_PATH_TOLERANCE, TINY_NAME, TINY_WARNING, Encoder, Preprocess, fuse_attention, load_model,
+    prune_last_block,
 )
 from laion_assets.core.config import EmbeddingConfig
 from laion_assets.core.errors import LaionAssetsError
@@ -184,6 +185,35 @@ def test_fused_attention_matches_stock_open_clip(tiny, photos):
         np.testing.assert_allclose(tiny.model.encode_text(tokens), stock.encode_text(tokens), atol=1e-5)
     assert fuse_attention(tiny.model) == 0  # already fused: idempotent
     assert fuse_attention(stock) == 4  # 2 vision + 2 text blocks
+
+
+def _stock_tiny():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return open_clip.create_model(TINY_NAME, pretrained=None).eval()
+
+
+def test_last_block_computes_only_the_pooled_token(tiny):
+    """The loaded tower (equal outputs: test above) skips the last block's work on the tokens
+    it does not pool; towers that pool other tokens are left alone."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    stock = _stock_tiny()
+    fuse_attention(stock)
+    x = torch.zeros(2, 3, 224, 224)
+
+    def flops(model) -> int:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            model.encode_image(x)
+        return counter.get_total_flops()
+
+    full, pruned = flops(stock), flops(tiny.model)
+    assert pruned < full
+    assert prune_last_block(tiny.model) is False  # already done: idempotent
+    avg = _stock_tiny()
+    avg.visual.pool_type = "avg"  # pools every token: nothing to skip
+    fuse_attention(avg)
+    assert prune_last_block(avg) is False and flops(avg) == full
 
 
 def test_texts_bulk_with_none_and_similarity(tiny, photos):

@@ -149,6 +149,7 @@ def load_model(cfg: EmbeddingConfig) -> ClipModel:
         raise LaionAssetsError(f"could not load {name} ({pretrained}): {first}: {hint}") from None
     model.eval()
     fuse_attention(model)
+    prune_last_block(model)
     return ClipModel(
         model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name),
         name=cfg.model, pretrained=pretrained if not cfg.checkpoint else None, space=cfg.space,
@@ -160,17 +161,25 @@ def load_model(cfg: EmbeddingConfig) -> ClipModel:
 # -- fused attention -----------------------------------------------------------------------
 
 def _sdpa_attention(self, q_x, k_x=None, v_x=None, attn_mask=None):
-    """ResidualAttentionBlock.attention via one qkv matmul + F.scaled_dot_product_attention."""
-    if k_x is not None or v_x is not None or self.training:
+    """ResidualAttentionBlock.attention via in-projection matmuls + F.scaled_dot_product_attention.
+    Self-attention (k_x None) or queries from `q_x` over keys = values = `k_x`."""
+    if v_x is not k_x or self.training:
         return self._mha_attention(q_x, k_x, v_x, attn_mask)
     a = self.attn
-    n, seq, width = q_x.shape
-    qkv = F.linear(q_x, a.in_proj_weight, a.in_proj_bias)
-    q, k, v = qkv.view(n, seq, 3, a.num_heads, width // a.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    n, lq, width = q_x.shape
+    heads, hd = a.num_heads, width // a.num_heads
+    w, b = a.in_proj_weight, a.in_proj_bias
+    if k_x is None:
+        qkv = F.linear(q_x, w, b).view(n, lq, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+    else:
+        q = F.linear(q_x, w[:width], None if b is None else b[:width]).view(n, lq, heads, hd).transpose(1, 2)
+        kv = F.linear(k_x, w[width:], None if b is None else b[width:]).view(n, k_x.shape[1], 2, heads, hd)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
     if attn_mask is not None:
         attn_mask = attn_mask.to(q.dtype)
     x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    return F.linear(x.transpose(1, 2).reshape(n, seq, width), a.out_proj.weight, a.out_proj.bias)
+    return F.linear(x.transpose(1, 2).reshape(n, lq, width), a.out_proj.weight, a.out_proj.bias)
 
 
 def fuse_attention(model: torch.nn.Module) -> int:
@@ -189,6 +198,41 @@ def fuse_attention(model: torch.nn.Module) -> int:
             block.attention = types.MethodType(_sdpa_attention, block)
             changed += 1
     return changed
+
+
+def _transformer_class_token_out(self, x, attn_mask=None):
+    """open_clip Transformer.forward whose last block computes the class token only: its keys
+    and values still come from every token, but the query, out-projection and MLP run on one
+    token instead of all (50 for ViT-B/32: ~7 % of the tower's FLOPs)."""
+    *blocks, last = self.resblocks
+    for block in blocks:
+        x = block(x, attn_mask=attn_mask)
+    h = last.ln_1(x)
+    x = x[:, :1] + last.ls_1(last.attention(q_x=h[:, :1], k_x=h, v_x=h))
+    return x + last.ls_2(last.mlp(last.ln_2(x)))
+
+
+def prune_last_block(model: torch.nn.Module) -> bool:
+    """When the image tower pools the class token and nothing else (open_clip ViTs with
+    pool_type 'tok': the OpenAI and LAION ViT-B/L/H), every other token's output of the last
+    block is computed and thrown away; skip that work. Same maths (fp32 max abs diff ~1e-6).
+    Returns whether the tower was changed."""
+    visual = getattr(model, "visual", None)
+    transformer = getattr(visual, "transformer", None)
+    blocks = getattr(transformer, "resblocks", None)
+    if not blocks or getattr(transformer, "_class_token_out", False):
+        return False
+    last = blocks[-1]
+    if not (
+        getattr(visual, "pool_type", None) == "tok" and getattr(visual, "attn_pool", 0) is None
+        and not getattr(visual, "output_tokens", True) and getattr(transformer, "batch_first", False)
+        and type(last).__name__ == "ResidualAttentionBlock" and not hasattr(last, "ln_1_kv")
+        and hasattr(last, "_mha_attention")  # fused by fuse_attention
+    ):
+        return False
+    transformer.forward = types.MethodType(_transformer_class_token_out, transformer)
+    transformer._class_token_out = True
+    return True
 
 
 # -- preprocessing -------------------------------------------------------------------------
