@@ -80,7 +80,7 @@ class EmbeddingConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     workers: int | None = Field(None, ge=1, description="decode/preprocess threads")
     dtype: Literal["float16", "float32"] = "float16"
-    compile: bool = Field(False, description="torch.compile the image tower (~15% on CPU, slow start)")
+    compile: bool = Field(False, description="torch.compile the image tower (slow start; measure first)")
     gpu_decode: bool = Field(False, description="nvJPEG decode + GPU resize (close to, not equal to, PIL)")
     chunk_rows: int = Field(1024, ge=1, description="rows per staged chunk (resume granularity)")
 
