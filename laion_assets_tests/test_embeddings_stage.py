@@ -140,6 +140,54 @@ def test_kill_9_then_resume_recomputes_nothing_staged(tmp_path):
     assert lake.shard_row_count(stages.STAGING_EMBEDDINGS, SHARD) == 0
 
 
+class _Interrupted(Exception):
+    pass
+
+
+def test_staged_chunks_are_reused_only_for_the_same_images(tmp_path):
+    """A run that stopped after its first chunk is resumed from staging; but when the images
+    shard was published again in between (a new download may bring other bytes under the same
+    uids), the staged vectors are dropped and every image is embedded anew."""
+    from laion_assets.core.clip import Encoder, load_model
+    from laion_assets.core.config import EmbeddingConfig, PipelineConfig
+
+    cfg = PipelineConfig(embeddings=EmbeddingConfig(model="tiny", batch_size=4, chunk_rows=CHUNK, workers=1))
+    model = load_model(cfg.embeddings)
+    encoded: list[int] = []
+
+    class Encoder_(Encoder):
+        fail_after: int | None = None
+
+        def images(self, blobs):
+            blobs = list(blobs)
+            if self.fail_after is not None and sum(encoded) >= self.fail_after:
+                raise _Interrupted  # as a crash after the first staged chunk
+            encoded.append(len(blobs))
+            return super().images(blobs)
+
+    def run(fail_after=None):
+        enc = Encoder_(model, 4, 1)
+        enc.fail_after = fail_after
+        return stages.run_embeddings(lake, cfg, SHARD, lambda: enc)
+
+    lake = Lake(tmp_path / "lake")
+    ok = _prepare(lake)
+    with pytest.raises(_Interrupted):
+        run(fail_after=CHUNK)
+    assert lake.shard_row_count(stages.STAGING_EMBEDDINGS, SHARD) == CHUNK
+    run()  # same images: only the rest is embedded
+    assert sum(encoded) == SUCCESS
+
+    encoded.clear()
+    with pytest.raises(_Interrupted):
+        run(fail_after=CHUNK)
+    _prepare(lake)  # the images shard is published again
+    out = run()
+    assert sum(encoded) == CHUNK + SUCCESS, "staged vectors of the replaced images were not reused"
+    final = lake.read_shard(stages.EMBEDDINGS, SHARD)
+    assert out.rows == final.height == final["uid"].n_unique() == len(ok)
+
+
 MEMORY_RUNNER = textwrap.dedent(
     """
     import sys

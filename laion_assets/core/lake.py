@@ -229,6 +229,10 @@ class Lake:
         uri = self.table_uri(name)
         return pafs.FileSystem.from_uri(Path(uri).as_uri() if self.is_local else uri)
 
+    def shard_files(self, name: str, shard: str) -> list[str]:
+        """The data files of one shard's current version: a republish writes new ones."""
+        return sorted(self.table(name).file_uris(partition_filters=[("shard", "=", check_shard_key(shard))]))
+
     def batches(self, name: str, shard: str, columns: list[str], uids: list[int] | None = None) -> Iterator[pa.RecordBatch]:
         """Record batches of one shard (optionally only `uids`), for streaming: file by file,
         row group by row group, so memory holds about one row group whatever the shard size
@@ -244,7 +248,7 @@ class Lake:
         schema = pa.schema([schema.field(c) for c in columns])
         fs, root = self._filesystem(name)
         wanted = pa.array(uids, pa.int64()) if uids is not None else None
-        for uri in dt.file_uris(partition_filters=[("shard", "=", shard)]):
+        for uri in self.shard_files(name, shard):
             path = uri if self.is_local else uri.split("://", 1)[1]
             with fs.open_input_file(path) as f:
                 pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)

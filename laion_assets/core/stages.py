@@ -187,7 +187,11 @@ def run_embeddings(lake: Lake, cfg: PipelineConfig, shard: str, encoder_factory)
     one Delta commit."""
     ecfg = cfg.embeddings
     recipe = _recipe_hash(ecfg)
-    lake.delete_where(STAGING_EMBEDDINGS, f"shard = '{shard}' AND recipe <> '{recipe}'")
+    # Staged chunks are reused only for the same config and the same published images: any
+    # republish of the images shard writes new files, so its file list identifies the bytes.
+    images_files = "\n".join(lake.shard_files(IMAGES, shard))
+    stage_key = hashlib.sha256(f"{recipe}\n{images_files}".encode()).hexdigest()[:16]
+    lake.delete_where(STAGING_EMBEDDINGS, f"shard = '{shard}' AND recipe <> '{stage_key}'")
     success = _uids(lake, IMAGES, shard, pl.col("status") == "success")
     staged = _uids(lake, STAGING_EMBEDDINGS, shard)
     staged = staged.filter(staged.is_in(success.implode()))
@@ -211,7 +215,7 @@ def run_embeddings(lake: Lake, cfg: PipelineConfig, shard: str, encoder_factory)
             "image_embedding": vectors.to_column(img, ecfg.dtype),
             "text_embedding": vectors.to_column(txt, ecfg.dtype),
             "similarity": pa.array((img * txt).sum(axis=1).astype(np.float32)),
-            "recipe": pa.array([recipe] * chunk.height, pa.string()),
+            "recipe": pa.array([stage_key] * chunk.height, pa.string()),
         }), shard=shard)
         done += chunk.height
         rate = done / max(time.monotonic() - started, 1e-9)
