@@ -246,7 +246,7 @@ class Lake:
         dt = self.table(name)
         schema = pa.schema(dt.schema().to_arrow())
         schema = pa.schema([schema.field(c) for c in columns])
-        fs, root = self._filesystem(name)
+        fs, _ = self._filesystem(name)
         wanted = pa.array(uids, pa.int64()) if uids is not None else None
         for uri in self.shard_files(name, shard):
             path = uri if self.is_local else uri.split("://", 1)[1]

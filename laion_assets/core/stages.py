@@ -62,6 +62,17 @@ def _publish(lake: Lake, table: str, shard: str, df: pl.DataFrame, report, stats
     return StageOutput(df.height, version, df.to_arrow().schema, report, stats, preview(df))
 
 
+def _publish_stream(
+    lake: Lake, table: str, shard: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch],
+    rows: int, report, stats, meta: dict, staging: str,
+) -> StageOutput:
+    """`_publish` for a stream of staged batches (bounded memory); the shard's staging goes after."""
+    reader = pa.RecordBatchReader.from_batches(schema, (b.cast(schema) for b in batches))
+    version = lake.publish_stream(table, shard, reader, metadata={"stage": table, "code_version": __version__, **meta})
+    lake.delete_shard(staging, shard)
+    return StageOutput(rows, version, schema, report, stats, preview(lake.scan(table).filter(pl.col("shard") == shard).head(5).collect()))
+
+
 def preview(df: pl.DataFrame, rows: int = 5) -> pl.DataFrame:
     """The first rows without bytes or vectors, long strings cut: for a look in the UI."""
     cols = [c for c, t in df.schema.items() if t not in (pl.Binary,) and not isinstance(t, (pl.List, pl.Array))]
@@ -149,10 +160,10 @@ def run_images(
     batches = [lake.batches(STAGING_IMAGES, shard, IMAGES_SCHEMA.names)]
     if retry_failures:
         batches.append(lake.batches(IMAGES, shard, IMAGES_SCHEMA.names, uids=kept["uid"].to_list()))
-    reader = pa.RecordBatchReader.from_batches(IMAGES_SCHEMA, (b.cast(IMAGES_SCHEMA) for part in batches for b in part))
-    version = lake.publish_stream(IMAGES, shard, reader, metadata={"stage": IMAGES, "code_version": __version__, "recipe": recipe})
-    lake.delete_shard(STAGING_IMAGES, shard)
-    return StageOutput(rows.height, version, IMAGES_SCHEMA, report, stats, preview(lake.scan(IMAGES).filter(pl.col("shard") == shard).head(5).collect()))
+    return _publish_stream(
+        lake, IMAGES, shard, IMAGES_SCHEMA, (b for part in batches for b in part), rows.height,
+        report, stats, {"recipe": recipe}, STAGING_IMAGES,
+    )
 
 
 def _chunked(frames: Iterable[pl.DataFrame], rows: int) -> Iterator[pl.DataFrame]:
@@ -193,8 +204,7 @@ def run_embeddings(lake: Lake, cfg: PipelineConfig, shard: str, encoder_factory)
     stage_key = hashlib.sha256(f"{recipe}\n{images_files}".encode()).hexdigest()[:16]
     lake.delete_where(STAGING_EMBEDDINGS, f"shard = '{shard}' AND recipe <> '{stage_key}'")
     success = _uids(lake, IMAGES, shard, pl.col("status") == "success")
-    staged = _uids(lake, STAGING_EMBEDDINGS, shard)
-    staged = staged.filter(staged.is_in(success.implode()))
+    staged = _uids(lake, STAGING_EMBEDDINGS, shard)  # all of them successes of these images
     total = success.len() - staged.len()
     if staged.len():
         log.info("shard %s: %d embeddings resumed, %d to compute", shard, staged.len(), total)
@@ -223,14 +233,13 @@ def run_embeddings(lake: Lake, cfg: PipelineConfig, shard: str, encoder_factory)
     elapsed = time.monotonic() - started
 
     columns = ["uid", "image_embedding", "text_embedding", "similarity"]
-    uids = success.to_list()
     audit = [
         pl.from_arrow(b).select(
             "uid", "similarity",
             image_norm=pl.lit(np.linalg.norm(vectors.from_arrow(b["image_embedding"], model.dim), axis=1)),
             text_norm=pl.lit(np.linalg.norm(vectors.from_arrow(b["text_embedding"], model.dim), axis=1)),
         )
-        for b in lake.batches(STAGING_EMBEDDINGS, shard, columns, uids=uids)
+        for b in lake.batches(STAGING_EMBEDDINGS, shard, columns)
     ]
     audit = pl.concat(audit) if audit else pl.DataFrame(schema={"uid": pl.Int64, "similarity": pl.Float32, "image_norm": pl.Float32, "text_norm": pl.Float32})
     report = _gate(EMBEDDINGS, shard, audit, quality.embeddings_suite(success.len(), cfg.quality.embedding_norm_tolerance))
@@ -245,15 +254,13 @@ def run_embeddings(lake: Lake, cfg: PipelineConfig, shard: str, encoder_factory)
     schema = pa.schema([("uid", pa.int64()), ("image_embedding", vec), ("text_embedding", vec),
                         ("similarity", pa.float32()), ("embedding_space", pa.string())])
     published = (
-        b.append_column("embedding_space", pa.array([model.space] * b.num_rows, pa.string())).cast(schema)
-        for b in lake.batches(STAGING_EMBEDDINGS, shard, columns, uids=uids)
+        b.append_column("embedding_space", pa.array([model.space] * b.num_rows, pa.string()))
+        for b in lake.batches(STAGING_EMBEDDINGS, shard, columns)
     )
-    version = lake.publish_stream(
-        EMBEDDINGS, shard, pa.RecordBatchReader.from_batches(schema, published),
-        metadata={"stage": EMBEDDINGS, "code_version": __version__, "embedding_space": model.space, "recipe": recipe},
+    return _publish_stream(
+        lake, EMBEDDINGS, shard, schema, published, audit.height, report, stats,
+        {"embedding_space": model.space, "recipe": recipe}, STAGING_EMBEDDINGS,
     )
-    lake.delete_shard(STAGING_EMBEDDINGS, shard)
-    return StageOutput(audit.height, version, schema, report, stats, preview(lake.scan(EMBEDDINGS).filter(pl.col("shard") == shard).head(5).collect()))
 
 
 # -- scores --------------------------------------------------------------------------------
