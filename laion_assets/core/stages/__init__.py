@@ -1,0 +1,17 @@
+"""The stages as plain functions, one module each: compute a shard, audit it, publish it
+(write-audit-publish, in `publish`). Each returns a StageOutput with the numbers the UI
+shows. The Dagster layer (`laion_assets.defs`) wraps these."""
+
+from laion_assets.core.stages.embeddings import run_embeddings
+from laion_assets.core.stages.images import run_images
+from laion_assets.core.stages.publish import (
+    EMBEDDINGS, IMAGES, RAW_URLS, SCORES, STAGING_EMBEDDINGS, STAGING_IMAGES, StageOutput, subset_table,
+)
+from laion_assets.core.stages.raw_urls import run_raw_urls
+from laion_assets.core.stages.scores import run_scores
+from laion_assets.core.stages.subsets import run_subset
+
+__all__ = [
+    "EMBEDDINGS", "IMAGES", "RAW_URLS", "SCORES", "STAGING_EMBEDDINGS", "STAGING_IMAGES", "StageOutput",
+    "run_embeddings", "run_images", "run_raw_urls", "run_scores", "run_subset", "subset_table",
+]

@@ -1,0 +1,95 @@
+"""Write-audit-publish, shared by every stage: the gate, the publish (whole frame or staged
+stream), the stage output the UI shows, and small helpers over staged chunks.
+
+A shard that fails its suite raises ValidationFailed (carrying the report) and is never
+published."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import polars as pl
+import pyarrow as pa
+
+from laion_assets import __version__
+from laion_assets.core import quality
+from laion_assets.core.errors import ValidationFailed
+from laion_assets.core.lake import Lake
+
+RAW_URLS, IMAGES, EMBEDDINGS, SCORES = "raw_urls", "images", "embeddings", "scores"
+STAGING_IMAGES, STAGING_EMBEDDINGS = "_staging/images", "_staging/embeddings"
+
+
+def subset_table(name: str) -> str:
+    return f"subsets/{name}"
+
+
+@dataclass
+class StageOutput:
+    rows: int
+    version: int
+    schema: pa.Schema
+    report: quality.Report
+    stats: dict = field(default_factory=dict)
+    preview: pl.DataFrame | None = None
+
+
+def gate(stage: str, shard: str, df: pl.DataFrame, suite: list[quality.Expectation]) -> quality.Report:
+    report = quality.validate(stage, shard, df, suite)
+    if not report.success:
+        err = ValidationFailed(stage, shard, report.failures())
+        err.report = report
+        raise err
+    return report
+
+
+def publish(lake: Lake, table: str, shard: str, df: pl.DataFrame, report, stats, meta=None) -> StageOutput:
+    df = df.drop("shard", strict=False)
+    version = lake.publish_shard(table, shard, df, metadata={"stage": table, "code_version": __version__, **(meta or {})})
+    return StageOutput(df.height, version, df.to_arrow().schema, report, stats, preview(df))
+
+
+def publish_stream(
+    lake: Lake, table: str, shard: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch],
+    rows: int, report, stats, meta: dict, staging: str,
+) -> StageOutput:
+    """`publish` for a stream of staged batches (bounded memory); the shard's staging goes after."""
+    reader = pa.RecordBatchReader.from_batches(schema, (b.cast(schema) for b in batches))
+    version = lake.publish_stream(table, shard, reader, metadata={"stage": table, "code_version": __version__, **meta})
+    lake.delete_shard(staging, shard)
+    return StageOutput(rows, version, schema, report, stats, preview(lake.scan(table).filter(pl.col("shard") == shard).head(5).collect()))
+
+
+def preview(df: pl.DataFrame, rows: int = 5) -> pl.DataFrame:
+    """The first rows without bytes or vectors, long strings cut: for a look in the UI."""
+    cols = [c for c, t in df.schema.items() if t not in (pl.Binary,) and not isinstance(t, (pl.List, pl.Array))]
+    return df.head(rows).select(cols).with_columns(pl.col(pl.String).str.slice(0, 80))
+
+
+def recipe_hash(*parts) -> str:
+    return hashlib.sha256(json.dumps([p.model_dump(mode="json") for p in parts], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def chunked(frames: Iterable[pl.DataFrame], rows: int) -> Iterator[pl.DataFrame]:
+    """Regroup a stream of frames into frames of `rows` rows (the last one may be shorter)."""
+    buf, n = [], 0
+    for df in frames:
+        while df.height:
+            take = df.head(rows - n)
+            df = df.slice(take.height)
+            buf.append(take)
+            n += take.height
+            if n == rows:
+                yield pl.concat(buf)
+                buf, n = [], 0
+    if buf:
+        yield pl.concat(buf)
+
+
+def uids(lake: Lake, table: str, shard: str, where: pl.Expr | bool = True) -> pl.Series:
+    if not lake.exists(table):
+        return pl.Series("uid", [], pl.Int64)
+    return lake.scan(table).filter((pl.col("shard") == shard) & where).select("uid").collect()["uid"]
