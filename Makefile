@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)
 export AWS_EC2_METADATA_DISABLED := true
 
-.PHONY: install demo test ui clean bench-download bench-embeddings
+.PHONY: install system-packages demo test ui clean bench-download bench-embeddings
 
 $(BIN)/laion-assets: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +16,14 @@ $(BIN)/laion-assets: pyproject.toml
 
 install: $(BIN)/laion-assets
 
+# chromium, PostgreSQL, Redis, nginx: the tests start them on 127.0.0.1 (apt, when missing)
+system-packages:
+	bash scripts/system-packages.sh
+
 demo: install
 	$(BIN)/laion-assets demo
 
-test: install
+test: install system-packages
 	$(BIN)/python -m pytest laion_assets_tests
 
 ui: install
