@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from laion_assets.core.clip import Encoder, fuse_attention, load_model  # noqa: E402
-from laion_assets.core.config import EmbeddingConfig  # noqa: E402
+from laion_assets.core.config import TINY_PRESETS, SpaceConfig  # noqa: E402
 
 SHARED = Path(os.environ.get("LAION_ASSETS_SHARED", REPO.parent / "shared"))
 
@@ -202,8 +202,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    cfg = EmbeddingConfig(model=args.model, pretrained=None, device=args.device, precision=args.precision)
-    clip = load_model(cfg)  # seed 0 random init, fused attention
+    clip = load_model(SpaceConfig(model=args.model, pretrained=None), args.device, args.precision)  # seed 0 random init, fused attention
     device = clip.device
     bs = args.batch_size or (512 if device.type == "cuda" else 32)
     plain_bs = args.plain_batch_size or bs
@@ -212,7 +211,7 @@ def main(argv=None) -> dict:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # the same weights as ours, stock open_clip modules
-        plain_model, _, preprocess = open_clip.create_model_and_transforms(args.model, pretrained=None, device=device)
+        plain_model, _, preprocess = open_clip.create_model_and_transforms(TINY_PRESETS.get(args.model, args.model), pretrained=None, device=device)
     plain_model.eval()
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(clip.precision)
 

@@ -4,6 +4,7 @@ resources, runs recorded in the instance the UI reads).
     laion-assets run <input files or folders> [--lake URI] [--select ASSETS] [--config FILE]
     laion-assets demo              # bundled sample end to end, then where to look
     laion-assets sample-server     # serve the demo sample again (to materialize from the UI)
+    laion-assets migrate-embeddings --space b32   # a lake from before embedding spaces
 """
 
 from __future__ import annotations
@@ -86,11 +87,14 @@ def run_pipeline(inputs: list[str], lake: str, config: str | None, select: str |
 
     graph = defs.resolve_asset_graph()
     all_keys = graph.get_all_asset_keys()
-    selection = AssetSelection.all() if not select else AssetSelection.from_coercible(
-        [s.strip() for s in select.split(",") if s.strip()]
-    )
-    chosen = selection.resolve(graph)
-    missing = [s for s in (select or "").split(",") if s.strip() and not any(k.to_user_string() == s.strip() for k in all_keys)]
+    chosen, missing = set(all_keys), []
+    if select:  # a key, or a prefix of keys: `embeddings` is every embeddings/<space>
+        chosen = set()
+        for item in (s.strip() for s in select.split(",") if s.strip()):
+            path = item.split("/")
+            hits = {k for k in all_keys if k.path[: len(path)] == path}
+            chosen |= hits
+            missing += [] if hits else [item]
     if missing:
         raise SystemExit(f"error: unknown asset(s) {', '.join(missing)}; known: {', '.join(sorted(k.to_user_string() for k in all_keys))}")
     job_def = define_asset_job("laion_assets_run", selection=AssetSelection.assets(*chosen), partitions_def=shards)
@@ -115,7 +119,7 @@ def run_pipeline(inputs: list[str], lake: str, config: str | None, select: str |
                 failed[event.step_key] = (msg or "").strip().splitlines()[0] if msg else "failed"
         for asset_key in order:
             name = asset_key.to_user_string()
-            step = "__".join(asset_key.path)
+            step = graph.get(asset_key).assets_def.node_def.name
             if asset_key in materialized:
                 md = materialized[asset_key]
                 rows = md.get("dagster/row_count")
@@ -170,6 +174,19 @@ def cmd_demo(args) -> int:
     return 0 if summary.ok else 1
 
 
+def cmd_migrate_embeddings(args) -> int:
+    from laion_assets.core.config import load_config
+    from laion_assets.core.lake import Lake
+    from laion_assets.core.migrate import migrate_embeddings
+
+    spaces = load_config(args.config).embeddings.spaces
+    if args.space not in spaces:
+        raise SystemExit(f"error: space '{args.space}' is not in embeddings.spaces of the config ({', '.join(spaces)})")
+    result = migrate_embeddings(Lake(args.lake), args.space, spaces[args.space].identity, force=args.force)
+    print(f"moved the embeddings table to {result['table']} ({result['rows']} rows)" if result["moved"] else result["reason"])
+    return 0
+
+
 def cmd_sample_server(args) -> int:
     from laion_assets.core.sample import SampleServer
 
@@ -205,6 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--data", default="data")
     demo.add_argument("--port", type=int, default=DEMO_PORT)
     demo.set_defaults(fn=cmd_demo)
+
+    migrate = sub.add_parser(
+        "migrate-embeddings", help="move a lake's single `embeddings` table to embeddings/<space> (no recompute)",
+    )
+    migrate.add_argument("--space", required=True, help="the configured space those vectors belong to, e.g. b32")
+    migrate.add_argument("--lake", default=env_lake)
+    migrate.add_argument("--config", default=env_config, help="pipeline config YAML declaring the space")
+    migrate.add_argument("--force", action="store_true", help="move even if the vectors' model differs from the space's")
+    migrate.set_defaults(fn=cmd_migrate_embeddings)
 
     serve = sub.add_parser("sample-server", help="serve the demo sample on 127.0.0.1")
     serve.add_argument("--data", default="data")

@@ -11,7 +11,7 @@ import pytest
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
-from laion_assets.core.config import DownloadConfig, EmbeddingConfig, HeadConfig, PipelineConfig, ScoresConfig, SubsetConfig  # noqa: E402
+from laion_assets.core.config import DownloadConfig, EmbeddingConfig, HeadConfig, PipelineConfig, ScoresConfig, SpaceConfig, SubsetConfig  # noqa: E402
 from laion_assets.core.lake import Lake  # noqa: E402
 from laion_assets.core.sample import SampleServer, build_site, sample_rows  # noqa: E402
 
@@ -52,17 +52,20 @@ def lake(tmp_path) -> Lake:
 
 
 def make_config(**overrides) -> PipelineConfig:
-    """Offline pipeline config: 127.0.0.1 allowed, tiny CLIP, real B/32 heads (space override)."""
+    """Offline pipeline config: 127.0.0.1 allowed, one tiny CLIP space `tiny`, real B/32 heads
+    (space override)."""
     scores = ScoresConfig()
     if (MODELS / "clip-based-nsfw-detector").is_dir():
         scores = ScoresConfig(
-            aesthetic=HeadConfig(path=str(MODELS / "laion-aesthetic-predictor/sa_0_4_vit_b_32_linear.pth")),
-            nsfw=HeadConfig(path=str(MODELS / "clip-based-nsfw-detector/clip_ViT-B-32_openai_binary_nsfw_head.pth")),
+            heads={
+                "aesthetic": HeadConfig(path=str(MODELS / "laion-aesthetic-predictor/sa_0_4_vit_b_32_linear.pth")),
+                "punsafe": HeadConfig(path=str(MODELS / "clip-based-nsfw-detector/clip_ViT-B-32_openai_binary_nsfw_head.pth")),
+            },
             allow_embedding_space_mismatch=True,
         )
     base = dict(
         download=DownloadConfig(allowed_networks=("127.0.0.1/32",), retries=0, min_success_rate=0.5, chunk_rows=16),
-        embeddings=EmbeddingConfig(model="tiny", batch_size=16, chunk_rows=32),
+        embeddings=EmbeddingConfig(spaces={"tiny": SpaceConfig(model="tiny")}, batch_size=16, chunk_rows=32),
         scores=scores,
         subsets=(
             SubsetConfig(name="similar", min_similarity=-1.0, max_punsafe=0.99),

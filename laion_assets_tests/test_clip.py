@@ -14,14 +14,15 @@ from PIL import Image
 from torchvision import transforms as T
 
 from laion_assets.core.clip import (
-    TENSOR_PATH_TOLERANCE, TINY_NAME, TINY_WARNING, Encoder, Preprocess, fuse_attention, load_model,
+    TENSOR_PATH_TOLERANCE, TINY_WARNING, Encoder, Preprocess, fuse_attention, load_model,
     prune_last_block,
 )
-from laion_assets.core.config import EmbeddingConfig
+from laion_assets.core.config import TINY_PRESETS, SpaceConfig
 from laion_assets.core.errors import LaionAssetsError
 from laion_assets_tests.conftest import shared_file
 
-TINY = EmbeddingConfig(model="tiny", batch_size=4)
+TINY = SpaceConfig(model="tiny")
+TINY_NAME = TINY_PRESETS["tiny"]  # the open_clip config behind the tiny preset
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,7 @@ def test_unsplittable_transform_falls_back_to_per_image(tiny, photos):
 def test_tiny_preset_describe_and_warning(caplog):
     with caplog.at_level(logging.WARNING):
         clip = load_model(TINY)
-    assert TINY_WARNING in caplog.text
+    assert TINY_WARNING.format(model="tiny") in caplog.text
     assert clip.meaningless
     assert clip.describe() == {
         "model": "tiny", "pretrained": "", "embedding_space": "tiny/random-seed0",
@@ -120,7 +121,7 @@ def test_local_checkpoint_loads_the_files_weights(tmp_path, photos):
     path = tmp_path / "tiny-finetuned.pt"
     torch.save({"state_dict": source.state_dict()}, path)
 
-    clip = load_model(EmbeddingConfig(model=TINY_NAME, checkpoint=str(path)))
+    clip = load_model(SpaceConfig(model=TINY_NAME, checkpoint=str(path)))
     assert clip.describe()["embedding_space"] == f"{TINY_NAME}/tiny-finetuned.pt"
     assert clip.pretrained is None and not clip.meaningless
     enc = Encoder(clip, batch_size=4, workers=2)
@@ -130,35 +131,35 @@ def test_local_checkpoint_loads_the_files_weights(tmp_path, photos):
         txt = torch.nn.functional.normalize(source.encode_text(clip.tokenizer(["a cat", "a dog"])), dim=-1).numpy()
     np.testing.assert_allclose(enc.images(photos), img, atol=1e-5)
     np.testing.assert_allclose(enc.texts(["a cat", "a dog"]), txt, atol=1e-5)
-    seed0 = Encoder(load_model(EmbeddingConfig(model=TINY_NAME, pretrained=None)), 4).images(photos[:2])
+    seed0 = Encoder(load_model(SpaceConfig(model=TINY_NAME, pretrained=None)), 4).images(photos[:2])
     assert np.abs(seed0 - img[:2]).max() > 1e-2
 
 
 def test_bad_checkpoint_and_names_are_clear_errors(tmp_path):
     with pytest.raises(LaionAssetsError, match=r"open_clip has no model 'ViT-B-33' \(did you mean .*ViT-B-32"):
-        load_model(EmbeddingConfig(model="ViT-B-33"))
+        load_model(SpaceConfig(model="ViT-B-33"))
     with pytest.raises(LaionAssetsError, match=r"no pretrained 'no-such-tag' for ViT-B-32 \(known: .*openai"):
-        load_model(EmbeddingConfig(model="ViT-B-32", pretrained="no-such-tag"))
+        load_model(SpaceConfig(model="ViT-B-32", pretrained="no-such-tag"))
     with pytest.raises(LaionAssetsError, match="checkpoint .* not found"):
-        load_model(EmbeddingConfig(model=TINY_NAME, checkpoint=str(tmp_path / "missing.pt")))
+        load_model(SpaceConfig(model=TINY_NAME, checkpoint=str(tmp_path / "missing.pt")))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(LaionAssetsError, match=f"could not load {TINY_NAME}.*is it a checkpoint for this model"):
-        load_model(EmbeddingConfig(model=TINY_NAME, checkpoint=str(junk)))
+        load_model(SpaceConfig(model=TINY_NAME, checkpoint=str(junk)))
     with pytest.raises(LaionAssetsError, match="fp16 needs a GPU"):
-        load_model(EmbeddingConfig(model="tiny", device="cpu", precision="fp16"))
+        load_model(TINY, device="cpu", precision="fp16")
     if not torch.cuda.is_available():
         with pytest.raises(LaionAssetsError, match="no CUDA device"):
-            load_model(EmbeddingConfig(model="tiny", device="cuda"))
+            load_model(TINY, device="cuda")
 
 
 @pytest.mark.parametrize("model,tag", [("ViT-L-14", "openai"), ("ViT-H-14", "laion2b_s32b_b79k")])
 def test_large_models_selectable_by_config(model, tag):
     """Names and tags pass validation (loading them needs the weights: not here)."""
-    cfg = EmbeddingConfig(model=model, pretrained=tag)
+    cfg = SpaceConfig(model=model, pretrained=tag)
     assert model in open_clip.list_models()
     assert tag in open_clip.list_pretrained_tags_by_model(model)
-    assert cfg.space == f"{model}/{tag}"
+    assert cfg.identity == f"{model}/{tag}"
 
 
 # -- encoding ------------------------------------------------------------------------------

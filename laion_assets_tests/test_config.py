@@ -6,7 +6,7 @@ from laion_assets.core.errors import LaionAssetsError
 
 def test_defaults_are_laion_semantics():
     cfg = load_config(None)
-    assert cfg.embeddings.space == "ViT-B-32/openai"
+    assert {name: sp.identity for name, sp in cfg.embeddings.spaces.items()} == {"b32": "ViT-B-32/openai"}
     laion5b = cfg.subsets[0]
     assert (laion5b.min_similarity, laion5b.max_punsafe) == (0.28, 0.5)
 
@@ -31,10 +31,55 @@ def test_demo_config_is_valid():
     from laion_assets_tests.conftest import REPO
 
     cfg = load_config(REPO / "configs" / "demo.yaml")
-    assert cfg.embeddings.model == "tiny"
+    assert {name: sp.model for name, sp in cfg.embeddings.spaces.items()} == {"b32": "tiny", "l14": "tiny-l"}
+    assert cfg.head_space("aesthetic_v2") == "l14" and cfg.head_space("punsafe") == "b32"
     assert isinstance(cfg, PipelineConfig)
 
 
 def test_recipe_id_changes_with_thresholds():
     a, b = load_config(None).subsets[0], load_config(None).subsets[0].model_copy(update={"min_similarity": 0.3})
     assert a.recipe("m", "1")["recipe_id"] != b.recipe("m", "1")["recipe_id"]
+
+
+def _write(tmp_path, text: str):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+TWO_SPACES = """
+embeddings:
+  spaces:
+    b32: {model: ViT-B-32, pretrained: openai}
+    l14: {model: ViT-L-14, pretrained: openai}
+"""
+
+
+def test_heads_find_the_space_they_were_trained_on(tmp_path):
+    cfg = load_config(_write(tmp_path, TWO_SPACES + """
+scores:
+  heads:
+    punsafe: {path: n.pth, trained_on: ViT-L-14/openai}
+    aesthetic: {path: a.pth, trained_on: ViT-B-32/openai}
+subsets:
+  - {name: en, similarity_space: b32, min_similarity: 0.28}
+  - {name: pretty, min_aesthetic: 6}
+"""))
+    assert (cfg.head_space("punsafe"), cfg.head_space("aesthetic")) == ("l14", "b32")
+    assert [cfg.similarity_space(s) for s in cfg.subsets] == ["b32", "b32"]
+
+
+@pytest.mark.parametrize("text, message", [
+    (TWO_SPACES + "scores:\n  heads:\n    aesthetic: {path: a.pth, trained_on: ViT-H-14/laion2b_s32b_b79k}\n",
+     "trained on ViT-H-14/laion2b_s32b_b79k but no space in embeddings.spaces is that model"),
+    (TWO_SPACES + "scores:\n  heads:\n    aesthetic: {path: a.pth, space: h14}\n", "space 'h14' is not a space"),
+    (TWO_SPACES + "subsets:\n  - {name: en, min_similarity: 0.28}\n", "subset en: set similarity_space, one of b32, l14"),
+    (TWO_SPACES + "subsets:\n  - {name: en, similarity_space: m, min_similarity: 0.2}\n", "similarity_space 'm' is not in"),
+    ("embeddings:\n  spaces:\n    B-32: {model: tiny}\n", "space names must match"),
+    ("embeddings:\n  model: ViT-L-14\n", "unknown key 'embeddings.model' (moved: embeddings.spaces.<name>.model)"),
+    ("scores:\n  nsfw: {path: n.pth}\n", "unknown key 'scores.nsfw' (moved: scores.heads.punsafe)"),
+])
+def test_space_mistakes_are_named(tmp_path, text, message):
+    with pytest.raises(LaionAssetsError) as e:
+        load_config(_write(tmp_path, text))
+    assert message in str(e.value) and "\n" not in str(e.value)

@@ -36,23 +36,23 @@ RUNNER = textwrap.dedent(
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(message)s")
     from laion_assets.core import stages
     from laion_assets.core.clip import Encoder, load_model
-    from laion_assets.core.config import EmbeddingConfig, PipelineConfig
+    from laion_assets.core.config import EmbeddingConfig, PipelineConfig, SpaceConfig
     from laion_assets.core.lake import Lake
 
     delay = float(os.environ.get("EMBED_DELAY_S", "0"))
-    cfg = PipelineConfig(embeddings=EmbeddingConfig(model="tiny", batch_size=4, chunk_rows={chunk}, workers=1))
+    cfg = PipelineConfig(embeddings=EmbeddingConfig(spaces={{"tiny": SpaceConfig(model="tiny")}}, batch_size=4, chunk_rows={chunk}, workers=1))
 
     class CountingEncoder(Encoder):
-        def images(self, blobs):
+        def encode(self, blobs):
             blobs = list(blobs)
-            out = super().images(blobs)
+            out = super().encode(blobs)
             print(f"ENCODED {{len(blobs)}}", flush=True)
             time.sleep(delay)  # slow chunks: the test kills us inside the second one
             return out
 
     out = stages.run_embeddings(Lake(sys.argv[1]), cfg, sys.argv[2],
-                                lambda: CountingEncoder(load_model(cfg.embeddings), 4, 1))
-    print(f"DONE {{out.rows}}", flush=True)
+                                lambda spaces: CountingEncoder([load_model(cfg.embeddings.spaces[s]) for s in spaces], 4, 1))
+    print(f"DONE {{out['tiny'].rows}}", flush=True)
     """
 )
 
@@ -112,21 +112,21 @@ def test_kill_9_then_resume_recomputes_nothing_staged(tmp_path):
         proc.wait(30)
     assert proc.returncode == -signal.SIGKILL, "\n".join(lines)
     assert not any(line.startswith("DONE") for line in lines)
-    staged = lake.read_shard(stages.STAGING_EMBEDDINGS, SHARD)
+    staged = lake.read_shard(stages.staging_embeddings("tiny"), SHARD)
     assert staged.height == CHUNK, "exactly the first chunk was committed before the kill"
-    staged_version = lake.table(stages.STAGING_EMBEDDINGS).version()
-    assert not lake.exists(stages.EMBEDDINGS)
+    staged_version = lake.table(stages.staging_embeddings("tiny")).version()
+    assert not lake.exists(stages.embeddings_table("tiny"))
 
     # run 2: resumes, encodes only what was not staged, publishes, clears staging
     proc = _start(script, lake, delay=0.0)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out
     encoded = sum(int(line.split()[1]) for line in out.splitlines() if line.startswith("ENCODED"))
-    assert f"{CHUNK} embeddings resumed, {SUCCESS - CHUNK} to compute" in out
+    assert f"{CHUNK} images resumed in every space, {SUCCESS - CHUNK} to compute" in out
     assert encoded == SUCCESS - CHUNK, out
     assert f"DONE {SUCCESS}" in out
 
-    final = lake.read_shard(stages.EMBEDDINGS, SHARD)
+    final = lake.read_shard(stages.embeddings_table("tiny"), SHARD)
     assert final.height == SUCCESS
     assert final["uid"].n_unique() == SUCCESS
     assert sorted(final["uid"].to_list()) == sorted(ok)
@@ -136,8 +136,8 @@ def test_kill_9_then_resume_recomputes_nothing_staged(tmp_path):
     assert kept["image_embedding"].to_list() == staged["image_embedding"].to_list()
     assert kept["text_embedding"].to_list() == staged["text_embedding"].to_list()
     # run 2 appended the remaining chunks on top of run 1's, then cleared the shard's staging
-    assert lake.table(stages.STAGING_EMBEDDINGS).version() > staged_version
-    assert lake.shard_row_count(stages.STAGING_EMBEDDINGS, SHARD) == 0
+    assert lake.table(stages.staging_embeddings("tiny")).version() > staged_version
+    assert lake.shard_row_count(stages.staging_embeddings("tiny"), SHARD) == 0
 
 
 class _Interrupted(Exception):
@@ -149,32 +149,32 @@ def test_staged_chunks_are_reused_only_for_the_same_images(tmp_path):
     shard was published again in between (a new download may bring other bytes under the same
     uids), the staged vectors are dropped and every image is embedded anew."""
     from laion_assets.core.clip import Encoder, load_model
-    from laion_assets.core.config import EmbeddingConfig, PipelineConfig
+    from laion_assets.core.config import EmbeddingConfig, PipelineConfig, SpaceConfig
 
-    cfg = PipelineConfig(embeddings=EmbeddingConfig(model="tiny", batch_size=4, chunk_rows=CHUNK, workers=1))
-    model = load_model(cfg.embeddings)
+    cfg = PipelineConfig(embeddings=EmbeddingConfig(spaces={"tiny": SpaceConfig(model="tiny")}, batch_size=4, chunk_rows=CHUNK, workers=1))
+    model = load_model(cfg.embeddings.spaces["tiny"])
     encoded: list[int] = []
 
     class Encoder_(Encoder):
         fail_after: int | None = None
 
-        def images(self, blobs):
+        def encode(self, blobs):
             blobs = list(blobs)
             if self.fail_after is not None and sum(encoded) >= self.fail_after:
                 raise _Interrupted  # as a crash after the first staged chunk
             encoded.append(len(blobs))
-            return super().images(blobs)
+            return super().encode(blobs)
 
     def run(fail_after=None):
         enc = Encoder_(model, 4, 1)
         enc.fail_after = fail_after
-        return stages.run_embeddings(lake, cfg, SHARD, lambda: enc)
+        return stages.run_embeddings(lake, cfg, SHARD, lambda spaces: enc)["tiny"]
 
     lake = Lake(tmp_path / "lake")
     ok = _prepare(lake)
     with pytest.raises(_Interrupted):
         run(fail_after=CHUNK)
-    assert lake.shard_row_count(stages.STAGING_EMBEDDINGS, SHARD) == CHUNK
+    assert lake.shard_row_count(stages.staging_embeddings("tiny"), SHARD) == CHUNK
     run()  # same images: only the rest is embedded
     assert sum(encoded) == SUCCESS
 
@@ -184,8 +184,41 @@ def test_staged_chunks_are_reused_only_for_the_same_images(tmp_path):
     _prepare(lake)  # the images shard is published again
     out = run()
     assert sum(encoded) == CHUNK + SUCCESS, "staged vectors of the replaced images were not reused"
-    final = lake.read_shard(stages.EMBEDDINGS, SHARD)
+    final = lake.read_shard(stages.embeddings_table("tiny"), SHARD)
     assert out.rows == final.height == final["uid"].n_unique() == len(ok)
+
+
+def test_two_spaces_in_one_pass_decode_each_image_once(tmp_path, monkeypatch):
+    """Two spaces (two different tiny models: 512-d and 768-d) computed in one run: every image
+    is decoded once, each space gets its own table with its own identity, and each space's
+    vectors are exactly what that model computes alone."""
+    from laion_assets.core import clip, vectors
+    from laion_assets.core.clip import Encoder, load_model
+    from laion_assets.core.config import EmbeddingConfig, PipelineConfig, SpaceConfig
+
+    spaces = {"b32": SpaceConfig(model="tiny"), "l14": SpaceConfig(model="tiny-l")}
+    cfg = PipelineConfig(embeddings=EmbeddingConfig(spaces=spaces, batch_size=4, chunk_rows=CHUNK, workers=1), subsets=())
+    models = {name: load_model(sp) for name, sp in spaces.items()}
+    lake = Lake(tmp_path / "lake")
+    ok = _prepare(lake)
+    decoded = []
+    decode = clip._decode
+    monkeypatch.setattr(clip, "_decode", lambda blob: decoded.append(1) or decode(blob))
+
+    out = stages.run_embeddings(lake, cfg, SHARD, lambda names: Encoder([models[n] for n in names], 4, 1))
+    assert len(decoded) == SUCCESS, "each image decoded once for both spaces"
+    assert {name: o.rows for name, o in out.items()} == {"b32": SUCCESS, "l14": SUCCESS}
+
+    images = lake.read_shard(stages.IMAGES, SHARD).filter(status="success")
+    for name, dim in (("b32", 512), ("l14", 768)):
+        table = lake.read_shard(stages.embeddings_table(name), SHARD)
+        assert sorted(table["uid"].to_list()) == sorted(ok)
+        assert table["embedding_space"].unique().to_list() == [spaces[name].identity]
+        got = table.join(images.select("uid", "image"), on="uid")
+        alone = Encoder(models[name], 4, 1).images(got["image"].to_list())
+        vec = vectors.from_column(got["image_embedding"])
+        assert vec.shape == (SUCCESS, dim)
+        np.testing.assert_allclose(vec, alone, atol=2e-3)  # float16 storage
 
 
 MEMORY_RUNNER = textwrap.dedent(
@@ -194,11 +227,11 @@ MEMORY_RUNNER = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     from laion_assets.core import stages
     from laion_assets.core.clip import Encoder, load_model
-    from laion_assets.core.config import EmbeddingConfig, PipelineConfig
+    from laion_assets.core.config import EmbeddingConfig, PipelineConfig, SpaceConfig
     from laion_assets.core.lake import Lake
 
-    cfg = PipelineConfig(embeddings=EmbeddingConfig(model="tiny", batch_size=32, chunk_rows=256, workers=2))
-    encoder = Encoder(load_model(cfg.embeddings), 32, 2)
+    cfg = PipelineConfig(embeddings=EmbeddingConfig(spaces={{"tiny": SpaceConfig(model="tiny")}}, batch_size=32, chunk_rows=256, workers=2))
+    encoder = Encoder(load_model(cfg.embeddings.spaces["tiny"]), 32, 2)
     encoder.images([open(sys.argv[3], "rb").read()] * 4)  # warm: allocator pools, thread pool
 
     def status_kb(key):
@@ -207,7 +240,7 @@ MEMORY_RUNNER = textwrap.dedent(
 
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
     before = status_kb("VmRSS:")
-    out = stages.run_embeddings(Lake(sys.argv[1]), cfg, sys.argv[2], lambda: encoder)
+    out = stages.run_embeddings(Lake(sys.argv[1]), cfg, sys.argv[2], lambda spaces: encoder)["tiny"]
     print(f"ROWS {{out.rows}} GROWTH_KB {{status_kb('VmHWM:') - before}}", flush=True)
     """
 )
@@ -255,7 +288,7 @@ def _peak_growth_mb(tmp_path: Path, rows: int, blobs: list[bytes]) -> float:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     line = next(x for x in proc.stdout.splitlines() if x.startswith("ROWS"))
     assert line.split()[1] == str(rows)
-    assert lake.shard_row_count(stages.EMBEDDINGS, SHARD) == rows
+    assert lake.shard_row_count(stages.embeddings_table("tiny"), SHARD) == rows
     return int(line.split()[3]) / 1024
 
 

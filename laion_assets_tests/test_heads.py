@@ -46,9 +46,12 @@ def test_embedding_space_guard():
 
 
 def test_wrong_head_file_is_refused(tmp_path):
-    nsfw = shared_file("models", "clip-based-nsfw-detector", "clip_ViT-B-32_openai_binary_nsfw_head.pth")
-    with pytest.raises(LaionAssetsError, match="is not a LAION aesthetic head"):
-        load_head("aesthetic", HeadConfig(path=str(nsfw)))
+    import torch
+
+    other = tmp_path / "other.pth"
+    torch.save({"fc.weight": torch.zeros(1, 512), "fc.bias": torch.zeros(1)}, other)
+    with pytest.raises(LaionAssetsError, match="is not a LAION aesthetic or NSFW head"):
+        load_head("aesthetic", HeadConfig(path=str(other)))
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not torch")
     with pytest.raises(LaionAssetsError, match="not a torch state_dict"):

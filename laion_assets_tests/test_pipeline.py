@@ -28,7 +28,7 @@ from laion_assets.defs.definitions import build_defs
 from laion_assets.defs.resources import InputsResource, LakeResource, Settings
 from laion_assets_tests.conftest import make_config, write_config
 
-STAGES = ["raw_urls", "images", "embeddings", "scores", "subsets/similar", "subsets/pretty"]
+STAGES = ["raw_urls", "images", "embeddings/tiny", "scores", "subsets/similar", "subsets/pretty"]
 
 
 @pytest.fixture
@@ -68,17 +68,17 @@ def test_asset_graph_snapshot(env):
     assert deps == {
         "raw_urls": [],
         "images": ["raw_urls"],
-        "embeddings": ["images"],
-        "scores": ["embeddings"],
-        "subsets/similar": ["images", "raw_urls", "scores"],
-        "subsets/pretty": ["images", "raw_urls", "scores"],
+        "embeddings/tiny": ["images"],
+        "scores": ["embeddings/tiny", "images"],
+        "subsets/similar": ["embeddings/tiny", "images", "raw_urls", "scores"],
+        "subsets/pretty": ["embeddings/tiny", "images", "raw_urls", "scores"],
     }
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         assert node.partitions_def.name == "shards"
         assert [c.name for c in node.check_keys] == ["quality_gate"]
     assert graph.get(AssetKey("images")).pools == {"download"}
-    assert graph.get(AssetKey("embeddings")).pools == {"gpu"}
+    assert graph.get(AssetKey(["embeddings", "tiny"])).pools == {"gpu"}
     assert graph.get(AssetKey("raw_urls")).automation_condition is None  # the sensor starts it
     assert "all_deps_blocking_checks_passed" in str(graph.get(AssetKey("images")).automation_condition)
 
@@ -102,14 +102,14 @@ def test_end_to_end_every_stage(env, instance, site):
     assert ok["image"].null_count() == 0 and ok["sha256"].str.len_chars().unique().to_list() == [64]
     assert ok.select((pl.min_horizontal("width", "height") == 256) | (pl.col("original_width") < 256) | (pl.col("original_height") < 256)).to_series().all()
 
-    emb = pl.read_delta(lake.table_uri("embeddings"))
+    emb = pl.read_delta(lake.table_uri("embeddings/tiny"))
     assert emb.height == ok.height and emb["similarity"].is_between(-1, 1).all()
     assert emb["embedding_space"].unique().to_list() == ["tiny/random-seed0"]
     scores = pl.read_delta(lake.table_uri("scores"))
     assert scores.height == ok.height and scores["punsafe"].is_between(0, 1).all()
 
     # tables are plain Delta: polars and duckdb read them without our code
-    for table in ["raw_urls", "images", "embeddings", "scores", "subsets/similar", "subsets/pretty"]:
+    for table in ["raw_urls", "images", "embeddings/tiny", "scores", "subsets/similar", "subsets/pretty"]:
         assert duckdb_count(lake.table_uri(table)) == pl.read_delta(lake.table_uri(table)).height
     similar = pl.read_delta(lake.table_uri("subsets/similar"))
     assert similar.height > 0 and {"url", "caption", "similarity", "punsafe", "aesthetic", "recipe_id", "source_WIDTH"} <= set(similar.columns)
@@ -154,13 +154,13 @@ def test_failed_gate_publishes_nothing_and_stops_downstream(env, instance):
     summary = run(env, instance, config=str(strict))
 
     assert statuses(summary) == {
-        "raw_urls": "materialized", "images": "FAILED", "embeddings": "skipped", "scores": "skipped",
+        "raw_urls": "materialized", "images": "FAILED", "embeddings/tiny": "skipped", "scores": "skipped",
         "subsets/similar": "skipped", "subsets/pretty": "skipped",
     }
     assert "failed validation" in next(line.detail for line in summary.lines if line.asset == "images")
     after = pl.read_delta(lake.table_uri("images")).drop("duration_s").sort("uid")
     assert after.equals(before) and lake.table("images").version() == 0
-    assert not lake.exists("embeddings")
+    assert not lake.exists("embeddings/tiny")
     key = AssetCheckKey(AssetKey("images"), "quality_gate")
     record = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
     assert record.status.value == "FAILED"
@@ -201,18 +201,18 @@ def test_downstream_follows_only_passed_checks(env, instance, tmp_path):
     run(env, instance, select="raw_urls")  # its gate passed
     after_raw = evaluate_automation_conditions(defs=defs, instance=instance, cursor=baseline.cursor)
     assert after_raw.get_requested_partitions(AssetKey("images")) == {"shard-a"}
-    assert after_raw.get_num_requested(AssetKey("embeddings")) == 0
+    assert after_raw.get_num_requested(AssetKey(["embeddings", "tiny"])) == 0
 
     # images fails its gate: nothing is published, so embeddings is not requested
     strict = write_config(tmp_path / "strict.yaml", make_config(download=make_config().download.model_copy(update={"min_success_rate": 1.0})))
     assert statuses(run(env, instance, config=str(strict), select="images")) == {"images": "FAILED"}
     after_fail = evaluate_automation_conditions(defs=defs, instance=instance, cursor=after_raw.cursor)
-    assert after_fail.get_num_requested(AssetKey("embeddings")) == 0
+    assert after_fail.get_num_requested(AssetKey(["embeddings", "tiny"])) == 0
 
     # images passes: embeddings follows
     assert statuses(run(env, instance, select="images")) == {"images": "materialized"}
     after_ok = evaluate_automation_conditions(defs=defs, instance=instance, cursor=after_fail.cursor)
-    assert after_ok.get_requested_partitions(AssetKey("embeddings")) == {"shard-a"}
+    assert after_ok.get_requested_partitions(AssetKey(["embeddings", "tiny"])) == {"shard-a"}
 
 
 @pytest.mark.parametrize(
@@ -243,18 +243,18 @@ def test_bad_input_files_fail_clearly_and_keep_published_shards(env, instance, t
 
 @pytest.mark.slow
 def test_unknown_model_and_mismatched_head_fail_clearly(env, instance):
-    from laion_assets.core.config import EmbeddingConfig, HeadConfig, ScoresConfig
+    from laion_assets.core.config import EmbeddingConfig, HeadConfig, ScoresConfig, SpaceConfig
     from laion_assets_tests.conftest import shared_file
 
-    bad_model = write_config(env["tmp"] / "m.yaml", make_config(embeddings=EmbeddingConfig(model="ViT-Q-99")))
+    bad_model = write_config(env["tmp"] / "m.yaml", make_config(embeddings=EmbeddingConfig(spaces={"tiny": SpaceConfig(model="ViT-Q-99")})))
     summary = run(env, instance, config=str(bad_model))
     detail = {line.asset: (line.status, line.detail) for line in summary.lines}
     assert detail["images"][0] == "materialized"
-    assert detail["embeddings"][0] == "FAILED" and "open_clip has no model 'ViT-Q-99'" in detail["embeddings"][1]
+    assert detail["embeddings/tiny"][0] == "FAILED" and "open_clip has no model 'ViT-Q-99'" in detail["embeddings/tiny"][1]
 
     l14 = shared_file("models", "laion-aesthetic-predictor", "sa_0_4_vit_l_14_linear.pth")
-    bad_head = write_config(env["tmp"] / "h.yaml", make_config(scores=ScoresConfig(aesthetic=HeadConfig(path=str(l14)), allow_embedding_space_mismatch=True)))
-    summary = run(env, instance, config=str(bad_head), select="embeddings,scores")
+    bad_head = write_config(env["tmp"] / "h.yaml", make_config(scores=ScoresConfig(heads={"aesthetic": HeadConfig(path=str(l14))}, allow_embedding_space_mismatch=True)))
+    summary = run(env, instance, config=str(bad_head), select="embeddings/tiny,scores")
     detail = {line.asset: (line.status, line.detail) for line in summary.lines}
     assert detail["scores"][0] == "FAILED" and "expects 768-d embeddings but the model gives 512-d" in detail["scores"][1]
 

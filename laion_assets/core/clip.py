@@ -49,17 +49,17 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
-from laion_assets.core.config import EmbeddingConfig
+from laion_assets.core.config import TINY_PRESETS, SpaceConfig
 from laion_assets.core.errors import LaionAssetsError
 
 log = logging.getLogger(__name__)
 
-TINY_NAME = "tiny_clip"
 TINY_WARNING = (
-    "embedding model 'tiny' is a randomly initialised open_clip model (seed 0) for offline "
+    "embedding model '{model}' is a randomly initialised open_clip model (seed 0) for offline "
     "demos and tests: its embeddings, similarities and scores are MEANINGLESS"
 )
-open_clip.add_model_config(Path(__file__).with_name(f"{TINY_NAME}.json"))
+for _config in TINY_PRESETS.values():
+    open_clip.add_model_config(Path(__file__).with_name(f"{_config}.json"))
 
 # Max abs difference (normalised-tensor units) measured between the GPU-decode tensor path and
 # PIL on real photos: nvJPEG/libjpeg IDCT and torch's antialiased bicubic differ by a few uint8
@@ -81,7 +81,11 @@ class ClipModel:
 
     @property
     def meaningless(self) -> bool:
-        return self.space.startswith("tiny/")
+        return self.name in TINY_PRESETS
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """The image tower on a normalised batch: (n, dim) L2-normalised embeddings."""
+        return F.normalize(self.model.encode_image(batch).float(), dim=-1)
 
     def describe(self) -> dict:
         return {
@@ -108,11 +112,11 @@ def _precision(choice: str, device: torch.device) -> str:
     return "fp32"
 
 
-def load_model(cfg: EmbeddingConfig) -> ClipModel:
-    """Load the configured model; every failure is a one-line LaionAssetsError."""
-    device = _device(cfg.device)
-    precision = _precision(cfg.precision, device)
-    name = TINY_NAME if cfg.model == "tiny" else cfg.model
+def load_model(cfg: SpaceConfig, device: str = "auto", precision: str = "auto") -> ClipModel:
+    """Load one space's model; every failure is a one-line LaionAssetsError."""
+    device = _device(device)
+    precision = _precision(precision, device)
+    name = TINY_PRESETS.get(cfg.model, cfg.model)
     known = open_clip.list_models()
     if name not in known:
         close = difflib.get_close_matches(name, known, n=3)
@@ -122,8 +126,8 @@ def load_model(cfg: EmbeddingConfig) -> ClipModel:
             + ": see open_clip.list_models(), or use 'tiny' offline"
         )
     pretrained = None
-    if cfg.model == "tiny":
-        log.warning(TINY_WARNING)
+    if cfg.model in TINY_PRESETS:
+        log.warning(TINY_WARNING.format(model=cfg.model))
     elif cfg.checkpoint:
         if not Path(cfg.checkpoint).is_file():
             raise LaionAssetsError(f"checkpoint {cfg.checkpoint} not found: fix embeddings.checkpoint")
@@ -155,7 +159,7 @@ def load_model(cfg: EmbeddingConfig) -> ClipModel:
     prune_last_block(model)
     return ClipModel(
         model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name),
-        name=cfg.model, pretrained=pretrained if not cfg.checkpoint else None, space=cfg.space,
+        name=cfg.model, pretrained=pretrained if not cfg.checkpoint else None, space=cfg.identity,
         dim=int(model.visual.output_dim),
         device=device, precision=precision,
     )
@@ -246,10 +250,11 @@ def _decode(blob: bytes) -> Image.Image:
 
 
 class Preprocess:
-    """The model's open_clip transform, split at ``ToTensor``: ``pixels`` (PIL steps, per image,
-    thread-safe) and ``finish`` (ToTensor + Normalize on a uint8 NHWC batch, vectorised).
+    """A tower's transform (open_clip's, or any torchvision Compose ending in ToTensor +
+    Normalize), split at ``ToTensor``: ``pixels`` (PIL steps, per image, thread-safe) and
+    ``finish`` (ToTensor + Normalize on a uint8 NHWC batch, vectorised).
 
-    ``finish(stack(pixels(b)))`` equals ``stack(preprocess(decode(b)))``: the same float
+    ``finish(stack(pixels(img)))`` equals ``stack(preprocess(img))``: the same float
     operations in the same order. Transforms of another shape fall back to per-image calls
     (``exact_split`` False)."""
 
@@ -273,19 +278,19 @@ class Preprocess:
             if size is not None and rs.max_size is None and rs.interpolation == T.InterpolationMode.BICUBIC:
                 self.resize, self.crop = size, tuple(cc.size)
 
-    def pixels(self, blob: bytes) -> np.ndarray:
-        """(H, W, 3) uint8 after decode, resize, crop; exact_split only."""
-        img = _decode(blob)
+    def pixels(self, img: Image.Image | bytes) -> np.ndarray:
+        """(H, W, 3) uint8 after decode (bytes), resize, crop; exact_split only."""
+        if isinstance(img, bytes):
+            img = _decode(img)
         for step in self.pil_steps:
             img = step(img)
         if img.mode != "RGB":
             img = img.convert("RGB")
         return np.asarray(img)
 
-    def full(self, blob: bytes) -> torch.Tensor:
-        """The transform as open_clip applies it: (3, H, W) float32."""
-        with _decode(blob) as img:
-            return self.preprocess(img)
+    def full(self, img: Image.Image | bytes) -> torch.Tensor:
+        """The transform as the model applies it: (3, H, W) float32."""
+        return self.preprocess(_decode(img) if isinstance(img, bytes) else img)
 
     def finish(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) on any device -> normalised float32 (N, 3, H, W), contiguous."""
@@ -312,48 +317,67 @@ class Preprocess:
 
 
 class Encoder:
-    """Batched encoding for one loaded model."""
+    """Batched image encoding for one or more towers on one device: the CLIP image towers of
+    several embedding spaces, or any model with ``preprocess``, ``device``, ``precision``,
+    ``dim`` and ``forward(batch)`` (a pixel classifier). Each image is decoded once and every
+    tower gets its own resize and crop of it, so a second space costs its forward pass, not a
+    second decode. Text goes through the CLIP towers (``texts``)."""
 
-    def __init__(self, clip: ClipModel, batch_size: int, workers: int | None = None, *,
+    def __init__(self, towers, batch_size: int, workers: int | None = None, *,
                  prefetch: int | None = None, gpu_decode: bool = False, compile: bool = False):
-        self.clip = clip
-        self.compile = compile  # torch.compile the image tower (opt-in: slow first batch)
-        self._compiled = None
+        self.towers = list(towers) if isinstance(towers, (list, tuple)) else [towers]
+        self.clip = self.towers[0]
+        self.device = self.clip.device
+        self.compile = compile  # torch.compile the image towers (opt-in: slow first batch)
+        self._compiled: list = [None] * len(self.towers)
         self.batch_size = batch_size
         self.workers = workers or max(1, (os.cpu_count() or 1))
         # Batches decoded ahead of the forward pass. On a GPU, decoding overlaps the forward; on
         # a CPU both want every core (threads that steal a core from the forward stall its
         # other threads at each barrier), so they take turns: decode a batch on all workers,
         # then run the forward on all cores.
-        self.prefetch = max(0, prefetch if prefetch is not None else (2 if clip.device.type == "cuda" else 0))
-        self.prep = Preprocess(clip.preprocess)
-        self.gpu_decode = gpu_decode and clip.device.type == "cuda" and self.prep.resize is not None
+        self.prefetch = max(0, prefetch if prefetch is not None else (2 if self.device.type == "cuda" else 0))
+        self.preps = [Preprocess(t.preprocess) for t in self.towers]
+        self.prep = self.preps[0]
+        self.gpu_decode = gpu_decode and self.device.type == "cuda" and all(p.resize is not None for p in self.preps)
         if gpu_decode and not self.gpu_decode:
-            log.warning("gpu_decode needs CUDA and a Resize+CenterCrop transform: decoding on CPU")
+            log.warning("gpu_decode needs CUDA and Resize+CenterCrop transforms: decoding on CPU")
 
-    def _autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.clip.precision)
+    def _autocast(self, tower):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tower.precision)
         if dtype is None:
             return nullcontext()
-        return torch.autocast(self.clip.device.type, dtype=dtype)
+        return torch.autocast(tower.device.type, dtype=dtype)
 
-    # -- batches of preprocessed images, decoded ahead on worker threads --
+    # -- batches of preprocessed images, decoded once, ahead on worker threads --
 
-    def _cpu_batch(self, blobs: list[bytes], pool: ThreadPoolExecutor) -> tuple[torch.Tensor | None, list[Future]]:
-        """Start decoding one batch; returns (buffer or None, futures)."""
-        if not self.prep.exact_split:
-            return None, [pool.submit(self.prep.full, b) for b in blobs]
-        h, w = self.prep.crop or _probe_size(self.prep, blobs[0])
-        buf = torch.empty((len(blobs), h, w, 3), dtype=torch.uint8, pin_memory=self.clip.device.type == "cuda")
-        view = buf.numpy()
+    def _cpu_batch(self, blobs: list[bytes], pool: ThreadPoolExecutor):
+        """Start decoding one batch; returns (per-tower uint8 buffers or None, futures)."""
+        pin = self.device.type == "cuda"
+        bufs = []
+        for prep in self.preps:
+            if not prep.exact_split:
+                bufs.append(None)
+                continue
+            h, w = prep.crop or _probe_size(prep, blobs[0])
+            bufs.append(torch.empty((len(blobs), h, w, 3), dtype=torch.uint8, pin_memory=pin))
+        views = [b.numpy() if b is not None else None for b in bufs]
 
-        def fill(i: int, blob: bytes) -> None:
-            view[i] = self.prep.pixels(blob)
+        def fill(i: int, blob: bytes) -> list:
+            with _decode(blob) as img:
+                loose = []  # per-image tensors of towers whose transform does not split
+                for prep, view in zip(self.preps, views):
+                    if view is not None:
+                        view[i] = prep.pixels(img)
+                        loose.append(None)
+                    else:
+                        loose.append(prep.full(img))
+                return loose
 
-        return buf, [pool.submit(fill, i, b) for i, b in enumerate(blobs)]
+        return bufs, [pool.submit(fill, i, b) for i, b in enumerate(blobs)]
 
-    def _batches(self, blobs: Iterable[bytes], pool: ThreadPoolExecutor) -> Iterator[torch.Tensor]:
-        """Normalised float batches on the model's device, `prefetch` batches decoded ahead."""
+    def _batches(self, blobs: Iterable[bytes], pool: ThreadPoolExecutor) -> Iterator[list[torch.Tensor]]:
+        """Per tower, a normalised float batch on the device; `prefetch` batches decoded ahead."""
         it = iter(blobs)
         window: deque = deque()
 
@@ -366,91 +390,107 @@ class Encoder:
         while len(window) < self.prefetch + 1 and submit():
             pass
         while window:
-            buf, futures = window.popleft()
+            bufs, futures = window.popleft()
             results = [f.result() for f in futures]
             if self.prefetch:
                 submit()
-            if callable(buf):  # gpu decode: finish on this thread (CUDA work stays in order)
-                yield buf(results)
-            elif buf is None:
-                yield torch.stack(results).to(self.clip.device, non_blocking=True)
+            if callable(bufs):  # gpu decode: finish on this thread (CUDA work stays in order)
+                yield bufs()
             else:
-                yield self.prep.finish(buf.to(self.clip.device, non_blocking=True))
+                yield [
+                    prep.finish(buf.to(self.device, non_blocking=True)) if buf is not None
+                    else torch.stack([r[k] for r in results]).to(self.device, non_blocking=True)
+                    for k, (prep, buf) in enumerate(zip(self.preps, bufs))
+                ]
             if not self.prefetch:
                 submit()
 
     def _gpu_batch(self, blobs: list[bytes], pool: ThreadPoolExecutor):
-        """nvJPEG batch decode + GPU resize; non-JPEG blobs and failures go the CPU way."""
+        """nvJPEG batch decode (once) + GPU resize per tower; non-JPEG blobs and failures go
+        the CPU way."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         jpeg = [i for i, b in enumerate(blobs) if b[:3] == b"\xff\xd8\xff"]
-        others = {i: pool.submit(self.prep.pixels, b) for i, b in enumerate(blobs) if b[:3] != b"\xff\xd8\xff"}
 
-        def finish(_results) -> torch.Tensor:
-            out: list = [None] * len(blobs)
+        def cpu_pixels(blob: bytes) -> list[np.ndarray]:
+            with _decode(blob) as img:
+                return [prep.pixels(img) for prep in self.preps]
+
+        others = {i: pool.submit(cpu_pixels, b) for i, b in enumerate(blobs) if b[:3] != b"\xff\xd8\xff"}
+
+        def finish() -> list[torch.Tensor]:
+            out: list[list | None] = [None] * len(blobs)
             if jpeg:
                 data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpeg]
                 try:
-                    decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.clip.device)
+                    decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
                 except RuntimeError:
                     decoded = [None] * len(jpeg)
                 for i, img in zip(jpeg, decoded):
                     try:
-                        out[i] = self.prep.gpu_resize(img) if img is not None else None
+                        out[i] = [prep.gpu_resize(img) for prep in self.preps] if img is not None else None
                     except ValueError:
                         out[i] = None
             for i, px in enumerate(out):
                 if px is None:
-                    fut = others.get(i) or pool.submit(self.prep.pixels, blobs[i])
-                    out[i] = torch.from_numpy(fut.result()).to(self.clip.device, non_blocking=True)
-            return self.prep.finish(torch.stack(out))
+                    fut = others.get(i) or pool.submit(cpu_pixels, blobs[i])
+                    out[i] = [torch.from_numpy(p).to(self.device, non_blocking=True) for p in fut.result()]
+            return [prep.finish(torch.stack([px[k] for px in out])) for k, prep in enumerate(self.preps)]
 
         return finish, []
 
     @torch.inference_mode()
-    def images(self, blobs: Iterable[bytes]) -> np.ndarray:
-        """(n, dim) float32, L2-normalised."""
-        out = []
+    def encode(self, blobs: Iterable[bytes]) -> list[np.ndarray]:
+        """Per tower, (n, dim) float32 (L2-normalised for CLIP towers), each image decoded once."""
+        out: list[list[torch.Tensor]] = [[] for _ in self.towers]
         with ThreadPoolExecutor(self.workers, thread_name_prefix="clip-prep") as pool:
-            for batch in self._batches(blobs, pool):
-                with self._autocast():
-                    emb = self._encode_image(batch)
-                out.append(F.normalize(emb.float(), dim=-1))
-        if not out:
-            return np.zeros((0, self.clip.dim), np.float32)
-        return torch.cat(out).cpu().numpy()
+            for batches in self._batches(blobs, pool):
+                for k, (tower, batch) in enumerate(zip(self.towers, batches)):
+                    with self._autocast(tower):
+                        out[k].append(self._forward(k, batch).float())
+        return [
+            torch.cat(parts).cpu().numpy() if parts else np.zeros((0, tower.dim), np.float32)
+            for tower, parts in zip(self.towers, out)
+        ]
 
-    def _encode_image(self, batch: torch.Tensor) -> torch.Tensor:
-        """encode_image, through torch.compile when asked: one static shape (a short last batch
-        is padded), inductor with weight freezing on CPU (oneDNN linear + fused epilogues).
-        Any compile failure falls back to eager for the rest of the run."""
+    def images(self, blobs: Iterable[bytes]) -> np.ndarray:
+        """The first tower's (n, dim) float32, L2-normalised."""
+        return self.encode(blobs)[0]
+
+    def _forward(self, k: int, batch: torch.Tensor) -> torch.Tensor:
+        """Tower k's forward, through torch.compile when asked: one static shape (a short last
+        batch is padded), inductor with weight freezing on CPU (oneDNN linear + fused
+        epilogues). Any compile failure falls back to eager for the rest of the run."""
+        tower = self.towers[k]
         if not self.compile:
-            return self.clip.model.encode_image(batch)
+            return tower.forward(batch)
         n = batch.shape[0]
         if n < self.batch_size:
             batch = torch.cat([batch, batch.new_zeros((self.batch_size - n, *batch.shape[1:]))])
         try:
-            if self._compiled is None:
-                options = {"freezing": True} if self.clip.device.type == "cpu" else None
-                self._compiled = torch.compile(self.clip.model.encode_image, dynamic=False, options=options)
-            return self._compiled(batch)[:n]
+            if self._compiled[k] is None:
+                options = {"freezing": True} if self.device.type == "cpu" else None
+                self._compiled[k] = torch.compile(tower.forward, dynamic=False, options=options)
+            return self._compiled[k](batch)[:n]
         except Exception as e:  # no C++ compiler / triton, unsupported op: stay correct, go eager
             log.warning("torch.compile failed (%s): encoding eagerly", str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
             self.compile = False
-            return self.clip.model.encode_image(batch[:n])
+            return tower.forward(batch[:n])
 
     @torch.inference_mode()
-    def texts(self, captions: list[str | None]) -> np.ndarray:
-        """(n, dim) float32, L2-normalised; captions tokenised in bulk, a missing one as ''."""
+    def texts(self, captions: list[str | None], tower: int = 0) -> np.ndarray:
+        """(n, dim) float32, L2-normalised, from CLIP tower `tower`'s text encoder; captions
+        tokenised in bulk, a missing one as ''."""
+        clip = self.towers[tower]
         out = []
         bs = max(self.batch_size, 256)  # text is cheap: bigger batches
         for start in range(0, len(captions), bs):
-            tokens = self.clip.tokenizer([c or "" for c in captions[start : start + bs]])
-            with self._autocast():
-                emb = self.clip.model.encode_text(tokens.to(self.clip.device, non_blocking=True))
+            tokens = clip.tokenizer([c or "" for c in captions[start : start + bs]])
+            with self._autocast(clip):
+                emb = clip.model.encode_text(tokens.to(clip.device, non_blocking=True))
             out.append(F.normalize(emb.float(), dim=-1))
         if not out:
-            return np.zeros((0, self.clip.dim), np.float32)
+            return np.zeros((0, clip.dim), np.float32)
         return torch.cat(out).cpu().numpy()
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from laion_assets.core.errors import LaionAssetsError
 
@@ -69,35 +70,66 @@ class ImageConfig(_Strict):
     )
 
 
-class EmbeddingConfig(_Strict):
-    """Which open_clip model embeds images and captions, and how."""
+SPACE_NAME = r"^[a-z][a-z0-9_]*$"
+# Offline presets: randomly initialised open_clip configs (fixed seed) of the same widths as
+# ViT-B/32 (512-d) and ViT-L/14 (768-d), so LAION's head files fit them dimensionally.
+TINY_PRESETS = {"tiny": "tiny_clip", "tiny-l": "tiny_clip_l"}
 
-    model: str = Field("ViT-B-32", description="open_clip model name, or 'tiny' (offline, random)")
+
+class SpaceConfig(_Strict):
+    """One embedding space: an open_clip model and its weights (name + pretrained tag, a local
+    checkpoint, or a tiny offline preset)."""
+
+    model: str = Field("ViT-B-32", description="open_clip model name, or 'tiny' / 'tiny-l' (offline, random)")
     pretrained: str | None = Field("openai", description="open_clip pretrained tag")
     checkpoint: str | None = Field(None, description="local checkpoint path; overrides pretrained")
+    batch_size: int | None = Field(None, ge=1, description="overrides embeddings.batch_size for this model")
+
+    @property
+    def identity(self) -> str:
+        """What the vectors are comparable with, e.g. 'ViT-B-32/openai': recorded with every
+        vector and score, and what a head's `trained_on` must match."""
+        if self.model in TINY_PRESETS:
+            return f"{self.model}/random-seed0"
+        tag = Path(self.checkpoint).name if self.checkpoint else (self.pretrained or "random")
+        return f"{self.model}/{tag}"
+
+
+class EmbeddingConfig(_Strict):
+    """The embedding spaces of the lake (one `embeddings/<name>` table each) and how they are
+    computed. Every space of a shard is computed in one pass that decodes each image once."""
+
+    spaces: dict[str, SpaceConfig] = Field(
+        default_factory=lambda: {"b32": SpaceConfig()},
+        description="name -> model; names become asset keys embeddings/<name>",
+    )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     batch_size: int = Field(64, ge=1)
     workers: int | None = Field(None, ge=1, description="decode/preprocess threads")
     dtype: Literal["float16", "float32"] = "float16"
-    compile: bool = Field(False, description="torch.compile the image tower (slow start; measure first)")
+    compile: bool = Field(False, description="torch.compile the image towers (slow start; measure first)")
     gpu_decode: bool = Field(False, description="nvJPEG decode + GPU resize (close to, not equal to, PIL)")
     chunk_rows: int = Field(1024, ge=1, description="rows per staged chunk (resume granularity)")
 
-    @property
-    def space(self) -> str:
-        """The embedding space scores are tied to, e.g. 'ViT-B-32/openai'."""
-        if self.model == "tiny":
-            return "tiny/random-seed0"
-        tag = Path(self.checkpoint).name if self.checkpoint else (self.pretrained or "random")
-        return f"{self.model}/{tag}"
+    @field_validator("spaces")
+    @classmethod
+    def _named(cls, v: dict[str, SpaceConfig]) -> dict[str, SpaceConfig]:
+        if not v:
+            raise ValueError("declare at least one embedding space")
+        bad = [name for name in v if not re.match(SPACE_NAME, name)]
+        if bad:
+            raise ValueError(f"space names must match {SPACE_NAME} (they become asset keys), got {bad}")
+        return v
 
 
 class HeadConfig(_Strict):
-    """A scoring head file and the embedding space it was trained on."""
+    """A scoring head file, the embedding space it was trained on, and (optionally) which
+    configured space feeds it; by default the one whose model is `trained_on`."""
 
     path: str
     trained_on: str = Field("ViT-B-32/openai", description="embedding space, model/pretrained")
+    space: str | None = Field(None, description="configured space to feed it (default: the one matching trained_on)")
 
     @field_validator("path")
     @classmethod
@@ -106,11 +138,20 @@ class HeadConfig(_Strict):
 
 
 class ScoresConfig(_Strict):
-    aesthetic: HeadConfig | None = None
-    nsfw: HeadConfig | None = None
+    """Scoring heads by output column (e.g. aesthetic, punsafe); each runs on its own space."""
+
+    heads: dict[str, HeadConfig] = Field(default_factory=dict, description="column name -> head")
     allow_embedding_space_mismatch: bool = Field(
-        False, description="apply heads to another model's embeddings (scores shift!)"
+        False, description="feed a head a space other than its trained_on (scores shift!)"
     )
+
+    @field_validator("heads")
+    @classmethod
+    def _columns(cls, v: dict[str, HeadConfig]) -> dict[str, HeadConfig]:
+        bad = [name for name in v if not re.match(SPACE_NAME, name) or name in ("uid", "shard")]
+        if bad:
+            raise ValueError(f"head names are column names: lowercase, not uid/shard, got {bad}")
+        return v
 
 
 class SubsetConfig(_Strict):
@@ -118,6 +159,7 @@ class SubsetConfig(_Strict):
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     description: str = ""
+    similarity_space: str | None = Field(None, description="space of the similarity filter (default: the only one)")
     min_similarity: float | None = Field(None, ge=-1, le=1)
     max_punsafe: float | None = Field(None, ge=0, le=1, description="kept when punsafe < this or unscored")
     min_aesthetic: float | None = None
@@ -176,6 +218,53 @@ class PipelineConfig(_Strict):
             raise ValueError(f"subset names must be unique, got {names}")
         return v
 
+    @model_validator(mode="after")
+    def _spaces_resolve(self) -> PipelineConfig:
+        for name in self.scores.heads:
+            self.head_space(name)
+        for sub in self.subsets:
+            self.similarity_space(sub)
+        return self
+
+    def head_space(self, head: str) -> str:
+        """The configured space that feeds `head`: the one it names, else the one whose model
+        it was trained on (else the only space, when mismatches are allowed)."""
+        cfg, spaces = self.scores.heads[head], self.embeddings.spaces
+        if cfg.space is not None:
+            if cfg.space not in spaces:
+                raise ValueError(f"scores.heads.{head}.space '{cfg.space}' is not a space in embeddings.spaces ({', '.join(spaces)})")
+            return cfg.space
+        matching = [name for name, sp in spaces.items() if sp.identity == cfg.trained_on]
+        if matching:
+            return matching[0]
+        if len(spaces) == 1 and self.scores.allow_embedding_space_mismatch:
+            return next(iter(spaces))
+        raise ValueError(
+            f"scores.heads.{head} was trained on {cfg.trained_on} but no space in embeddings.spaces "
+            f"is that model ({', '.join(f'{n}: {sp.identity}' for n, sp in spaces.items())}): add it, "
+            "or name one with scores.heads.<head>.space"
+        )
+
+    def similarity_space(self, sub: SubsetConfig) -> str:
+        """The space whose image-text similarity `sub` filters on (and shows): the one it names;
+        a similarity threshold with several spaces must name one; else the first space."""
+        spaces = self.embeddings.spaces
+        if sub.similarity_space is not None:
+            if sub.similarity_space not in spaces:
+                raise ValueError(f"subset {sub.name}: similarity_space '{sub.similarity_space}' is not in embeddings.spaces ({', '.join(spaces)})")
+            return sub.similarity_space
+        if len(spaces) > 1 and sub.min_similarity is not None:
+            raise ValueError(f"subset {sub.name}: set similarity_space, one of {', '.join(spaces)}")
+        return next(iter(spaces))
+
+
+# Keys of earlier versions, and where they went.
+MOVED = {
+    **{f"embeddings.{k}": f"moved: embeddings.spaces.<name>.{k}" for k in ("model", "pretrained", "checkpoint")},
+    "scores.aesthetic": "moved: scores.heads.aesthetic",
+    "scores.nsfw": "moved: scores.heads.punsafe",
+}
+
 
 def load_config(path: str | os.PathLike | None) -> PipelineConfig:
     """Read a YAML config file; `None` gives the defaults."""
@@ -197,7 +286,10 @@ def load_config(path: str | os.PathLike | None) -> PipelineConfig:
         for err in e.errors():
             where = ".".join(str(x) for x in err["loc"])
             if err["type"] == "extra_forbidden":
-                problems.append(f"unknown key '{where}'")
+                hint = MOVED.get(where)
+                problems.append(f"unknown key '{where}'" + (f" ({hint})" if hint else ""))
+            elif not where:
+                problems.append(err["msg"].removeprefix("Value error, "))
             else:
                 problems.append(f"'{where}': {err['msg']}")
         raise LaionAssetsError(

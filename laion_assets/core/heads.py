@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from laion_assets.core.config import HeadConfig, ScoresConfig
+from laion_assets.core.config import HeadConfig
 from laion_assets.core.errors import LaionAssetsError
 
 
 @dataclass(frozen=True)
 class Head:
-    name: str  # aesthetic | nsfw
+    name: str  # the output column, e.g. aesthetic, punsafe
     kind: str  # aesthetic_linear | aesthetic_mlp | nsfw
     path: str
     trained_on: str
@@ -56,7 +56,7 @@ def _kind(keys: set[str]) -> str | None:
 def load_head(name: str, cfg: HeadConfig) -> Head:
     path = Path(cfg.path)
     if not path.is_file():
-        raise LaionAssetsError(f"{name} head file {path} not found: fix scores.{name}.path")
+        raise LaionAssetsError(f"{name} head file {path} not found: fix scores.heads.{name}.path")
     import torch  # here, not at import: the CLI and UI start without loading torch
 
     try:
@@ -65,10 +65,9 @@ def load_head(name: str, cfg: HeadConfig) -> Head:
         raise LaionAssetsError(f"{name} head {path} is not a torch state_dict ({type(e).__name__}): use a LAION head .pth") from None
     weights = {k: v.float().numpy() for k, v in state.items()}
     kind = _kind(set(weights))
-    expected = ("nsfw",) if name == "nsfw" else ("aesthetic_linear", "aesthetic_mlp")
-    if kind not in expected:
+    if kind is None:
         raise LaionAssetsError(
-            f"{path} is not a LAION {name} head (keys {sorted(weights)[:5]}...): check scores.{name}.path"
+            f"{path} is not a LAION aesthetic or NSFW head (keys {sorted(weights)[:5]}...): check scores.heads.{name}.path"
         )
     first = {"aesthetic_linear": "weight", "aesthetic_mlp": "layers.0.weight", "nsfw": "linear_1.weight"}
     dim = weights[first[kind]].shape[1]
@@ -88,15 +87,3 @@ def check_compatible(head: Head, dim: int | None, space: str, allow_space_mismat
             "would be off the published scale; use a matching model or set "
             "scores.allow_embedding_space_mismatch: true"
         )
-
-
-def configured_heads(cfg: ScoresConfig, space: str, dim: int | None) -> dict[str, Head]:
-    """The heads named in the config, each checked against the embeddings it will score."""
-    heads = {}
-    for name in ("aesthetic", "nsfw"):
-        head_cfg = getattr(cfg, name)
-        if head_cfg is not None:
-            head = load_head(name, head_cfg)
-            check_compatible(head, dim, space, cfg.allow_embedding_space_mismatch)
-            heads[name] = head
-    return heads

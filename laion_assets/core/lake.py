@@ -290,7 +290,8 @@ class Lake:
     # -- maintenance -----------------------------------------------------------------------
 
     def tables(self) -> list[str]:
-        """Names of the Delta tables under the root (two levels: stages and subsets/<name>)."""
+        """Names of the Delta tables under the root, up to three levels deep (stages,
+        embeddings/<space>, subsets/<name>, _staging/embeddings/<space>)."""
         fs, root = pafs.FileSystem.from_uri(Path(self.uri).as_uri() if self.is_local else self.uri)
         found = []
 
@@ -300,7 +301,7 @@ class Lake:
                     continue
                 if fs.get_file_info(f"{info.path}/_delta_log").type == pafs.FileType.Directory:
                     found.append(info.path.removeprefix(root).strip("/"))
-                elif depth < 2:
+                elif depth < 3:
                     walk(info.path, depth + 1)
 
         walk(root, 1)

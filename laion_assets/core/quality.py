@@ -129,13 +129,19 @@ def embeddings_suite(expected_rows: int, tolerance: float) -> list[Expectation]:
     ]
 
 
-def scores_suite(expected_rows: int) -> list[Expectation]:
-    return [
+def scores_suite(expected_rows: int, ranges: dict[str, tuple[float, float]]) -> list[Expectation]:
+    """Every successful image scored by every head (an image missing from a head's space
+    leaves a null), each score in its head's range."""
+    suite = [
         Expectation("ExpectTableRowCountToEqual", {"value": expected_rows}),
         Expectation("ExpectColumnValuesToBeUnique", {"column": "uid"}),
-        Expectation("ExpectColumnValuesToBeBetween", {"column": "punsafe", "min_value": 0.0, "max_value": 1.0}),
-        Expectation("ExpectColumnValuesToBeBetween", {"column": "aesthetic", "min_value": -100.0, "max_value": 100.0}),
     ]
+    for column, (low, high) in ranges.items():
+        suite += [
+            Expectation("ExpectColumnValuesToNotBeNull", {"column": column}),
+            Expectation("ExpectColumnValuesToBeBetween", {"column": column, "min_value": low, "max_value": high}),
+        ]
+    return suite
 
 
 def subset_suite(max_rows: int) -> list[Expectation]:

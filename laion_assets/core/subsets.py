@@ -29,10 +29,13 @@ def predicate(cfg: SubsetConfig) -> pl.Expr:
 
 
 def candidates(raw: pl.DataFrame, images: pl.DataFrame, embeddings: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
-    """One row per sample with every source column and our scores, ready to filter."""
-    raw = raw.rename({c: f"source_{c}" for c in raw.columns if c.lower() in (*COMPUTED, "pwatermark")})
+    """One row per sample with every source column and our scores, ready to filter. Source
+    columns named like one we compute get a `source_` prefix; a score no head computes is null."""
+    ours = {c.lower() for c in (*COMPUTED, *scores.columns, "pwatermark")} - {"uid"}
+    raw = raw.rename({c: f"source_{c}" for c in raw.columns if c.lower() in ours})
     if "source_pwatermark" not in raw.columns:
         raw = raw.with_columns(source_pwatermark=pl.lit(None, pl.Float64))
+    scores = scores.with_columns(pl.lit(None, pl.Float32).alias(c) for c in ("aesthetic", "punsafe") if c not in scores.columns)
     return (
         raw.join(images, on="uid", how="inner")
         .join(embeddings, on="uid", how="left")

@@ -10,13 +10,13 @@ from dagster import AutomationCondition, Definitions, define_asset_job, map_asse
 from dagster_aws.s3 import S3Resource
 
 from laion_assets.core.config import load_config
-from laion_assets.defs.embeddings import embeddings
+from laion_assets.defs.embeddings import embeddings_assets
 from laion_assets.defs.images import images
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.raw_urls import raw_urls
 from laion_assets.defs.resources import InputsResource, LakeResource, PipelineResource, Settings
 from laion_assets.defs.schedules import lake_maintenance, nightly_maintenance
-from laion_assets.defs.scores import scores
+from laion_assets.defs.scores import scores_asset
 from laion_assets.defs.sensors import automation, shard_files
 from laion_assets.defs.subsets import subset_assets
 
@@ -27,7 +27,7 @@ def build_defs(settings: Settings) -> Definitions:
     cfg = load_config(settings.config)
     downstream = map_asset_specs(
         lambda spec: spec.replace_attributes(automation_condition=FOLLOW_UPSTREAM),
-        [images, embeddings, scores, *subset_assets(cfg)],
+        [images, embeddings_assets(cfg), scores_asset(cfg), *subset_assets(cfg)],
     )
     s3 = S3Resource()
     return Definitions(

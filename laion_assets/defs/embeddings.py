@@ -1,43 +1,75 @@
-"""embeddings: open_clip image and text embeddings of the successful images."""
+"""embeddings/<space>: open_clip image and text embeddings of the successful images, one asset
+(and Delta table) per configured space, all computed by one step that decodes each image once."""
 
 from functools import lru_cache
 
-from dagster import AssetExecutionContext
+from dagster import AssetExecutionContext, AssetKey, AssetSpec, AssetsDefinition, multi_asset
 
 from laion_assets.core import stages
-from laion_assets.core.config import EmbeddingConfig
-from laion_assets.defs.gate import gate_spec, run_stage
+from laion_assets.core.config import PipelineConfig
+from laion_assets.defs.gate import gate_spec, run_stages
 from laion_assets.defs.images import images
-from laion_assets.defs.partitions import shard_asset
+from laion_assets.defs.partitions import shards, shard_backfill
 from laion_assets.defs.resources import LakeResource, PipelineResource
 
 
+def embeddings_key(space: str) -> AssetKey:
+    return AssetKey(stages.embeddings_table(space).split("/"))
+
+
 @lru_cache(maxsize=2)
-def encoder_for(cfg: EmbeddingConfig):
+def _encoder(embeddings_json: str, spaces: tuple[str, ...]):
     """Models are loaded once per process and reused across shards (torch and open_clip are
     imported here, so runs that do not embed start faster)."""
     from laion_assets.core.clip import Encoder, load_model
+    from laion_assets.core.config import EmbeddingConfig
 
-    return Encoder(load_model(cfg), cfg.batch_size, cfg.workers, compile=cfg.compile, gpu_decode=cfg.gpu_decode)
+    cfg = EmbeddingConfig.model_validate_json(embeddings_json)
+    models = [load_model(cfg.spaces[s], cfg.device, cfg.precision) for s in spaces]
+    batch = min(cfg.spaces[s].batch_size or cfg.batch_size for s in spaces)
+    return Encoder(models, batch, cfg.workers, compile=cfg.compile, gpu_decode=cfg.gpu_decode)
 
 
-@shard_asset(
-    deps=[images],
-    check_specs=[gate_spec("embeddings")],
-    pool="gpu",
-    kinds={"delta", "pytorch"},
-    group_name="laion",
-)
-def embeddings(context: AssetExecutionContext, lake: LakeResource, pipeline: PipelineResource):
-    """L2-normalised CLIP image and text embeddings (float16 bytes by default) and their
-    cosine `similarity`, with the `embedding_space` (model/pretrained) they live in."""
-    lk = lake.lake()
-    cfg = pipeline.config()
-    if cfg.embeddings.model == "tiny":
-        from laion_assets.core.clip import TINY_WARNING
+def encoder_for(cfg: PipelineConfig, spaces) -> object:
+    return _encoder(cfg.embeddings.model_dump_json(), tuple(spaces))
 
-        context.log.warning(TINY_WARNING)
-    yield from run_stage(
-        context, lk, stages.EMBEDDINGS,
-        lambda: stages.run_embeddings(lk, cfg, context.partition_key, lambda: encoder_for(cfg.embeddings)),
+
+def embeddings_assets(cfg: PipelineConfig) -> AssetsDefinition:
+    """One asset per space; a run may select any of them, and the step computes only those."""
+    specs = [
+        AssetSpec(
+            embeddings_key(name), deps=[images], kinds={"delta", "pytorch"}, group_name="laion",
+            description=(
+                f"Space `{name}` ({space.identity}): L2-normalised CLIP image and text embeddings "
+                "(float16 bytes by default) and their cosine `similarity`, with the "
+                "`embedding_space` they live in."
+            ),
+            metadata={"embedding_space": space.identity},
+            skippable=True,
+        )
+        for name, space in cfg.embeddings.spaces.items()
+    ]
+
+    @multi_asset(
+        name="embeddings", specs=specs, check_specs=[gate_spec(s.key) for s in specs],
+        can_subset=True, partitions_def=shards, backfill_policy=shard_backfill, pool="gpu",
     )
+    def _embeddings(context: AssetExecutionContext, lake: LakeResource, pipeline: PipelineResource):
+        lk = lake.lake()
+        cfg_now = pipeline.config()
+        chosen = [name for name in cfg_now.embeddings.spaces if embeddings_key(name) in context.selected_asset_keys]
+        for name in chosen:
+            space = cfg_now.embeddings.spaces[name]
+            if space.model in ("tiny", "tiny-l"):
+                context.log.warning(f"space {name}: {space.model} is a random model: its embeddings are MEANINGLESS")
+        yield from run_stages(
+            context, lk, {embeddings_key(name): stages.embeddings_table(name) for name in chosen},
+            lambda: {
+                embeddings_key(name): out
+                for name, out in stages.run_embeddings(
+                    lk, cfg_now, context.partition_key, lambda spaces: encoder_for(cfg_now, spaces), chosen,
+                ).items()
+            },
+        )
+
+    return _embeddings

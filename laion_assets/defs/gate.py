@@ -53,19 +53,9 @@ def _value(v):
     return v
 
 
-def run_stage(context, lake: Lake, table: str, fn: Callable[[], StageOutput]) -> Iterator:
-    """Yield the check result and MaterializeResult of one stage run, or fail the step."""
-    try:
-        out = fn()
-    except ValidationFailed as e:
-        yield AssetCheckResult(
-            check_name=GATE, passed=False, severity=AssetCheckSeverity.ERROR,
-            metadata={**e.report.as_metadata(), "shard": e.shard}, description=str(e)[:2000],
-        )
-        raise Failure(description=str(e), metadata={"failing expectations": "\n".join(e.failures)}, allow_retries=False) from None
-    except LaionAssetsError as e:
-        raise Failure(description=str(e), allow_retries=False) from None
-    yield MaterializeResult(
+def _materialization(lake: Lake, key: AssetKey | None, table: str, out: StageOutput) -> MaterializeResult:
+    return MaterializeResult(
+        asset_key=key,
         metadata={
             "dagster/row_count": out.rows,
             "dagster/column_schema": table_schema(out.schema),
@@ -75,6 +65,47 @@ def run_stage(context, lake: Lake, table: str, fn: Callable[[], StageOutput]) ->
             **({"preview": MetadataValue.md(markdown_table(out.preview))} if out.preview is not None else {}),
         },
         check_results=[
-            AssetCheckResult(check_name=GATE, passed=True, metadata=out.report.as_metadata())
+            AssetCheckResult(asset_key=key, check_name=GATE, passed=True, metadata=out.report.as_metadata())
         ],
     )
+
+
+def _failed_gate(key: AssetKey | None, e: ValidationFailed) -> AssetCheckResult:
+    return AssetCheckResult(
+        asset_key=key, check_name=GATE, passed=False, severity=AssetCheckSeverity.ERROR,
+        metadata={**e.report.as_metadata(), "shard": e.shard}, description=str(e)[:2000],
+    )
+
+
+def run_stage(context, lake: Lake, table: str, fn: Callable[[], StageOutput]) -> Iterator:
+    """Yield the check result and MaterializeResult of one stage run, or fail the step."""
+    try:
+        out = fn()
+    except ValidationFailed as e:
+        yield _failed_gate(None, e)
+        raise Failure(description=str(e), metadata={"failing expectations": "\n".join(e.failures)}, allow_retries=False) from None
+    except LaionAssetsError as e:
+        raise Failure(description=str(e), allow_retries=False) from None
+    yield _materialization(lake, None, table, out)
+
+
+def run_stages(context, lake: Lake, tables: dict[AssetKey, str], fn: Callable[[], dict]) -> Iterator:
+    """For a step that publishes several assets (one per embedding space): materialize each
+    asset that passed its gate, a failed check for each that did not, then fail the step if
+    any did not."""
+    try:
+        outs = fn()
+    except LaionAssetsError as e:
+        raise Failure(description=str(e), allow_retries=False) from None
+    failed = []
+    for key, out in outs.items():
+        if isinstance(out, ValidationFailed):
+            failed.append(out)
+            yield _failed_gate(key, out)
+        else:
+            yield _materialization(lake, key, tables[key], out)
+    if failed:
+        raise Failure(
+            description="; ".join(str(e) for e in failed)[:2000],
+            metadata={"failing expectations": "\n".join(f for e in failed for f in e.failures)}, allow_retries=False,
+        )

@@ -8,4 +8,5 @@ shards = DynamicPartitionsDefinition(name="shards")
 
 # Every stage asset: partitioned by shard, one shard per run in backfills (scale-out is many
 # runs through Dagster's run queue and launchers).
-shard_asset = partial(asset, partitions_def=shards, backfill_policy=BackfillPolicy.multi_run(1))
+shard_backfill = BackfillPolicy.multi_run(1)
+shard_asset = partial(asset, partitions_def=shards, backfill_policy=shard_backfill)

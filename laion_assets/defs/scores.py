@@ -1,25 +1,38 @@
-"""scores: LAION aesthetic and NSFW heads applied to the image embeddings."""
+"""scores: the LAION heads (aesthetic, NSFW, ...), each applied to its own space's embeddings."""
 
-from dagster import AssetExecutionContext
+from dagster import AssetExecutionContext, AssetsDefinition
 
 from laion_assets.core import stages
-from laion_assets.defs.embeddings import embeddings
+from laion_assets.core.config import PipelineConfig
+from laion_assets.defs.embeddings import embeddings_key
 from laion_assets.defs.gate import gate_spec, run_stage
+from laion_assets.defs.images import images
 from laion_assets.defs.partitions import shard_asset
 from laion_assets.defs.resources import LakeResource, PipelineResource
 
 
-@shard_asset(
-    deps=[embeddings],
-    check_specs=[gate_spec("scores")],
-    kinds={"delta", "numpy"},
-    group_name="laion",
-)
-def scores(context: AssetExecutionContext, lake: LakeResource, pipeline: PipelineResource):
-    """`aesthetic` (LAION aesthetic predictor) and `punsafe` (CLIP-based NSFW detector) per
-    image, null where no head is configured. A head trained on another embedding space (or
-    dimension) is refused with a clear error unless the config allows it."""
-    lk = lake.lake()
-    yield from run_stage(
-        context, lk, stages.SCORES, lambda: stages.run_scores(lk, pipeline.config(), context.partition_key)
+def scores_asset(cfg: PipelineConfig) -> AssetsDefinition:
+    """Depends on the embeddings of exactly the spaces its heads read, so lineage shows which
+    space feeds which score."""
+    fed = sorted({cfg.head_space(name) for name in cfg.scores.heads})
+    heads = ", ".join(f"`{name}` on {cfg.head_space(name)}" for name in cfg.scores.heads) or "none configured"
+
+    @shard_asset(
+        name="scores",
+        deps=[images, *(embeddings_key(space) for space in fed)],
+        check_specs=[gate_spec("scores")],
+        kinds={"delta", "numpy"},
+        group_name="laion",
+        description=(
+            "One column per scoring head for every successful image (heads: " + heads + "). Each "
+            "head reads the embeddings of the space it was trained on; feeding it another space "
+            "is refused with a clear error unless the config allows it."
+        ),
     )
+    def _scores(context: AssetExecutionContext, lake: LakeResource, pipeline: PipelineResource):
+        lk = lake.lake()
+        yield from run_stage(
+            context, lk, stages.SCORES, lambda: stages.run_scores(lk, pipeline.config(), context.partition_key)
+        )
+
+    return _scores

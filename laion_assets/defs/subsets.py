@@ -8,23 +8,24 @@ from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, MetadataV
 from laion_assets import __version__
 from laion_assets.core import stages
 from laion_assets.core.config import PipelineConfig, SubsetConfig
+from laion_assets.defs.embeddings import embeddings_key
 from laion_assets.defs.gate import gate_spec, run_stage
 from laion_assets.defs.images import images
 from laion_assets.defs.partitions import shard_asset
 from laion_assets.defs.raw_urls import raw_urls
 from laion_assets.defs.resources import LakeResource, PipelineResource
-from laion_assets.defs.scores import scores
 
 
 def subset_asset(sub: SubsetConfig, cfg: PipelineConfig) -> AssetsDefinition:
     key = AssetKey(["subsets", sub.name])
-    recipe = sub.recipe(cfg.embeddings.space, __version__)
+    space = cfg.similarity_space(sub)
+    recipe = sub.recipe(cfg.embeddings.spaces[space].identity, __version__)
 
     @shard_asset(
         key=key,
-            deps=[raw_urls, images, scores],
+        deps=[raw_urls, images, embeddings_key(space), "scores"],
         check_specs=[gate_spec(key)],
-            kinds={"delta", "polars"},
+        kinds={"delta", "polars"},
         group_name="subsets",
         description=f"{sub.description or sub.name}. Recipe: {json.dumps(recipe, sort_keys=True)}",
         metadata={"recipe": MetadataValue.json(recipe)},

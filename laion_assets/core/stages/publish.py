@@ -19,8 +19,17 @@ from laion_assets.core import quality
 from laion_assets.core.errors import ValidationFailed
 from laion_assets.core.lake import Lake
 
-RAW_URLS, IMAGES, EMBEDDINGS, SCORES = "raw_urls", "images", "embeddings", "scores"
-STAGING_IMAGES, STAGING_EMBEDDINGS = "_staging/images", "_staging/embeddings"
+RAW_URLS, IMAGES, SCORES = "raw_urls", "images", "scores"
+STAGING_IMAGES = "_staging/images"
+
+
+def embeddings_table(space: str) -> str:
+    """One table per configured embedding space, e.g. `embeddings/b32`."""
+    return f"embeddings/{space}"
+
+
+def staging_embeddings(space: str) -> str:
+    return f"_staging/embeddings/{space}"
 
 
 def subset_table(name: str) -> str:

@@ -11,18 +11,21 @@ from laion_assets.core import quality
 from laion_assets.core.config import PipelineConfig, SubsetConfig
 from laion_assets.core.lake import Lake
 from laion_assets.core.stages.publish import (
-    EMBEDDINGS, IMAGES, RAW_URLS, SCORES, StageOutput, gate, publish, subset_table,
+    IMAGES, RAW_URLS, SCORES, StageOutput, embeddings_table, gate, publish, subset_table,
 )
 from laion_assets.core.subsets import candidates, predicate
 
 
 def run_subset(lake: Lake, cfg: PipelineConfig, sub: SubsetConfig, shard: str) -> StageOutput:
+    """The shard's rows that pass `sub`, with every source column, our similarity (in the
+    subset's similarity space) and scores, and the recipe id."""
+    space = cfg.similarity_space(sub)
     raw = lake.read_shard(RAW_URLS, shard).drop("shard")
     images = lake.read_shard(IMAGES, shard, ["uid", "status", "original_width", "original_height", "width", "height", "sha256"])
-    emb = lake.read_shard(EMBEDDINGS, shard, ["uid", "similarity", "embedding_space"])
-    scores = lake.read_shard(SCORES, shard, ["uid", "aesthetic", "punsafe"])
+    emb = lake.read_shard(embeddings_table(space), shard, ["uid", "similarity", "embedding_space"])
+    scores = lake.read_shard(SCORES, shard).drop("shard")
     pool = candidates(raw, images, emb, scores)
-    recipe = sub.recipe(cfg.embeddings.space, __version__)
+    recipe = sub.recipe(cfg.embeddings.spaces[space].identity, __version__)
     rows = pool.filter(predicate(sub)).drop("status").with_columns(recipe_id=pl.lit(recipe["recipe_id"]))
     report = gate(subset_table(sub.name), shard, rows.select("uid", "url"), quality.subset_suite(raw.height))
     stats = {"recipe": recipe, "candidates": pool.filter(pl.col("status") == "success").height, "kept": rows.height}
