@@ -51,20 +51,26 @@ def _instance():
     """The Dagster instance of DAGSTER_HOME; the repo's dagster.yaml when unset."""
     from dagster import DagsterInstance
 
+    from laion_assets.core.errors import LaionAssetsError
+
     if not os.environ.get("DAGSTER_HOME"):
         home = Path.cwd() if (Path.cwd() / "dagster.yaml").is_file() else REPO
         if not (home / "dagster.yaml").is_file():
-            raise SystemExit("error: set DAGSTER_HOME to a folder with a dagster.yaml (see README)")
+            raise LaionAssetsError("set DAGSTER_HOME to a folder with a dagster.yaml (see README)")
         os.environ["DAGSTER_HOME"] = str(home)
     return DagsterInstance.get()
 
 
 def run_pipeline(inputs: list[str], lake: str, config: str | None, select: str | None, instance=None, retry_failures: bool = False) -> RunSummary:
-    """Register the shard files, then materialize the selected assets per shard."""
+    """Check and register the shard files, then materialize the selected assets per shard.
+
+    Bad input (a file that cannot be read or has no URL column, an unknown asset) raises
+    LaionAssetsError before anything is registered; files skipped in a folder are listed."""
     from dagster import AssetSelection, DagsterEventType, Definitions, define_asset_job
 
     from laion_assets.core import registry
-    from laion_assets.core.ingest import list_shard_files, shard_key
+    from laion_assets.core.errors import LaionAssetsError
+    from laion_assets.core.ingest import SUPPORTED, check_shard_file, scan_inputs, shard_key
     from laion_assets.core.lake import Lake
     from laion_assets.defs.definitions import build_defs
     from laion_assets.defs.partitions import shards
@@ -74,17 +80,6 @@ def run_pipeline(inputs: list[str], lake: str, config: str | None, select: str |
     defs = build_defs(settings)  # validates the config file first
     lk = Lake(lake)
     lk.ensure_writable()
-    files = [f for location in inputs for f in list_shard_files(location)]
-    if not files:
-        raise SystemExit(f"error: no shard files (.parquet, .csv, .tsv, .jsonl, optionally .gz) in {', '.join(inputs)}")
-    registry.register(lk, files)
-    keys = [shard_key(f) for f in files]
-    instance = instance or _instance()
-    known = set(instance.get_dynamic_partitions(shards.name))
-    new = [k for k in dict.fromkeys(keys) if k not in known]
-    if new:
-        instance.add_dynamic_partitions(shards.name, new)
-
     graph = defs.resolve_asset_graph()
     all_keys = graph.get_all_asset_keys()
     chosen, missing = set(all_keys), []
@@ -96,7 +91,24 @@ def run_pipeline(inputs: list[str], lake: str, config: str | None, select: str |
             chosen |= hits
             missing += [] if hits else [item]
     if missing:
-        raise SystemExit(f"error: unknown asset(s) {', '.join(missing)}; known: {', '.join(sorted(k.to_user_string() for k in all_keys))}")
+        raise LaionAssetsError(f"unknown asset(s) {', '.join(missing)}; known: {', '.join(sorted(k.to_user_string() for k in all_keys))}")
+
+    scans = [scan_inputs(location) for location in inputs]
+    for path, why in (skip for scan in scans for skip in scan.skipped):
+        print(f"skipped {path}: {why}", flush=True)
+    files = [f for scan in scans for f in scan.files]
+    if not files:
+        raise LaionAssetsError(f"no shard files ({SUPPORTED}) in {', '.join(inputs)}")
+    for f in files:
+        check_shard_file(f)  # refused before anything is registered
+    registry.register(lk, files)
+    keys = [shard_key(f) for f in files]
+    instance = instance or _instance()
+    known = set(instance.get_dynamic_partitions(shards.name))
+    new = [k for k in dict.fromkeys(keys) if k not in known]
+    if new:
+        instance.add_dynamic_partitions(shards.name, new)
+
     job_def = define_asset_job("laion_assets_run", selection=AssetSelection.assets(*chosen), partitions_def=shards)
     job = Definitions.merge(defs, Definitions(jobs=[job_def])).resolve_job_def("laion_assets_run")
     order = [k for k in graph.toposorted_asset_keys if k in chosen]
@@ -190,9 +202,11 @@ def cmd_migrate_embeddings(args) -> int:
 def cmd_sample_server(args) -> int:
     from laion_assets.core.sample import SampleServer
 
+    from laion_assets.core.errors import LaionAssetsError
+
     site = Path(args.data) / "demo" / "site"
     if not site.is_dir():
-        raise SystemExit("error: no demo sample yet: run `make demo` first")
+        raise LaionAssetsError("no demo sample yet: run `make demo` first")
     with SampleServer(site, port=args.port) as server:
         print(f"serving {site} at {server.base_url} (Ctrl-C to stop)")
         try:

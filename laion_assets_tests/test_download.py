@@ -24,7 +24,6 @@ from laion_assets.core.download import I2D_STATUS, STATUSES, ShardDownloader, _C
 from laion_assets.core.ingest import shard_key
 from laion_assets.core.lake import Lake
 from laion_assets_tests.conftest import make_config
-from laion_assets_tests.test_fetch import testsite  # noqa: F401  (fixture)
 
 LOCAL = ("127.0.0.1/32",)
 

@@ -6,185 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from urllib.parse import unquote
 
 import pytest
-from aiohttp.abc import AbstractResolver
 
 from laion_assets.core.config import DownloadConfig
-from laion_assets.core.fetch import AddressRefused, Fetcher, GuardedResolver, literal_address, opted_out
+from laion_assets.core.fetch import AddressRefused, Fetcher, GuardedResolver, literal_address, opted_out, retry_after_s
+from laion_assets_tests.faultsite import StubResolver, testsite  # noqa: F401  (fixture)
 
 LOCAL = ("127.0.0.1/32",)
-
-
-class SiteState:
-    """State shared by the handler threads: request counts per path, connections, UAs."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.lock = threading.Lock()
-        self.hits: Counter = Counter()
-        self.flaky: Counter = Counter()
-        self.inflight = 0
-        self.max_inflight = 0
-        self.sleeping = 0
-        self.max_sleeping = 0  # concurrency seen by the /sleep route
-        self.peers: set = set()
-        self.user_agents: list[str] = []
-
-    def count(self, path: str) -> int:
-        with self.lock:
-            return self.hits[path]
-
-
-class Handler(BaseHTTPRequestHandler):
-    """Routes (path segments):
-    /img/<file>                     the file
-    /robots/<quoted value>/<file>   the file with X-Robots-Tag: <value>, body sent slowly
-    /flaky/<n>/<key>/<file>         503 (Retry-After: 0) the first n times per key, then the file
-    /status/<code>/<key>            that status
-    /sleep/<ms>/<key>/<file>        the file after a delay (counts concurrency)
-    /stall/<key>                    headers, then a body that never finishes
-    /chunked/<file>                 the file without Content-Length (chunked)
-    /to/<quoted url>                302 to that URL
-    /loop/<n>                       302 to /loop/<n+1>, forever
-    """
-
-    protocol_version = "HTTP/1.1"  # keep-alive, so connection reuse is observable
-    site: SiteState
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def _send(self, code: int, body: bytes = b"", headers: dict | None = None, ctype="image/jpeg") -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _file(self, name: str) -> bytes:
-        return (self.site.root / Path(name).name).read_bytes()
-
-    def do_GET(self) -> None:
-        site = self.site
-        path = self.path.split("?", 1)[0]
-        parts = path.lstrip("/").split("/")
-        with site.lock:
-            site.hits[path] += 1
-            site.peers.add(self.client_address)
-            site.user_agents.append(self.headers.get("User-Agent", ""))
-            site.inflight += 1
-            site.max_inflight = max(site.max_inflight, site.inflight)
-        try:
-            self._route(parts)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        finally:
-            with site.lock:
-                site.inflight -= 1
-
-    def _route(self, parts: list[str]) -> None:
-        kind = parts[0]
-        if kind == "img":
-            self._send(200, self._file(parts[1]))
-        elif kind == "robots":
-            body = self._file(parts[2]) * 20
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("X-Robots-Tag", unquote(parts[1]))
-            self.end_headers()
-            self.wfile.flush()
-            for i in range(0, len(body), 4096):  # slowly: a client reading it would take ~seconds
-                self.wfile.write(body[i:i + 4096])
-                time.sleep(0.05)
-        elif kind == "flaky":
-            n, key = int(parts[1]), parts[2]
-            with self.site.lock:
-                self.site.flaky[key] += 1
-                fail = self.site.flaky[key] <= n
-            if fail:
-                self._send(503, b"busy", {"Retry-After": "0"}, "text/plain")
-            else:
-                self._send(200, self._file(parts[3]))
-        elif kind == "status":
-            self._send(int(parts[1]), b"status", ctype="text/plain")
-        elif kind == "sleep":
-            with self.site.lock:
-                self.site.sleeping += 1
-                self.site.max_sleeping = max(self.site.max_sleeping, self.site.sleeping)
-            time.sleep(int(parts[1]) / 1000)
-            with self.site.lock:
-                self.site.sleeping -= 1
-            self._send(200, self._file(parts[3]))
-        elif kind == "stall":
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", "100000")
-            self.end_headers()
-            self.wfile.write(b"\xff\xd8\xff")
-            self.wfile.flush()
-            time.sleep(3)
-        elif kind == "chunked":
-            body = self._file(parts[1])
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            for i in range(0, len(body), 8192):
-                piece = body[i:i + 8192]
-                self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
-            self.wfile.write(b"0\r\n\r\n")
-        elif kind == "to":
-            self._send(302, b"", {"Location": unquote(parts[1])}, "text/plain")
-        elif kind == "loop":
-            self._send(302, b"", {"Location": f"/loop/{int(parts[1]) + 1}"}, "text/plain")
-        else:
-            self._send(404, b"not found", ctype="text/plain")
-
-
-@pytest.fixture(scope="module")
-def testsite(tmp_path_factory):
-    """A keep-alive test server on 127.0.0.1 serving a few real JPEGs (yields (site, base_url))."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("testsite")
-    for i, size in enumerate([(320, 240), (640, 480), (200, 300)]):
-        Image.new("RGB", size, (40 * i, 100, 200)).save(root / f"p{i}.jpg", quality=90)
-    site = SiteState(root)
-    handler = type("H", (Handler,), {"site": site})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield site, f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-
-
-class StubResolver(AbstractResolver):
-    """Maps test host names to fixed addresses (no DNS traffic); records what it was asked."""
-
-    def __init__(self, table: dict[str, str]):
-        self.table = table
-        self.asked: list[str] = []
-
-    async def resolve(self, host, port=0, family=socket.AF_INET):
-        self.asked.append(host)
-        if host not in self.table:
-            raise OSError(f"stub resolver: unknown host {host}")
-        return [{"hostname": host, "host": self.table[host], "port": port, "family": socket.AF_INET, "proto": 0, "flags": 0}]
-
-    async def close(self) -> None:
-        pass
 
 
 def fetch_all(cfg: DownloadConfig, urls: list[str], resolver=None):
@@ -285,10 +115,10 @@ def test_only_http_and_https(testsite):
     from urllib.parse import quote
 
     site, base = testsite
-    assert fetch(cfg(), "ftp://127.0.0.1/a.jpg").status == "failed_download"
-    assert fetch(cfg(), "file:///etc/passwd").status == "failed_download"
+    assert fetch(cfg(), "ftp://127.0.0.1/a.jpg").status == "refused_scheme"
+    assert fetch(cfg(), "file:///etc/passwd").status == "refused_scheme"
     got = fetch(cfg(), f"{base}/to/{quote('file:///etc/passwd', safe='')}")
-    assert got.status == "failed_download" and "scheme" in got.error
+    assert got.status == "refused_scheme" and "file:" in got.error and got.http_status == 302
 
 
 # -- opt-out ---------------------------------------------------------------------------------
@@ -389,7 +219,7 @@ def test_max_body_bytes(testsite):
     small = cfg(max_body_bytes=1024)
     for url in (f"{base}/img/p1.jpg", f"{base}/chunked/p1.jpg"):
         got = fetch(small, url)
-        assert got.status == "failed_download" and "max_body_bytes" in got.error and got.body is None
+        assert got.status == "too_large" and "max_body_bytes" in got.error and got.body is None
     got = fetch(cfg(), f"{base}/chunked/p1.jpg")
     assert got.status == "success" and len(got.body) == size
 
@@ -406,3 +236,14 @@ def test_per_host_limit_and_connection_reuse(testsite):
     assert [g.status for g in got] == ["success"] * 30
     assert site.max_sleeping == 3
     assert len(site.peers) <= 3  # keep-alive: 30 requests over at most 3 connections
+
+
+def test_retry_after_forms():
+    import email.utils
+
+    assert retry_after_s("120") == 120.0
+    assert retry_after_s(" 0 ") == 0.0
+    in_a_minute = retry_after_s(email.utils.formatdate(time.time() + 60, usegmt=True))
+    assert 58 <= in_a_minute <= 60
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past: no wait
+    assert retry_after_s("soon") is None and retry_after_s(None) is None and retry_after_s("-5") is None

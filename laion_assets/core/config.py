@@ -25,6 +25,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class IngestConfig(_Strict):
+    """How raw_urls reads a shard."""
+
+    min_usable_rate: float = Field(
+        0.5, gt=0, le=1, description="raw_urls gate: share of input rows with a fetchable URL (not kept out)"
+    )
+
+
 class DownloadConfig(_Strict):
     """How the images stage fetches URLs."""
 
@@ -36,6 +44,9 @@ class DownloadConfig(_Strict):
     retries: int = Field(1, ge=0, description="extra tries for timeouts, resets, 429 and 5xx")
     backoff_s: float = Field(0.5, ge=0, description="first retry delay, doubled each try")
     max_redirects: int = Field(5, ge=0)
+    max_retry_after_s: float = Field(
+        5.0, ge=0, description="longest Retry-After waited for; a longer one fails at once (retryable)"
+    )
     max_body_bytes: int = Field(32 * 2**20, ge=1024)
     user_agent_token: str | None = Field(None, description="your token in the User-Agent")
     user_agent_url: str = "https://github.com/laion-ai/laion_assets"
@@ -202,6 +213,7 @@ class MaintenanceConfig(_Strict):
 
 
 class PipelineConfig(_Strict):
+    ingest: IngestConfig = IngestConfig()
     download: DownloadConfig = DownloadConfig()
     images: ImageConfig = ImageConfig()
     embeddings: EmbeddingConfig = EmbeddingConfig()

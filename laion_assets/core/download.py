@@ -58,15 +58,19 @@ IMAGES_SCHEMA = pa.schema(
     ]
 )
 
+# Every status an images row can have: the single source of truth (gate, README table, UI).
 STATUSES = (
     "success", "http_error", "failed_download", "failed_decode", "opted_out", "refused_address",
-    "blocked", "too_small", "bad_aspect_ratio", "too_large",
+    "refused_scheme", "blocked", "too_small", "bad_aspect_ratio", "too_large",
 )
-# img2dataset's three outcomes, for comparisons and exports
+# img2dataset's three outcomes, for comparisons and exports. too_large covers both bodies over
+# max_body_bytes and images over max_image_area: img2dataset has no body cap and would have
+# downloaded such a body, then failed (or not) to resize it.
 I2D_STATUS = {
     "success": "success",
     "http_error": "failed_to_download", "failed_download": "failed_to_download",
-    "opted_out": "failed_to_download", "refused_address": "failed_to_download", "blocked": "failed_to_download",
+    "opted_out": "failed_to_download", "refused_address": "failed_to_download",
+    "refused_scheme": "failed_to_download", "blocked": "failed_to_download",
     "failed_decode": "failed_to_resize", "too_small": "failed_to_resize",
     "bad_aspect_ratio": "failed_to_resize", "too_large": "failed_to_resize",
 }

@@ -4,7 +4,10 @@ The SSRF guard sits in the resolver: every host name is resolved, every address 
 and only then does the connector connect, to exactly the checked addresses (no second lookup
 an attacker could rebind). IP-literal hosts skip resolvers in aiohttp, so they are checked
 before the request (legacy numeric forms such as `2130706433` or `127.1` included).
-Redirects are followed by hand so each hop passes the same checks.
+Redirects are followed by hand so each hop passes the same checks; a hop to another scheme
+(file:, ftp:, data: ...) is refused by policy (`refused_scheme`), like a private address
+(`refused_address`). URLs (and each `Location`) are parsed the WHATWG way (core.urls) and
+handed to aiohttp already encoded, so they are sent as a browser would send them.
 
 Concurrency: the caller bounds the total in flight; the Fetcher bounds requests per host with
 its own semaphores, taken *before* a request's clock starts, so waiting for a busy host never
@@ -15,12 +18,15 @@ shard with many URLs of one host into spurious timeouts).
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import ipaddress
 import random
 import re
 import socket
+import time
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import timezone
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
@@ -28,6 +34,7 @@ from yarl import URL
 
 from laion_assets import __version__
 from laion_assets.core.config import DownloadConfig
+from laion_assets.core.urls import FETCHABLE, BadURL, fetchable, resolve, scheme_of
 
 RETRYABLE_HTTP = {408, 425, 429, 500, 502, 503, 504}
 REDIRECTS = {301, 302, 303, 307, 308}
@@ -42,7 +49,7 @@ class AddressRefused(Exception):
 
 @dataclass(slots=True)
 class Fetched:
-    status: str  # success | http_error | failed_download | opted_out | refused_address
+    status: str  # success | http_error | failed_download | too_large | opted_out | refused_address | refused_scheme
     error: str | None = None
     http_status: int | None = None
     content_type: str | None = None
@@ -128,10 +135,18 @@ def opted_out(headers, directives, token: str | None) -> str | None:
     return None
 
 
-def _retry_after(value: str | None) -> float | None:
-    if value and value.strip().isdigit():
-        return float(value.strip())
-    return None
+def retry_after_s(value: str | None) -> float | None:
+    """Seconds a `Retry-After` asks for: delay-seconds or an HTTP date (RFC 9110), else None."""
+    value = (value or "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - time.time())
 
 
 class Fetcher:
@@ -169,43 +184,60 @@ class Fetcher:
         await self.session.close()
 
     async def fetch(self, url: str) -> Fetched:
-        """Fetch with retries (timeouts, resets, 429, 5xx only) and exponential backoff with
-        jitter; a `Retry-After` in seconds is honoured up to the total timeout."""
+        """Fetch the WHATWG form of `url` with retries (timeouts, resets, 429, 5xx only) and
+        exponential backoff with jitter. A `Retry-After` (seconds or HTTP date) is waited for
+        up to `max_retry_after_s`; a longer one ends the fetch at once, still retryable, so
+        `--retry-failures` picks the row up later."""
+        try:
+            href = fetchable(url)
+        except BadURL as e:
+            status = "refused_scheme" if e.reason == "unsupported_scheme" else "failed_download"
+            return Fetched(status, f"{e.reason}: {e.detail}", attempts=0)
+        cfg = self.cfg
         result = Fetched("failed_download")
-        for attempt in range(self.cfg.retries + 1):
+        for attempt in range(cfg.retries + 1):
             if attempt:
-                delay = self.cfg.backoff_s * 2 ** (attempt - 1) * random.uniform(0.75, 1.25)
-                if result.retry_after is not None:
-                    delay = max(delay, min(result.retry_after, self.cfg.total_timeout_s))
-                await asyncio.sleep(delay)
-            result = await self._fetch_once(url)
+                delay = cfg.backoff_s * 2 ** (attempt - 1) * random.uniform(0.75, 1.25)
+                await asyncio.sleep(max(delay, result.retry_after or 0.0))
+            result = await self._fetch_once(href)
             result.attempts = attempt + 1
             if not result.retryable:
                 break
+            if result.retry_after is not None and result.retry_after > cfg.max_retry_after_s:
+                result.error += f", Retry-After {result.retry_after:.0f} s > max_retry_after_s {cfg.max_retry_after_s:g}"
+                break
         return result
 
-    async def _fetch_once(self, url: str) -> Fetched:
+    async def _fetch_once(self, href: str) -> Fetched:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         deadline = None
+        visited = [href]
         try:
-            current = URL(url, encoded=False)
             for _ in range(cfg.max_redirects + 1):
-                if current.scheme not in ("http", "https"):
-                    return Fetched("failed_download", f"unsupported scheme '{current.scheme}'")
-                host = self._check_literal(current.host)
+                current = URL(visited[-1], encoded=True)  # already WHATWG-encoded: sent as is
+                host = self._check_literal(current.raw_host)
                 async with self._hosts[host]:
                     if deadline is None:  # the clock starts once a slot is ours
                         deadline = loop.time() + cfg.total_timeout_s
                     async with asyncio.timeout_at(deadline):
                         async with self.session.get(current, allow_redirects=False) as resp:
                             if resp.status in REDIRECTS and "Location" in resp.headers:
-                                current = current.join(URL(resp.headers["Location"]))
+                                target = resolve(visited[-1], resp.headers["Location"])
+                                if scheme_of(target) not in FETCHABLE:
+                                    return Fetched(
+                                        "refused_scheme", f"redirect to a {scheme_of(target)}: URL (only http/https are fetched)",
+                                        resp.status,
+                                    )
+                                visited.append(target)
                                 continue
                             return await self._read(resp)
-            return Fetched("failed_download", f"more than {cfg.max_redirects} redirects")
+            loop_note = " (a loop)" if len(set(visited)) < len(visited) else ""
+            return Fetched("failed_download", f"more than {cfg.max_redirects} redirects{loop_note}")
         except AddressRefused as e:
             return Fetched("refused_address", str(e))
+        except BadURL as e:
+            return Fetched("failed_download", e.detail)
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
             return Fetched("failed_download", "timeout", retryable=True)
         except aiohttp.ClientConnectorDNSError as e:
@@ -233,7 +265,7 @@ class Fetcher:
             retryable = resp.status in RETRYABLE_HTTP
             return Fetched(
                 "http_error", f"HTTP {resp.status}", resp.status, ctype, retryable=retryable,
-                retry_after=_retry_after(resp.headers.get("Retry-After")) if retryable else None,
+                retry_after=retry_after_s(resp.headers.get("Retry-After")) if retryable else None,
             )
         directive = opted_out(resp.headers, self.directives, cfg.user_agent_token)
         if directive:
@@ -243,15 +275,18 @@ class Fetcher:
         length = resp.content_length
         if length is not None and length > cfg.max_body_bytes:
             resp.close()
-            return Fetched("failed_download", f"body {length} B > max_body_bytes {cfg.max_body_bytes}", resp.status, ctype)
+            return Fetched("too_large", f"body {length} B > max_body_bytes {cfg.max_body_bytes}", resp.status, ctype)
         if length is not None and "Content-Encoding" not in resp.headers:
             body = await resp.read()  # one buffer; aiohttp stops at Content-Length
-            return Fetched("success", None, resp.status, ctype, body)
-        chunks, size = [], 0
-        async for chunk in resp.content.iter_chunked(1 << 16):
-            size += len(chunk)
-            if size > cfg.max_body_bytes:  # counts decoded bytes: gzip bombs stop here too
-                resp.close()
-                return Fetched("failed_download", f"body > max_body_bytes {cfg.max_body_bytes}", resp.status, ctype)
-            chunks.append(chunk)
-        return Fetched("success", None, resp.status, ctype, b"".join(chunks))
+        else:
+            chunks, size = [], 0
+            async for chunk in resp.content.iter_chunked(1 << 16):
+                size += len(chunk)
+                if size > cfg.max_body_bytes:  # counts decoded bytes: gzip bombs stop here too
+                    resp.close()
+                    return Fetched("too_large", f"body > max_body_bytes {cfg.max_body_bytes} (stopped at {size} B)", resp.status, ctype)
+                chunks.append(chunk)
+            body = b"".join(chunks)
+        if not body:
+            return Fetched("failed_download", "empty body (HTTP 200, 0 bytes)", resp.status, ctype)
+        return Fetched("success", None, resp.status, ctype, body)

@@ -76,7 +76,8 @@ class ImageProcessor:
         cfg = self.cfg
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                # our own max_decode_pixels check below decides (Pillow still refuses > 2x its limit)
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 img = Image.open(io.BytesIO(data), formats=_DECODERS)
                 w, h = img.size
         except UnidentifiedImageError:
@@ -129,7 +130,7 @@ class ImageProcessor:
             img.draft("RGB", (th, tw) if rotated else (tw, th))
         if orientation != 1:
             img = ImageOps.exif_transpose(img)  # copies: only when there is something to do
-        if img.mode in ("L", "RGB"):
+        if img.mode in ("L", "RGB") and "transparency" not in img.info:
             # resize first: a grey image costs a third to resample, then becomes RGB
             if img.size != (tw, th):
                 img = img.resize((tw, th), self._filter(img.size, (tw, th)), reducing_gap=3.0)
@@ -151,16 +152,50 @@ class ImageProcessor:
         return buf.getvalue(), img.size
 
 
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB on white for transparent images (palette, LA, RGBA); plain convert otherwise."""
-    if img.mode == "RGB":
+    """RGB with the picture intact: transparent images (alpha, or a transparent palette index or
+    colour) on white; 16-bit, 32-bit and float greys scaled to 8 bits (Pillow's convert clips
+    them, which turned a 16-bit PNG white); every other mode (1, L, P, CMYK, LAB, YCbCr) by
+    Pillow's convert."""
+    if img.mode == "RGB" and "transparency" not in img.info:
         return img
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _eight_bit(img)
+    if img.mode in ALPHA_MODES or "transparency" in img.info:
         img = img.convert("RGBA")
         bg = Image.new("RGB", img.size, (255, 255, 255))
         bg.paste(img, mask=img.getchannel("A"))
         return bg
     return img.convert("RGB")
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """An 8-bit grey ("L") image from a 16-bit (I;16*), 32-bit integer (I) or float (F) one.
+
+    16-bit modes scale by 1/257 (65535 -> 255). I and F carry no declared range, so it is read
+    from the pixels: 0..1 (floats) is scaled by 255, 0..255 kept, 0..65535 scaled like 16-bit;
+    anything else fails (failed_decode) rather than guessing."""
+    import numpy as np
+
+    a = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        scale = 257.0
+    else:
+        if not np.isfinite(a).all():
+            raise ValueError(f"{img.mode} image has non-finite pixels")
+        lo, hi = float(a.min()), float(a.max())
+        if img.mode == "F" and lo >= 0 and hi <= 1:
+            scale = 1 / 255
+        elif lo >= 0 and hi <= 255:
+            scale = 1.0
+        elif lo >= 0 and hi <= 65535:
+            scale = 257.0
+        else:
+            raise ValueError(f"{img.mode} pixels range {lo:g}..{hi:g}: no known 8-bit scale")
+    return Image.fromarray(np.clip(np.rint(a / scale), 0, 255).astype(np.uint8), "L")
 
 
 

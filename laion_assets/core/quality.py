@@ -94,13 +94,20 @@ def validate(stage: str, shard: str, df: pl.DataFrame, expectations: list[Expect
 
 # -- suites --------------------------------------------------------------------------------
 
-def raw_urls_suite(expected_rows: int) -> list[Expectation]:
+def raw_urls_suite(input_rows: int, reasons: tuple[str, ...], min_usable_rate: float) -> list[Expectation]:
+    """On every input row (kept and kept out): each row once, kept rows with a unique uid and
+    an http(s) URL to fetch, kept-out rows with a known reason, and enough rows kept."""
+    kept = {"row_condition": "kept == True", "condition_parser": "pandas"}
     return [
-        Expectation("ExpectTableRowCountToEqual", {"value": expected_rows}),
-        Expectation("ExpectColumnValuesToNotBeNull", {"column": "uid"}),
-        Expectation("ExpectColumnValuesToBeUnique", {"column": "uid"}),
-        Expectation("ExpectColumnValuesToNotBeNull", {"column": "url"}),
-        Expectation("ExpectColumnValuesToMatchRegex", {"column": "url", "regex": r"^[Hh][Tt][Tt][Pp][Ss]?://"}),
+        Expectation("ExpectTableRowCountToEqual", {"value": input_rows}),
+        Expectation("ExpectColumnValuesToBeUnique", {"column": "source_row"}),
+        Expectation("ExpectColumnValuesToBeBetween", {"column": "source_row", "min_value": 0, "max_value": input_rows - 1}),
+        Expectation("ExpectColumnValuesToNotBeNull", {"column": "uid", **kept}),
+        Expectation("ExpectColumnValuesToBeUnique", {"column": "uid", **kept}),
+        Expectation("ExpectColumnValuesToNotBeNull", {"column": "fetch_url", **kept}),
+        Expectation("ExpectColumnValuesToMatchRegex", {"column": "fetch_url", "regex": r"^https?://[^/?#]", **kept}),
+        Expectation("ExpectColumnValuesToBeInSet", {"column": "kept_out_reason", "value_set": list(reasons)}),
+        Expectation("ExpectColumnValuesToBeNull", {"column": "kept_out_reason", "mostly": min_usable_rate}),
     ]
 
 

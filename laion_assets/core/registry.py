@@ -1,11 +1,14 @@
 """The shard registry: which input file each shard key came from, kept in the lake.
 
 The sensor and `laion-assets run` register files; the raw_urls stage looks its shard up here,
-so a shard materialized from the UI reads the same file as the run that registered it.
+so a shard materialized from the UI reads the same file as the run that registered it. A file
+refused at ingest does not stay registered, and a key whose file was never published can be
+taken over by another file (a corrected copy elsewhere).
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timezone
 
 import polars as pl
@@ -15,6 +18,9 @@ from laion_assets.core.ingest import shard_key
 from laion_assets.core.lake import Lake
 
 TABLE = "_shards"
+PUBLISHED_IN = "raw_urls"  # a shard with rows there was ingested from its registered file
+
+log = logging.getLogger(__name__)
 
 
 def registered(lake: Lake) -> dict[str, str]:
@@ -25,29 +31,50 @@ def registered(lake: Lake) -> dict[str, str]:
     return dict(zip(df["shard"].to_list(), df["source"].to_list()))
 
 
+def _published(lake: Lake, key: str) -> bool:
+    return lake.exists(PUBLISHED_IN) and lake.shard_row_count(PUBLISHED_IN, key) > 0
+
+
+def _rows(entries: dict[str, str]) -> pl.DataFrame:
+    return pl.DataFrame({"shard": list(entries), "source": list(entries.values())}).with_columns(
+        registered_at=pl.lit(datetime.now(timezone.utc))
+    )
+
+
 def register(lake: Lake, sources: list[str]) -> dict[str, str]:
-    """Register files as shards; returns the keys that are new. Same file twice: nothing new."""
+    """Register files as shards; returns the keys that are new (or moved to another file).
+    Same file twice: nothing new. Two files with one key: refused, unless the key's file is
+    not among `sources` and was never published (then the new file takes the key over)."""
     known = registered(lake)
+    given = set(sources)
     new: dict[str, str] = {}
+    moved: dict[str, str] = {}
     for source in sources:
         key = shard_key(source)
-        owner = known.get(key) or new.get(key)
+        owner = new.get(key) or moved.get(key) or known.get(key)
         if owner is None:
             new[key] = source
-        elif owner != source:
+        elif owner == source:
+            continue
+        elif owner in given or _published(lake, key):
             raise LaionAssetsError(
                 f"shard key '{key}' is already registered for {owner}; rename {source} so its "
                 "file name (without extensions) is unique"
             )
+        else:
+            log.warning("shard %s: %s takes over the key from %s, which was never published", key, source, owner)
+            moved[key] = source
     if new:
-        now = datetime.now(timezone.utc)
-        lake.append(
-            TABLE,
-            pl.DataFrame({"shard": list(new), "source": list(new.values())}).with_columns(
-                registered_at=pl.lit(now)
-            ),
-        )
-    return new
+        lake.append(TABLE, _rows(new))
+    for key, source in moved.items():
+        lake.publish_shard(TABLE, key, _rows({key: source}))
+    return {**new, **moved}
+
+
+def release(lake: Lake, key: str) -> None:
+    """Forget a shard's file after ingest refused it, unless rows from it were published."""
+    if lake.exists(TABLE) and not _published(lake, key):
+        lake.delete_shard(TABLE, key)
 
 
 def source_of(lake: Lake, shard: str) -> str:
