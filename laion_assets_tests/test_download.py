@@ -61,7 +61,7 @@ def test_every_fault_gets_its_status(server, shard_rows, site, decode):
         kind = url.split("/")[3] if url.startswith("http") else "bad"
         expected = {
             "img": "success", "redirect": "success", "missing": "http_error", "error": "http_error",
-            "html": "failed_decode", "truncated": "failed_decode", "noai": "opted_out", "bad": "failed_download",
+            "html": "failed_decode", "truncated": "failed_decode", "noai": "opted_out", "bad": "refused_scheme",
         }[kind]
         assert r["status"] == expected, (url, r["status"], r["error"])
         assert (r["image"] is not None) == (r["status"] == "success")

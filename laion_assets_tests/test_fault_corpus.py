@@ -109,3 +109,18 @@ def test_every_input_row_has_exactly_one_fate(corpus):
 def test_private_names_were_resolved_by_the_stub_only(corpus):
     asked = set(corpus.resolver.asked)
     assert {"internal.test", "metadata.test", "home.test", "cgnat.test", "ula6.test", "link6.test", "xn--bcher-kva.test"} <= asked
+
+
+def test_readme_documents_every_status_and_reason():
+    from pathlib import Path
+
+    from laion_assets.core.download import I2D_STATUS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for status in STATUSES:
+        assert f"| `{status}` |" in readme and f"| {I2D_STATUS[status]} |" in readme, status
+    for reason in REASONS:
+        assert f"| `{reason}` |" in readme, reason
+    assert set(I2D_STATUS) == set(STATUSES)
+    # the corpus exercises every status the network and decode halves can produce
+    assert {c.status for c in CASES} >= set(STATUSES) - {"blocked", "too_small", "bad_aspect_ratio", "opted_out"}

@@ -215,32 +215,6 @@ def test_downstream_follows_only_passed_checks(env, instance, tmp_path):
     assert after_ok.get_requested_partitions(AssetKey(["embeddings", "tiny"])) == {"shard-a"}
 
 
-@pytest.mark.parametrize(
-    "case, message",
-    [
-        ("no_url_column", "has no URL column"),
-        ("empty_file", "is empty"),
-        ("corrupt_parquet", "could not be read as parquet"),
-    ],
-)
-def test_bad_input_files_fail_clearly_and_keep_published_shards(env, instance, tmp_path, case, message):
-    run(env, instance, select="raw_urls")
-    lake = Lake(env["lake"])
-    before = pl.read_delta(lake.table_uri("raw_urls")).sort("uid")
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    if case == "no_url_column":
-        pl.DataFrame({"link": ["https://x.example/a.jpg"], "TEXT": ["t"]}).write_parquet(bad / "bad-1.parquet")
-    elif case == "empty_file":
-        (bad / "bad-1.csv").write_text("")
-    else:
-        (bad / "bad-1.parquet").write_bytes(b"PAR1 garbage")
-    summary = run(env, instance, inputs=bad, select="raw_urls")
-    [line] = summary.lines
-    assert line.status == "FAILED" and message in line.detail and "\n" not in line.detail
-    assert pl.read_delta(lake.table_uri("raw_urls")).sort("uid").equals(before)
-
-
 @pytest.mark.slow
 def test_unknown_model_and_mismatched_head_fail_clearly(env, instance):
     from laion_assets.core.config import EmbeddingConfig, HeadConfig, ScoresConfig, SpaceConfig

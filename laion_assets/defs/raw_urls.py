@@ -14,8 +14,9 @@ from laion_assets.defs.resources import LakeResource, PipelineResource
     group_name="laion",
 )
 def raw_urls(context: AssetExecutionContext, lake: LakeResource, pipeline: PipelineResource):
-    """Input rows of one shard: `uid` (LAION's mmh3.hash64(url+text)[0]), `url`, `caption`
-    and every source column. Rows without a usable http(s) URL are kept out and counted."""
+    """Input rows of one shard: `uid` (LAION's mmh3.hash64(url+text)[0]), `url`, `caption`,
+    `source_row`, `fetch_url` (WHATWG form) and every source column. Rows without a fetchable
+    http(s) URL, and repeats, are kept out into `raw_urls_rejected` with their reason."""
     lk = lake.lake()
     yield from run_stage(
         context, lk, stages.RAW_URLS,
