@@ -4,18 +4,26 @@ from laion_assets.core import quality
 
 
 def test_failing_expectations_are_named_with_what_they_saw():
-    df = pl.DataFrame({"uid": [1, 1, None], "url": ["https://a", "ftp://b", None]})
-    report = quality.validate("raw_urls", "s", df, quality.raw_urls_suite(expected_rows=4))
+    df = pl.DataFrame({  # the raw_urls audit frame: every input row, kept or kept out
+        "source_row": [0, 0, 1, 7], "uid": ["1", "1", None, None],
+        "fetch_url": ["https://a", "ftp://b", None, None], "kept": [True, True, True, False],
+        "kept_out_reason": [None, None, None, "lost"],
+    })
+    report = quality.validate("raw_urls", "s", df, quality.raw_urls_suite(5, ("missing_url",), 0.9))
     assert not report.success
     failed = {r.label for r in report.results if not r.passed}
     assert failed == {
         "expect_table_row_count_to_equal",
+        "expect_column_values_to_be_unique(source_row)",
+        "expect_column_values_to_be_between(source_row)",
         "expect_column_values_to_not_be_null(uid)",
         "expect_column_values_to_be_unique(uid)",
-        "expect_column_values_to_not_be_null(url)",
-        "expect_column_values_to_match_regex(url)",
+        "expect_column_values_to_not_be_null(fetch_url)",
+        "expect_column_values_to_match_regex(fetch_url)",
+        "expect_column_values_to_be_in_set(kept_out_reason)",
+        "expect_column_values_to_be_null(kept_out_reason)",
     }
-    assert "observed 3" in " ".join(report.failures())
+    assert "observed 4" in " ".join(report.failures())
 
 
 def test_embedding_suite_checks_norms_and_similarity_range():
