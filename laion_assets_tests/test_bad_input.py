@@ -154,3 +154,23 @@ def test_a_shard_of_only_integer_urls_fails_the_run_with_the_reason(tmp_path):
     assert lines["raw_urls"].status == "FAILED" and "malformed_url 2 of 2" in lines["raw_urls"].detail
     assert lines["images"].status == "skipped"
     assert not Lake(tmp_path / "lake").exists(stages.IMAGES)
+
+
+def test_the_sensor_says_what_it_skipped(tmp_path):
+    from dagster import SkipReason, build_sensor_context, instance_for_test
+
+    from laion_assets.defs.definitions import build_defs
+    from laion_assets.defs.resources import InputsResource, LakeResource, Settings
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / ".part-0.csv").write_text("URL\nhttps://a.example/1.jpg\n")
+    (inputs / "readme.md").write_text("hello")
+    lake = str(tmp_path / "lake")
+    defs = build_defs(Settings(lake=lake, inputs=str(inputs), config=None))
+    sensor = defs.get_sensor_def("shard_files")
+    resources = {"inputs": InputsResource(location=str(inputs)), "lake": LakeResource(uri=lake)}
+    with instance_for_test() as instance, build_sensor_context(instance=instance, resources=resources) as ctx:
+        result = sensor(ctx)
+    assert isinstance(result, SkipReason)
+    assert "skipped .part-0.csv: hidden file (name starts with '.'); readme.md: not a shard file" in result.skip_message

@@ -14,7 +14,7 @@ from dagster import (
 
 from laion_assets.core import registry
 from laion_assets.core.errors import LaionAssetsError
-from laion_assets.core.ingest import list_shard_files
+from laion_assets.core.ingest import scan_inputs
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.raw_urls import raw_urls
 from laion_assets.defs.resources import InputsResource, LakeResource
@@ -28,17 +28,20 @@ from laion_assets.defs.resources import InputsResource, LakeResource
 )
 def shard_files(context: SensorEvaluationContext, inputs: InputsResource, lake: LakeResource):
     try:
-        files = list_shard_files(inputs.location)
+        scan = scan_inputs(inputs.location)
     except LaionAssetsError as e:
         return SkipReason(str(e))
+    files = scan.files
     lk = lake.lake()
     registry.register(lk, files)  # raises on a key clash: the tick fails with the message
     present = set(files)
     on_disk = {key for key, source in registry.registered(lk).items() if source in present}
     new = sorted(on_disk - set(context.instance.get_dynamic_partitions(shards.name)))
+    skipped = "; ".join(f"{path.rsplit('/', 1)[-1]}: {why}" for path, why in scan.skipped[:20])
+    skipped = f"; skipped {skipped}" if skipped else ""
     if not new:
-        return SkipReason(f"no new shard files in {inputs.location} ({len(files)} known)")
-    context.log.info(f"registering {len(new)} new shards: {new[:10]}")
+        return SkipReason(f"no new shard files in {inputs.location} ({len(files)} known){skipped}")
+    context.log.info(f"registering {len(new)} new shards: {new[:10]}{skipped}")
     return SensorResult(
         dynamic_partitions_requests=[shards.build_add_request(new)],
         run_requests=[RunRequest(partition_key=k, run_key=f"raw_urls:{k}") for k in new],
