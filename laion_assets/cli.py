@@ -188,12 +188,13 @@ def cmd_demo(args) -> int:
 
 def cmd_migrate_embeddings(args) -> int:
     from laion_assets.core.config import load_config
+    from laion_assets.core.errors import LaionAssetsError
     from laion_assets.core.lake import Lake
     from laion_assets.core.migrate import migrate_embeddings
 
     spaces = load_config(args.config).embeddings.spaces
     if args.space not in spaces:
-        raise SystemExit(f"error: space '{args.space}' is not in embeddings.spaces of the config ({', '.join(spaces)})")
+        raise LaionAssetsError(f"space '{args.space}' is not in embeddings.spaces of the config ({', '.join(spaces)})")
     result = migrate_embeddings(Lake(args.lake), args.space, spaces[args.space].identity, force=args.force)
     print(f"moved the embeddings table to {result['table']} ({result['rows']} rows)" if result["moved"] else result["reason"])
     return 0
