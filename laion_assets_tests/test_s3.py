@@ -56,7 +56,8 @@ def test_pipeline_with_lake_and_inputs_on_s3(s3, shard_rows, tmp_path):
         summary = run_pipeline(["s3://laion/input"], "s3://laion/lake", str(config), "raw_urls,images,embeddings,scores", instance=instance)
     assert [line.status for line in summary.lines] == ["materialized"] * 4, summary.lines
     lake = Lake("s3://laion/lake")
-    assert [t for t in lake.tables() if not t.startswith("_staging")] == ["_shards", "embeddings/tiny", "images", "raw_urls", "scores"]
+    assert [t for t in lake.tables() if not t.startswith("_staging")] == ["_shards", "embeddings/tiny", "images", "raw_urls", "raw_urls_rejected", "scores"]
+    assert lake.shard_row_count("raw_urls_rejected", "part-s3") == 2  # the rows without a fetchable URL
     images = pl.read_delta("s3://laion/lake/images")
     assert images.height == lake.shard_row_count("raw_urls", "part-s3")
     assert images.filter(pl.col("status") == "success")["image"].null_count() == 0
