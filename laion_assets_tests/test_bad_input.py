@@ -12,7 +12,7 @@ from laion_assets.core import registry, stages
 from laion_assets.core.config import IngestConfig
 from laion_assets.core.errors import LaionAssetsError, ValidationFailed
 from laion_assets.core.lake import Lake
-from laion_assets.core.stages.raw_urls import RAW_URLS_REJECTED
+from laion_assets.core.stages.raw_urls import RAW_URLS_REJECTED, input_row_fates
 from laion_assets_tests.conftest import make_config, write_config
 
 GOOD = pl.DataFrame({"URL": ["https://a.example/1.jpg", "https://a.example/2.jpg"], "TEXT": ["one", "two"]})
@@ -99,6 +99,10 @@ def test_the_usable_rows_floor_is_configurable(tmp_path):
     assert (out.stats["input_rows"], out.stats["rows"]) == (4, 2)
     assert out.stats["kept_out"] == {"missing_url": 1, "unsupported_scheme": 1, "malformed_url": 0, "duplicate_uid": 0}
     assert lake.read_shard(RAW_URLS_REJECTED, key)["source_row"].sort().to_list() == [1, 3]
+    fates = input_row_fates(lake, key)  # before the images stage ran: kept rows have no outcome yet
+    assert fates.select("source_row", "stage", "outcome").rows() == [
+        (0, "images", None), (1, "raw_urls", "unsupported_scheme"), (2, "images", None), (3, "raw_urls", "missing_url"),
+    ]
     with pytest.raises(ValidationFailed, match="kept out: .*unsupported_scheme 1 of 4"):
         stages.run_raw_urls(lake, make_config(ingest=IngestConfig(min_usable_rate=0.9)), key)
 

@@ -81,12 +81,13 @@ def input_row_fates(lake: Lake, shard: str) -> pl.DataFrame:
     """What happened to every input row of a shard, by `source_row`: `outcome` is the images
     status of a kept row (null until images ran) or the reason a row was kept out; `detail`
     the error or the reason's detail."""
+    def read(table: str, columns: dict) -> pl.DataFrame:
+        found = lake.read_shard_or_none(table, shard, list(columns))
+        return pl.DataFrame(schema=columns) if found is None else found
+
     kept = lake.read_shard(RAW_URLS, shard, ["source_row", "uid"])
-    images = (
-        lake.read_shard(IMAGES, shard, ["uid", "status", "error"]) if lake.exists(IMAGES)
-        else pl.DataFrame(schema={"uid": pl.Int64, "status": pl.String, "error": pl.String})
-    )
-    rejected = lake.read_shard(RAW_URLS_REJECTED, shard, ["source_row", "uid", "reason", "detail"])
+    images = read(IMAGES, {"uid": pl.Int64, "status": pl.String, "error": pl.String})
+    rejected = read(RAW_URLS_REJECTED, {"source_row": pl.Int64, "uid": pl.Int64, "reason": pl.String, "detail": pl.String})
     return pl.concat([
         kept.join(images, on="uid", how="left").select(
             "source_row", "uid", stage=pl.lit("images"), outcome="status", detail="error"
