@@ -125,8 +125,13 @@ def _png16(path: Path, arr: np.ndarray) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
+def _image(mode: str, pixels) -> Image.Image:
+    """An 8-bit image of that mode from an (H, W[, bands]) array."""
+    return Image.frombytes(mode, (W, H), np.ascontiguousarray(pixels, np.uint8).tobytes())
+
+
 def _palette() -> Image.Image:
-    p = Image.fromarray(np.where(LEFT, 0, 1).astype(np.uint8), "P")
+    p = _image("P", np.where(LEFT, 0, 1))
     p.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
     return p
 
@@ -142,37 +147,37 @@ def write_mode_images(root: Path) -> dict[str, np.ndarray | None]:
         expected[name] = want
 
     save("mode_1.png", Image.fromarray(~LEFT), _grey(np.where(LEFT, 0, 255)))
-    save("mode_l.png", Image.fromarray((X * 8).astype(np.uint8), "L"), _grey(X * 8))
-    la = Image.merge("LA", [Image.new("L", (W, H), 100), Image.fromarray(np.where(LEFT, 255, 0).astype(np.uint8))])
+    save("mode_l.png", _image("L", X * 8), _grey(X * 8))
+    la = Image.merge("LA", [Image.new("L", (W, H), 100), _image("L", np.where(LEFT, 255, 0))])
     save("mode_la.png", la, _halves((100, 100, 100), (255, 255, 255)))
     save("mode_p_transparent.png", _palette(), _halves((255, 0, 0), (255, 255, 255)), transparency=1)
     save("mode_p_transparent.gif", _palette(), _halves((255, 0, 0), (255, 255, 255)), transparency=1)
     alpha = np.where(LEFT, 255, 128)
-    rgba = Image.fromarray(np.dstack([np.full((H, W), c, np.uint8) for c in (10, 200, 30)] + [alpha.astype(np.uint8)]), "RGBA")
+    rgba = _image("RGBA", np.dstack([np.full((H, W), c) for c in (10, 200, 30)] + [alpha]))
     save("mode_rgba.png", rgba, _on_white(_halves((10, 200, 30), (10, 200, 30)), alpha))
     save("mode_rgba.webp", rgba, _on_white(_halves((10, 200, 30), (10, 200, 30)), alpha), lossless=True)
-    cmyk = Image.fromarray(np.where(LEFT[..., None], [255, 0, 0, 0], [0, 0, 0, 255]).astype(np.uint8), "CMYK")
+    cmyk = _image("CMYK", np.where(LEFT[..., None], [255, 0, 0, 0], [0, 0, 0, 255]))
     save("mode_cmyk.jpg", cmyk, _halves((0, 255, 255), (0, 0, 0)), quality=95)
     save("mode_cmyk.tif", cmyk, _halves((0, 255, 255), (0, 0, 0)))
     v16 = X * 2000  # 0..62000
     save("mode_i16.png", Image.fromarray(v16.astype(np.uint16)), _grey(np.rint(v16 / 257)))
     i16b = Image.frombytes("I;16B", (W, H), v16.astype(">u2").tobytes())  # (Pillow's convert to I;16B clips)
     save("mode_i16b.tif", i16b, _grey(np.rint(v16 / 257)))
-    save("mode_i32.tif", Image.fromarray(v16.astype(np.int32), "I"), _grey(np.rint(v16 / 257)))
-    save("mode_i32_negative.tif", Image.fromarray((v16 - 5000).astype(np.int32), "I"), None)
+    save("mode_i32.tif", Image.fromarray(v16.astype(np.int32)), _grey(np.rint(v16 / 257)))
+    save("mode_i32_negative.tif", Image.fromarray((v16 - 5000).astype(np.int32)), None)
     f = X / (W - 1)
-    save("mode_f.tif", Image.fromarray(f.astype(np.float32), "F"), _grey(np.rint(f * 255)))
-    save("mode_f_nan.tif", Image.fromarray(np.where(LEFT, np.nan, f).astype(np.float32), "F"), None)
+    save("mode_f.tif", Image.fromarray(f.astype(np.float32)), _grey(np.rint(f * 255)))
+    save("mode_f_nan.tif", Image.fromarray(np.where(LEFT, np.nan, f).astype(np.float32)), None)
     rgb16 = np.dstack([v16, 65535 - v16, np.full((H, W), 30000)])
     _png16(root / "mode_rgb16.png", rgb16)
     expected["mode_rgb16.png"] = rgb16 / 257
     alpha16 = np.where(LEFT, 65535, 0)
     _png16(root / "mode_rgba16.png", np.dstack([rgb16, alpha16]))
     expected["mode_rgba16.png"] = _on_white(rgb16 / 257, alpha16 / 257)
-    lab = Image.fromarray(np.where(LEFT[..., None], [150, 100, 200], [60, 180, 90]).astype(np.uint8), "LAB")
+    lab = _image("LAB", np.where(LEFT[..., None], [150, 100, 200], [60, 180, 90]))
     to_srgb = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
     save("mode_lab.tif", lab, np.asarray(ImageCms.applyTransform(lab, to_srgb), float))
-    ycc = Image.fromarray(np.where(LEFT[..., None], [120, 110, 150], [200, 128, 128]).astype(np.uint8), "YCbCr")
+    ycc = _image("YCbCr", np.where(LEFT[..., None], [120, 110, 150], [200, 128, 128]))
     save("mode_ycbcr.jpg", ycc, np.asarray(ycc.convert("RGB"), float), quality=95)
     return expected
 
@@ -217,13 +222,15 @@ def write_bombs(root: Path) -> None:
     (root / "drawing.svg").write_bytes(b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>')
 
 
-# every file write_mode_images makes; those mapped to None must fail (failed_decode)
-MODE_FILES = (
-    "mode_1.png", "mode_l.png", "mode_la.png", "mode_p_transparent.png", "mode_p_transparent.gif",
-    "mode_rgba.png", "mode_rgba.webp", "mode_cmyk.jpg", "mode_cmyk.tif", "mode_i16.png", "mode_i16b.tif",
-    "mode_i32.tif", "mode_i32_negative.tif", "mode_f.tif", "mode_f_nan.tif", "mode_rgb16.png",
-    "mode_rgba16.png", "mode_lab.tif", "mode_ycbcr.jpg",
-)
+# every file write_mode_images makes -> the Pillow mode it decodes to (so each mode is really met)
+MODE_FILES = {
+    "mode_1.png": "1", "mode_l.png": "L", "mode_la.png": "LA", "mode_p_transparent.png": "P",
+    "mode_p_transparent.gif": "P", "mode_rgba.png": "RGBA", "mode_rgba.webp": "RGBA",
+    "mode_cmyk.jpg": "CMYK", "mode_cmyk.tif": "CMYK", "mode_i16.png": "I;16", "mode_i16b.tif": "I;16B",
+    "mode_i32.tif": "I", "mode_i32_negative.tif": "I", "mode_f.tif": "F", "mode_f_nan.tif": "F",
+    "mode_rgb16.png": "RGB", "mode_rgba16.png": "RGBA", "mode_lab.tif": "LAB",
+    "mode_ycbcr.jpg": "RGB",  # a YCbCr JPEG: libjpeg hands over RGB
+}
 FAILING_MODES = ("mode_i32_negative.tif", "mode_f_nan.tif")
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import polars as pl
 import pytest
+from PIL import Image
 
 from laion_assets.core import registry, stages
 from laion_assets.core.config import DownloadConfig, ImageConfig
@@ -43,7 +44,7 @@ def corpus(testsite, tmp_path_factory) -> Corpus:
     site, base = testsite
     port = base.rsplit(":", 1)[1]
     expected_pixels = write_mode_images(site.root)
-    assert set(expected_pixels) == set(MODE_FILES)
+    assert {name: Image.open(site.root / name).mode for name in expected_pixels} == MODE_FILES
     write_bombs(site.root)
     tmp = tmp_path_factory.mktemp("corpus")
     shard = tmp / "faults.parquet"

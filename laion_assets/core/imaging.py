@@ -195,7 +195,7 @@ def _eight_bit(img: Image.Image) -> Image.Image:
             scale = 257.0
         else:
             raise ValueError(f"{img.mode} pixels range {lo:g}..{hi:g}: no known 8-bit scale")
-    return Image.fromarray(np.clip(np.rint(a / scale), 0, 255).astype(np.uint8), "L")
+    return Image.fromarray(np.clip(np.rint(a / scale), 0, 255).astype(np.uint8))  # 2-D uint8: "L"
 
 
 
