@@ -178,3 +178,14 @@ def test_the_sensor_says_what_it_skipped(tmp_path):
         result = sensor(ctx)
     assert isinstance(result, SkipReason)
     assert "skipped .part-0.csv: hidden file (name starts with '.'); readme.md: not a shard file" in result.skip_message
+
+
+def test_a_port_in_use_exits_2(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["demo", "--data", str(tmp_path), "--lake", str(tmp_path / "lake"), "--port", str(port)]) == 2
+    assert f"cannot serve the sample on 127.0.0.1:{port}" in capsys.readouterr().err

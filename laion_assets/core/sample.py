@@ -15,6 +15,8 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
+from laion_assets.core.errors import LaionAssetsError
+
 PHOTOS = {
     "astronaut": "a portrait of an astronaut in a white spacesuit with the flag",
     "coffee": "a cup of coffee on a saucer, seen from above",
@@ -153,7 +155,10 @@ class SampleServer:
 
     def __init__(self, site: Path, port: int = 0):
         handler = type("Handler", (_Handler,), {"site": Path(site)})
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
+        try:
+            self.httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
+        except OSError as e:
+            raise LaionAssetsError(f"cannot serve the sample on 127.0.0.1:{port} ({e.strerror}): pass another --port") from None
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
