@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 import pytest
 
 from laion_assets.core.config import HeadConfig
@@ -56,3 +57,115 @@ def test_wrong_head_file_is_refused(tmp_path):
     junk.write_bytes(b"not torch")
     with pytest.raises(LaionAssetsError, match="not a torch state_dict"):
         load_head("nsfw", HeadConfig(path=str(junk)))
+
+
+# -- every head file computes what it defines: against an independent torch forward pass ----
+
+class KerasNormalization(torch.nn.Module):
+    """The autokeras Normalization layer the NSFW heads start with (models/README.md)."""
+
+    def __init__(self, mean, variance):
+        super().__init__()
+        self.mean, self.variance = mean, variance
+
+    def forward(self, x):
+        return (x - self.mean) / (self.variance.sqrt() + 1e-10)
+
+
+def reference_network(name: str, state: dict) -> torch.nn.Module:
+    """The architecture documented in ../shared/models/README.md, as plain torch modules,
+    loaded with the file's tensors."""
+    from torch import nn
+
+    def linears(module: nn.Sequential) -> nn.Sequential:  # linear_N -> Sequential index
+        keys = [k for k in module.state_dict()]
+        ours = sorted((k for k in state if k.startswith("linear_")), key=lambda k: (int(k.split(".")[0][7:]), k))
+        module.load_state_dict(dict(zip(sorted(keys, key=lambda k: (int(k.split(".")[0]), k)), (state[k] for k in ours))))
+        return module
+
+    if name.startswith("sa_0_4"):
+        net = nn.Sequential(nn.Linear(state["weight"].shape[1], 1))
+        net.load_state_dict({"0.weight": state["weight"], "0.bias": state["bias"]})
+    elif name.startswith("sac+logos"):
+        net = nn.Sequential(
+            nn.Linear(768, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
+        )
+        net.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
+    elif "B-32" in name:  # norm, 512 -> 32 -> 32 -> 1, ReLU between, sigmoid
+        mlp = linears(nn.Sequential(nn.Linear(512, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1), nn.Sigmoid()))
+        net = nn.Sequential(KerasNormalization(state["norm.mean"], state["norm.variance"]), mlp)
+    else:  # L-14: norm, 768 -> 64 -> 512 -> 256 -> 1, ReLU between, sigmoid
+        mlp = linears(nn.Sequential(
+            nn.Linear(768, 64), nn.ReLU(), nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
+            nn.Linear(256, 1), nn.Sigmoid(),
+        ))
+        net = nn.Sequential(KerasNormalization(state["norm.mean"], state["norm.variance"]), mlp)
+    return net.eval()
+
+
+HEAD_FILES = [
+    ("laion-aesthetic-predictor", "sa_0_4_vit_b_32_linear.pth"),
+    ("laion-aesthetic-predictor", "sa_0_4_vit_b_16_linear.pth"),
+    ("laion-aesthetic-predictor", "sa_0_4_vit_l_14_linear.pth"),
+    ("improved-aesthetic-predictor", "sac+logos+ava1-l14-linearMSE.pth"),
+    ("clip-based-nsfw-detector", "clip_ViT-B-32_openai_binary_nsfw_head.pth"),
+    ("clip-based-nsfw-detector", "clip_ViT-L-14_openai_binary_nsfw_head.pth"),
+]
+
+
+@pytest.mark.parametrize("folder, name", HEAD_FILES, ids=[n for _, n in HEAD_FILES])
+def test_head_matches_an_independent_forward_pass(folder, name):
+    import hashlib
+
+    path = shared_file("models", folder, name)
+    head = load_head("score", HeadConfig(path=str(path)))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, head.dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # heads take L2-normalised embeddings
+    if "B-32" in name or "b_32" in name:
+        real = np.load(shared_file("data", "clip-vitb32-embeddings", "vitb32_image_embeddings.npz"))["embeddings"]
+        x = np.concatenate([x, real.astype(np.float32)])
+    with torch.no_grad():
+        expected = reference_network(name, state)(torch.from_numpy(x))[:, 0].numpy()
+    got = head(x)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert expected.std() > 1e-3  # a spread of scores, not a constant both sides agree on
+    assert head.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    if head.kind == "nsfw":
+        assert ((got > 0) & (got < 1)).all()
+
+
+def test_l14_nsfw_head_runs_all_four_layers():
+    """The L/14 file has one more layer than the B/32 one; stopping at linear_3 would give a
+    256-wide activation, not punsafe."""
+    path = shared_file("models", "clip-based-nsfw-detector", "clip_ViT-L-14_openai_binary_nsfw_head.pth")
+    head = load_head("punsafe", HeadConfig(path=str(path), trained_on="ViT-L-14/openai"))
+    assert [p[0].shape for op, *p in head.steps if op == "linear"] == [(64, 768), (512, 64), (256, 512), (1, 256)]
+    assert [op for op, *_ in head.steps] == ["normalize", "linear", "relu", "linear", "relu", "linear", "relu", "linear", "sigmoid"]
+
+
+H14_WIDTHS = [1024, 1024, 2048, 1024, 256, 128, 16, 1]
+
+
+@pytest.mark.parametrize(
+    "shapes, message",
+    [
+        # the ViT-H/14 NSFW head's layout: its ReLU/Dropout positions cannot be read from a
+        # state_dict and its output has no sigmoid, so it is refused, not run as an aesthetic MLP
+        ({f"layers.{i}.{p}": ((H14_WIDTHS[n + 1], H14_WIDTHS[n]) if p == "weight" else (H14_WIDTHS[n + 1],))
+          for n, i in enumerate((0, 3, 6, 9, 12, 15, 16)) for p in ("weight", "bias")}, "match no known head"),
+        ({"norm.mean": (8,), "norm.variance": (8,), "linear_1.weight": (4, 8), "linear_1.bias": (4,), "linear_3.weight": (1, 4), "linear_3.bias": (1,)}, "match no known head"),
+        ({"norm.mean": (8,), "norm.variance": (8,), "linear_1.weight": (4, 8), "linear_1.bias": (4,), "linear_2.weight": (1, 5), "linear_2.bias": (1,)}, "has shape"),
+        ({"norm.mean": (8,), "norm.variance": (8,), "linear_1.weight": (4, 8), "linear_1.bias": (4,), "linear_2.weight": (2, 4), "linear_2.bias": (2,)}, "2 outputs"),
+        ({"norm.mean": (6,), "norm.variance": (6,), "linear_1.weight": (4, 8), "linear_1.bias": (4,), "linear_2.weight": (1, 4), "linear_2.bias": (1,)}, "norm is"),
+        ({"weight": (1, 8), "bias": (1,), "extra": (3,)}, "match no known head"),
+    ],
+    ids=["h14-layout", "gap-in-layers", "chain-mismatch", "two-outputs", "norm-width", "extra-key"],
+)
+def test_heads_of_unknown_structure_are_refused(tmp_path, shapes, message):
+    path = tmp_path / "head.pth"
+    torch.save({k: torch.zeros(s) for k, s in shapes.items()}, path)
+    with pytest.raises(LaionAssetsError, match=message):
+        load_head("punsafe", HeadConfig(path=str(path)))

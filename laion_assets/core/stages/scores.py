@@ -31,8 +31,8 @@ def run_scores(lake: Lake, cfg: PipelineConfig, shard: str) -> StageOutput:
         ]
         scored = pl.concat(parts) if parts else pl.DataFrame(schema={"uid": pl.Int64, name: pl.Float32})
         rows = rows.join(scored, on="uid", how="left", maintain_order="left")
-        heads[name] = {"kind": head.kind, "path": head.path, "trained_on": head.trained_on, "space": space, "fed": identity}
-        ranges[name] = (0.0, 1.0) if head.kind == "nsfw" else (-100.0, 100.0)
+        heads[name] = {**head.describe(), "space": space, "fed": identity}
+        ranges[name] = (0.0, 1.0) if head.probability else (-100.0, 100.0)
     report = gate(SCORES, shard, rows, quality.scores_suite(rows.height, ranges))
     stats = {"heads": heads, **{f"mean_{name}": rows[name].mean() for name in heads}}
     return publish(lake, SCORES, shard, rows, report, stats, {"heads": heads})
