@@ -7,8 +7,9 @@ from laion_assets.core.errors import LaionAssetsError
 def test_defaults_are_laion_semantics():
     cfg = load_config(None)
     assert {name: sp.identity for name, sp in cfg.embeddings.spaces.items()} == {"b32": "ViT-B-32/openai"}
-    laion5b = cfg.subsets[0]
-    assert (laion5b.min_similarity, laion5b.max_punsafe) == (0.28, 0.5)
+    [en] = cfg.subsets  # LAION-2B-en's published rule
+    assert (en.name, en.languages, en.similarity_model, en.min_similarity) == ("laion2b_en", ("en",), "ViT-B-32/openai", 0.28)
+    assert (en.min_caption_chars, en.min_image_bytes) == (5, 5000)
 
 
 def test_unknown_key_is_named(tmp_path):
@@ -37,8 +38,12 @@ def test_demo_config_is_valid():
 
 
 def test_recipe_id_changes_with_thresholds():
-    a, b = load_config(None).subsets[0], load_config(None).subsets[0].model_copy(update={"min_similarity": 0.3})
-    assert a.recipe("m", "1")["recipe_id"] != b.recipe("m", "1")["recipe_id"]
+    from laion_assets.core.stages.subsets import recipe
+
+    cfg = load_config(None)
+    a, b = cfg.subsets[0], cfg.subsets[0].model_copy(update={"min_similarity": 0.3})
+    assert recipe(cfg, a)["recipe_id"] != recipe(cfg, b)["recipe_id"]
+    assert recipe(cfg, a)["recipe_id"] == recipe(load_config(None), a)["recipe_id"]
 
 
 def _write(tmp_path, text: str):

@@ -28,7 +28,7 @@ from laion_assets.defs.definitions import build_defs
 from laion_assets.defs.resources import InputsResource, LakeResource, Settings
 from laion_assets_tests.conftest import make_config, write_config
 
-STAGES = ["raw_urls", "images", "embeddings/tiny", "scores", "subsets/similar", "subsets/pretty"]
+STAGES = ["raw_urls", "images", "language", "embeddings/tiny", "scores", "subsets/similar", "subsets/pretty"]
 
 
 @pytest.fixture
@@ -68,10 +68,11 @@ def test_asset_graph_snapshot(env):
     assert deps == {
         "raw_urls": [],
         "images": ["raw_urls"],
+        "language": ["raw_urls"],
         "embeddings/tiny": ["images"],
         "scores": ["embeddings/tiny", "images"],
-        "subsets/similar": ["embeddings/tiny", "images", "raw_urls", "scores"],
-        "subsets/pretty": ["embeddings/tiny", "images", "raw_urls", "scores"],
+        "subsets/similar": ["embeddings/tiny", "images", "language", "raw_urls", "scores"],
+        "subsets/pretty": ["embeddings/tiny", "images", "language", "raw_urls", "scores"],
     }
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
@@ -154,7 +155,7 @@ def test_failed_gate_publishes_nothing_and_stops_downstream(env, instance):
     summary = run(env, instance, config=str(strict))
 
     assert statuses(summary) == {
-        "raw_urls": "materialized", "images": "FAILED", "embeddings/tiny": "skipped", "scores": "skipped",
+        "raw_urls": "materialized", "images": "FAILED", "language": "materialized", "embeddings/tiny": "skipped", "scores": "skipped",
         "subsets/similar": "skipped", "subsets/pretty": "skipped",
     }
     assert "failed validation" in next(line.detail for line in summary.lines if line.asset == "images")

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from laion_assets.core.errors import LaionAssetsError
+from laion_assets.core.subset_rules import SubsetConfig
 
 ResizeMode = Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"]
 
@@ -131,6 +132,8 @@ class EmbeddingConfig(_Strict):
         bad = [name for name in v if not re.match(SPACE_NAME, name)]
         if bad:
             raise ValueError(f"space names must match {SPACE_NAME} (they become asset keys), got {bad}")
+        if "watermark" in v:
+            raise ValueError("'watermark' is the watermark classifier's name: call the space something else")
         return v
 
 
@@ -165,40 +168,38 @@ class ScoresConfig(_Strict):
         return v
 
 
-class SubsetConfig(_Strict):
-    """A named filter over scores; `None` thresholds are not applied."""
+# Subset rules live in their own module (presets, old fields, recipes); re-exported here.
+DEFAULT_SUBSETS = (SubsetConfig(preset="laion2b_en"),)
 
-    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    description: str = ""
-    similarity_space: str | None = Field(None, description="space of the similarity filter (default: the only one)")
-    min_similarity: float | None = Field(None, ge=-1, le=1)
-    max_punsafe: float | None = Field(None, ge=0, le=1, description="kept when punsafe < this or unscored")
-    min_aesthetic: float | None = None
-    max_pwatermark: float | None = Field(None, ge=0, le=1, description="on the source pwatermark column")
-    min_width: int | None = Field(None, ge=0)
-    min_height: int | None = Field(None, ge=0)
-
-    def recipe(self, space: str, code_version: str) -> dict:
-        """What made this subset: thresholds, embedding space, code version."""
-        body = self.model_dump(exclude={"description"})
-        body.update(embedding_space=space, code_version=code_version)
-        body["recipe_id"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
-        return body
+# Score columns with a LAION meaning: thresholds on them need the head (or model) producing them.
+LAION_SCORES = ("punsafe", "aesthetic", "aesthetic_v2", "pwatermark")
 
 
-DEFAULT_SUBSETS = (
-    SubsetConfig(
-        name="laion5b",
-        description="LAION-5B rule: CLIP similarity >= 0.28 (ViT-B/32), punsafe < 0.5 where scored",
-        min_similarity=0.28,
-        max_punsafe=0.5,
-    ),
-    SubsetConfig(
-        name="aesthetics_6plus",
-        description="LAION-Aesthetics V2 style: aesthetic score >= 6",
-        min_aesthetic=6.0,
-    ),
-)
+class WatermarkConfig(_Strict):
+    """The pixel classifier giving pwatermark, run in the embeddings pass on the decoded image.
+    LAION's: timm `efficientnet_b3a` with a 3-layer head, weights `watermark_model_v1.pt`."""
+
+    model: str = Field("efficientnet_b3a", description="timm model name, or 'tiny' (random, offline demos)")
+    checkpoint: str | None = Field(None, description="local state_dict path (LAION's watermark_model_v1.pt)")
+    classifier: Literal["laion", "timm"] = Field("laion", description="LAION's 625-256-2 head, or the model's own 2-class head")
+    image_size: int = Field(256, ge=16, description="square resize before the model (LAION: 256)")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _expand(cls, v: str | None) -> str | None:
+        return os.path.expandvars(os.path.expanduser(v)) if v else v
+
+    @property
+    def identity(self) -> str:
+        """What a pwatermark is comparable with: the model and its weights (a missing file
+        reads as the model alone; loading it is what refuses it)."""
+        if not self.checkpoint or not Path(self.checkpoint).is_file():
+            return f"{self.model}/{'random-seed0' if not self.checkpoint else 'missing-checkpoint'}"
+        digest = hashlib.sha256()
+        with open(self.checkpoint, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return f"{self.model}/{digest.hexdigest()[:16]}"
 
 
 class QualityConfig(_Strict):
@@ -218,6 +219,7 @@ class PipelineConfig(_Strict):
     images: ImageConfig = ImageConfig()
     embeddings: EmbeddingConfig = EmbeddingConfig()
     scores: ScoresConfig = ScoresConfig()
+    watermark: WatermarkConfig | None = None
     subsets: tuple[SubsetConfig, ...] = DEFAULT_SUBSETS
     quality: QualityConfig = QualityConfig()
     maintenance: MaintenanceConfig = MaintenanceConfig()
@@ -236,7 +238,21 @@ class PipelineConfig(_Strict):
             self.head_space(name)
         for sub in self.subsets:
             self.similarity_space(sub)
+            self.score_columns(sub)
         return self
+
+    def score_columns(self, sub: SubsetConfig) -> set[str]:
+        """The threshold columns of `sub` that our stages compute; a LAION score no configured
+        head or model produces is refused (other names are source columns, checked per shard)."""
+        ours = set(self.scores.heads) | ({"pwatermark"} if self.watermark else set())
+        missing = sorted(c for c in sub.threshold_columns if c in LAION_SCORES and c not in ours)
+        if missing:
+            hint = "; ".join(
+                "add a watermark section (or threshold LAION's source_pwatermark)" if c == "pwatermark"
+                else f"add scores.heads.{c}" for c in missing
+            )
+            raise ValueError(f"subset {sub.name} thresholds {', '.join(missing)}, which nothing computes: {hint}")
+        return sub.threshold_columns & ours
 
     def head_space(self, head: str) -> str:
         """The configured space that feeds `head`: the one it names, else the one whose model
@@ -258,13 +274,25 @@ class PipelineConfig(_Strict):
         )
 
     def similarity_space(self, sub: SubsetConfig) -> str:
-        """The space whose image-text similarity `sub` filters on (and shows): the one it names;
-        a similarity threshold with several spaces must name one; else the first space."""
+        """The space whose image-text similarity `sub` filters on (and shows): the one it names,
+        else the one whose model its threshold was published for; a similarity threshold with
+        several spaces must find one of these; else the first space."""
         spaces = self.embeddings.spaces
         if sub.similarity_space is not None:
             if sub.similarity_space not in spaces:
                 raise ValueError(f"subset {sub.name}: similarity_space '{sub.similarity_space}' is not in embeddings.spaces ({', '.join(spaces)})")
             return sub.similarity_space
+        if sub.similarity_model is not None and sub.min_similarity is not None:
+            matching = [name for name, sp in spaces.items() if sp.identity == sub.similarity_model]
+            if not matching and len(spaces) == 1:
+                return next(iter(spaces))  # the only space; the subset's stats warn of the mismatch
+            if not matching:
+                raise ValueError(
+                    f"subset {sub.name}: its similarity threshold was published for {sub.similarity_model}, which no "
+                    f"space is ({', '.join(f'{n}: {sp.identity}' for n, sp in spaces.items())}): add that model to "
+                    "embeddings.spaces, or name a space with similarity_space"
+                )
+            return matching[0]
         if len(spaces) > 1 and sub.min_similarity is not None:
             raise ValueError(f"subset {sub.name}: set similarity_space, one of {', '.join(spaces)}")
         return next(iter(spaces))

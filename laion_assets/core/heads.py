@@ -107,6 +107,14 @@ def architecture(w: dict[str, np.ndarray]) -> tuple[str, list[tuple]]:
     raise ValueError(f"keys {sorted(keys)[:6]}{'...' if len(keys) > 6 else ''} match no known head ({KNOWN})")
 
 
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_head(name: str, cfg: HeadConfig) -> Head:
     path = Path(cfg.path)
     if not path.is_file():
@@ -123,8 +131,7 @@ def load_head(name: str, cfg: HeadConfig) -> Head:
     except ValueError as e:
         raise LaionAssetsError(f"{path} is not a LAION aesthetic or NSFW head this loader understands: {e}: check scores.heads.{name}.path") from None
     first = next(s for s in steps if s[0] == "linear")
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    return Head(name, kind, str(path), sha, cfg.trained_on, int(first[1].shape[1]), tuple(steps))
+    return Head(name, kind, str(path), file_sha256(path), cfg.trained_on, int(first[1].shape[1]), tuple(steps))
 
 
 def check_compatible(head: Head, dim: int | None, space: str, allow_space_mismatch: bool) -> None:

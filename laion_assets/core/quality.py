@@ -157,3 +157,22 @@ def subset_suite(max_rows: int) -> list[Expectation]:
         Expectation("ExpectColumnValuesToBeUnique", {"column": "uid"}),
         Expectation("ExpectColumnValuesToNotBeNull", {"column": "url"}),
     ]
+
+
+def language_suite(expected_rows: int) -> list[Expectation]:
+    """One language per raw_urls row; a code or nolang; confidence a probability."""
+    return [
+        Expectation("ExpectTableRowCountToEqual", {"value": expected_rows}),
+        Expectation("ExpectColumnValuesToBeUnique", {"column": "uid"}),
+        Expectation("ExpectColumnValuesToMatchRegex", {"column": "language", "regex": r"^([a-z]{2,3}|nolang)$"}),
+        Expectation("ExpectColumnValuesToBeBetween", {"column": "language_confidence", "min_value": 0.0, "max_value": 1.0}),
+    ]
+
+
+def watermark_suite(expected_rows: int) -> list[Expectation]:
+    return [
+        Expectation("ExpectTableRowCountToEqual", {"value": expected_rows}),
+        Expectation("ExpectColumnValuesToBeUnique", {"column": "uid"}),
+        Expectation("ExpectColumnValuesToNotBeNull", {"column": "pwatermark"}),
+        Expectation("ExpectColumnValuesToBeBetween", {"column": "pwatermark", "min_value": 0.0, "max_value": 1.0}),
+    ]

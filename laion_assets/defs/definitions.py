@@ -12,6 +12,7 @@ from dagster_aws.s3 import S3Resource
 from laion_assets.core.config import load_config
 from laion_assets.defs.embeddings import embeddings_assets
 from laion_assets.defs.images import images
+from laion_assets.defs.language import language
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.raw_urls import raw_urls
 from laion_assets.defs.resources import InputsResource, LakeResource, PipelineResource, Settings
@@ -27,7 +28,7 @@ def build_defs(settings: Settings) -> Definitions:
     cfg = load_config(settings.config)
     downstream = map_asset_specs(
         lambda spec: spec.replace_attributes(automation_condition=FOLLOW_UPSTREAM),
-        [images, embeddings_assets(cfg), scores_asset(cfg), *subset_assets(cfg)],
+        [images, language, embeddings_assets(cfg), scores_asset(cfg), *subset_assets(cfg)],
     )
     s3 = S3Resource()
     return Definitions(

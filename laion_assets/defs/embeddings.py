@@ -17,21 +17,31 @@ def embeddings_key(space: str) -> AssetKey:
     return AssetKey(stages.embeddings_table(space).split("/"))
 
 
+WATERMARK = AssetKey("watermark")
+
+
 @lru_cache(maxsize=2)
-def _encoder(embeddings_json: str, spaces: tuple[str, ...]):
+def _encoder(embeddings_json: str, watermark_json: str, towers: tuple[str, ...]):
     """Models are loaded once per process and reused across shards (torch and open_clip are
-    imported here, so runs that do not embed start faster)."""
-    from laion_assets.core.clip import Encoder, load_model
-    from laion_assets.core.config import EmbeddingConfig
+    imported here, so runs that do not embed start faster). The tower named "watermark" is the
+    watermark classifier."""
+    from laion_assets.core import watermark
+    from laion_assets.core.clip import Encoder, _device, load_model
+    from laion_assets.core.config import EmbeddingConfig, WatermarkConfig
 
     cfg = EmbeddingConfig.model_validate_json(embeddings_json)
-    models = [load_model(cfg.spaces[s], cfg.device, cfg.precision) for s in spaces]
-    batch = min(cfg.spaces[s].batch_size or cfg.batch_size for s in spaces)
+    models = [
+        watermark.load(WatermarkConfig.model_validate_json(watermark_json), _device(cfg.device)) if t == "watermark"
+        else load_model(cfg.spaces[t], cfg.device, cfg.precision)
+        for t in towers
+    ]
+    batch = min((cfg.spaces[s].batch_size or cfg.batch_size for s in towers if s in cfg.spaces), default=cfg.batch_size)
     return Encoder(models, batch, cfg.workers, compile=cfg.compile, gpu_decode=cfg.gpu_decode)
 
 
-def encoder_for(cfg: PipelineConfig, spaces) -> object:
-    return _encoder(cfg.embeddings.model_dump_json(), tuple(spaces))
+def encoder_for(cfg: PipelineConfig, towers) -> object:
+    wm = cfg.watermark.model_dump_json() if cfg.watermark else "null"
+    return _encoder(cfg.embeddings.model_dump_json(), wm, tuple(towers))
 
 
 def embeddings_assets(cfg: PipelineConfig) -> AssetsDefinition:
@@ -49,6 +59,15 @@ def embeddings_assets(cfg: PipelineConfig) -> AssetsDefinition:
         )
         for name, space in cfg.embeddings.spaces.items()
     ]
+    if cfg.watermark:
+        specs.append(AssetSpec(
+            WATERMARK, deps=[images], kinds={"delta", "pytorch"}, group_name="laion", skippable=True,
+            description=(
+                f"`pwatermark` of every successful image from the {cfg.watermark.model} pixel classifier "
+                "(LAION's: EfficientNet-B3), computed in the embeddings pass on the image it decodes "
+                "for CLIP; `watermark_model` says which weights. An untrained model is flagged loudly."
+            ),
+        ))
 
     @multi_asset(
         name="embeddings", specs=specs, check_specs=[gate_spec(s.key) for s in specs],
@@ -58,16 +77,20 @@ def embeddings_assets(cfg: PipelineConfig) -> AssetsDefinition:
         lk = lake.lake()
         cfg_now = pipeline.config()
         chosen = [name for name in cfg_now.embeddings.spaces if embeddings_key(name) in context.selected_asset_keys]
+        watermark = cfg_now.watermark is not None and WATERMARK in context.selected_asset_keys
+        tables = {embeddings_key(name): stages.embeddings_table(name) for name in chosen}
+        if watermark:
+            tables[WATERMARK] = stages.WATERMARK
         for name in chosen:
             space = cfg_now.embeddings.spaces[name]
             if space.model in ("tiny", "tiny-l"):
                 context.log.warning(f"space {name}: {space.model} is a random model: its embeddings are MEANINGLESS")
         yield from run_stages(
-            context, lk, {embeddings_key(name): stages.embeddings_table(name) for name in chosen},
+            context, lk, tables,
             lambda: {
-                embeddings_key(name): out
+                WATERMARK if name == "watermark" else embeddings_key(name): out
                 for name, out in stages.run_embeddings(
-                    lk, cfg_now, context.partition_key, lambda spaces: encoder_for(cfg_now, spaces), chosen,
+                    lk, cfg_now, context.partition_key, lambda towers: encoder_for(cfg_now, towers), chosen, watermark=watermark,
                 ).items()
             },
         )

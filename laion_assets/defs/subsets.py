@@ -5,12 +5,12 @@ import json
 
 from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, MetadataValue
 
-from laion_assets import __version__
 from laion_assets.core import stages
 from laion_assets.core.config import PipelineConfig, SubsetConfig
-from laion_assets.defs.embeddings import embeddings_key
+from laion_assets.defs.embeddings import WATERMARK, embeddings_key
 from laion_assets.defs.gate import gate_spec, run_stage
 from laion_assets.defs.images import images
+from laion_assets.defs.language import language
 from laion_assets.defs.partitions import shard_asset
 from laion_assets.defs.raw_urls import raw_urls
 from laion_assets.defs.resources import LakeResource, PipelineResource
@@ -19,16 +19,22 @@ from laion_assets.defs.resources import LakeResource, PipelineResource
 def subset_asset(sub: SubsetConfig, cfg: PipelineConfig) -> AssetsDefinition:
     key = AssetKey(["subsets", sub.name])
     space = cfg.similarity_space(sub)
-    recipe = sub.recipe(cfg.embeddings.spaces[space].identity, __version__)
+    rule = {"rule": sub.rule(), "similarity_space": space, "embedding_space": cfg.embeddings.spaces[space].identity}
+    uses_watermark = "pwatermark" in cfg.score_columns(sub)
 
     @shard_asset(
         key=key,
-        deps=[raw_urls, images, embeddings_key(space), "scores"],
+        deps=[raw_urls, images, language, embeddings_key(space), "scores", *([WATERMARK] if uses_watermark else [])],
         check_specs=[gate_spec(key)],
         kinds={"delta", "polars"},
         group_name="subsets",
-        description=f"{sub.description or sub.name}. Recipe: {json.dumps(recipe, sort_keys=True)}",
-        metadata={"recipe": MetadataValue.json(recipe)},
+        description=(
+            f"{sub.description or sub.name}"
+            + (f" (preset `{sub.preset}`)" if sub.preset else "")
+            + f". Rule: {json.dumps(rule, sort_keys=True)}. Each materialization records the full recipe "
+            "(head files and sha256, spaces, language detector, code version) and the rows each rule dropped."
+        ),
+        metadata={"rule": MetadataValue.json(rule), **({"preset": sub.preset} if sub.preset else {})},
     )
     def _subset(context: AssetExecutionContext, lake: LakeResource, pipeline: PipelineResource):
         lk = lake.lake()

@@ -16,6 +16,7 @@ from laion_assets.core import quality, vectors
 from laion_assets.core.config import PipelineConfig
 from laion_assets.core.errors import ValidationFailed
 from laion_assets.core.lake import Lake
+from laion_assets.core.stages import watermark as watermark_stage
 from laion_assets.core.stages.publish import (
     IMAGES, RAW_URLS, StageOutput, chunked, embeddings_table, gate, publish_stream, recipe_hash,
     staging_embeddings, uids,
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 def run_embeddings(
     lake: Lake, cfg: PipelineConfig, shard: str, encoder_factory: Callable[[Sequence[str]], object],
-    spaces: Sequence[str] | None = None,
+    spaces: Sequence[str] | None = None, watermark: bool = False,
 ) -> dict[str, StageOutput | ValidationFailed]:
     """Image and text embeddings of the successful images in each of `spaces` (default: every
     configured space), in memory bounded for any shard size: images are read in record batches
@@ -36,9 +37,11 @@ def run_embeddings(
     published as a stream in one Delta commit. Returns per space its output or its failed gate.
 
     `encoder_factory(spaces)` returns an Encoder whose towers are those spaces' models, in order.
+    With `watermark`, the watermark classifier is one more tower (named "watermark", last): its
+    pwatermark is staged and published the same way, as the `watermark` table.
     """
     ecfg = cfg.embeddings
-    spaces = list(spaces or ecfg.spaces)
+    spaces = list(ecfg.spaces if spaces is None else spaces)
     # Staged chunks are reused only for the same model config and the same published images:
     # any republish of the images shard writes new files, so its file list identifies the bytes.
     images_files = "\n".join(lake.shard_files(IMAGES, shard))
@@ -47,14 +50,20 @@ def run_embeddings(
         recipe = recipe_hash(ecfg.spaces[space], ecfg.model_copy(update={"spaces": {}}))
         keys[space] = hashlib.sha256(f"{recipe}\n{images_files}".encode()).hexdigest()[:16]
         lake.delete_where(staging_embeddings(space), f"shard = '{shard}' AND recipe <> '{keys[space]}'")
+    if watermark:
+        wm_key = watermark_stage.staging_key(cfg, images_files)
+        lake.delete_where(watermark_stage.STAGING, f"shard = '{shard}' AND recipe <> '{wm_key}'")
     success = uids(lake, IMAGES, shard, pl.col("status") == "success")
     staged = {space: uids(lake, staging_embeddings(space), shard) for space in spaces}
-    everywhere = pl.Series("uid", sorted(set.intersection(*(set(s.to_list()) for s in staged.values()))), pl.Int64)
+    if watermark:
+        staged_wm = uids(lake, watermark_stage.STAGING, shard)
+    sets = [set(s.to_list()) for s in staged.values()] + ([set(staged_wm.to_list())] if watermark else [])
+    everywhere = pl.Series("uid", sorted(set.intersection(*sets)), pl.Int64)
     total = success.len() - everywhere.len()
     if everywhere.len():
         log.info("shard %s: %d images resumed in every space, %d to compute", shard, everywhere.len(), total)
     captions = lake.read_shard(RAW_URLS, shard, ["uid", "caption"])
-    encoder = encoder_factory(spaces)
+    encoder = encoder_factory(spaces + (["watermark"] if watermark else []))
     todo = (
         pl.from_arrow(b).filter((pl.col("status") == "success") & ~pl.col("uid").is_in(everywhere.implode()))
         for b in lake.batches(IMAGES, shard, ["uid", "status", "image"])
@@ -76,6 +85,10 @@ def run_embeddings(
                 "similarity": pa.array((img * txt).sum(axis=1).astype(np.float32)),
                 "recipe": pa.array([keys[space]] * part.height, pa.string()),
             }), shard=shard)
+        if watermark:
+            missing = ~chunk["uid"].is_in(staged_wm.implode()).to_numpy()
+            if missing.any():
+                watermark_stage.stage(lake, shard, chunk["uid"].filter(pl.Series(missing)), vecs[len(spaces)][missing, 0], wm_key)
         done += chunk.height
         rate = done / max(time.monotonic() - started, 1e-9)
         log.info("shard %s: embedded %d/%d in %d space(s) (%.1f images/s)", shard, done, total, len(spaces), rate)
@@ -87,6 +100,11 @@ def run_embeddings(
             out[space] = _audit_and_publish(lake, cfg, shard, space, encoder.towers[k], success.len(), staged[space].len(), run_stats)
         except ValidationFailed as e:
             out[space] = e
+    if watermark:
+        try:
+            out["watermark"] = watermark_stage.publish(lake, shard, encoder.towers[len(spaces)], success.len(), staged_wm.len(), run_stats)
+        except ValidationFailed as e:
+            out["watermark"] = e
     return out
 
 

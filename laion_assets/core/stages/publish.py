@@ -20,6 +20,7 @@ from laion_assets.core.errors import ValidationFailed
 from laion_assets.core.lake import Lake
 
 RAW_URLS, IMAGES, SCORES = "raw_urls", "images", "scores"
+LANGUAGE, WATERMARK = "language", "watermark"
 STAGING_IMAGES = "_staging/images"
 
 

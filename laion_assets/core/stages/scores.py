@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import polars as pl
 
 from laion_assets.core import quality, vectors
@@ -35,4 +37,6 @@ def run_scores(lake: Lake, cfg: PipelineConfig, shard: str) -> StageOutput:
         ranges[name] = (0.0, 1.0) if head.probability else (-100.0, 100.0)
     report = gate(SCORES, shard, rows, quality.scores_suite(rows.height, ranges))
     stats = {"heads": heads, **{f"mean_{name}": rows[name].mean() for name in heads}}
-    return publish(lake, SCORES, shard, rows, report, stats, {"heads": heads})
+    # which head file made each column, on every row: a subset checks it against its recipe
+    rows = rows.with_columns(head_files=pl.lit(json.dumps({n: h["sha256"] for n, h in heads.items()}, sort_keys=True)))
+    return publish(lake, SCORES, shard, rows, report, stats, {"heads": json.dumps(heads, sort_keys=True)})

@@ -1,0 +1,49 @@
+"""watermark: pwatermark of a shard's successful images, computed by the embeddings pass (the
+classifier is one more tower of its Encoder: each image is decoded once for CLIP and for it),
+staged per chunk like the embeddings and published as its own table."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from laion_assets.core import quality
+from laion_assets.core.config import PipelineConfig
+from laion_assets.core.lake import Lake
+from laion_assets.core.stages.publish import WATERMARK, StageOutput, gate, publish_stream, recipe_hash
+
+STAGING = "_staging/watermark"
+SCHEMA = pa.schema([("uid", pa.int64()), ("pwatermark", pa.float32()), ("watermark_model", pa.string())])
+
+
+def staging_key(cfg: PipelineConfig, images_files: str) -> str:
+    """Staged rows count only for the same model config and the same published images."""
+    import hashlib
+
+    return hashlib.sha256(f"{recipe_hash(cfg.watermark)}\n{images_files}".encode()).hexdigest()[:16]
+
+
+def stage(lake: Lake, shard: str, uids: pl.Series, pwatermark: np.ndarray, key: str) -> None:
+    lake.append(STAGING, pa.table({
+        "uid": uids.to_arrow(), "pwatermark": pa.array(pwatermark.astype(np.float32)),
+        "recipe": pa.array([key] * len(uids), pa.string()),
+    }), shard=shard)
+
+
+def publish(lake: Lake, shard: str, model, expected: int, resumed: int, run_stats: dict) -> StageOutput:
+    """Gate the staged scores (one per successful image, in [0, 1]) and publish them with the
+    model's identity on every row; an untrained model is said so in the metadata."""
+    audit = lake.read_shard(STAGING, shard, ["uid", "pwatermark"])
+    report = gate(WATERMARK, shard, audit, quality.watermark_suite(expected))
+    stats = {
+        **model.describe(), "images": expected, "resumed_rows": resumed, **run_stats,
+        "mean_pwatermark": round(float(audit["pwatermark"].mean() or 0), 4),
+        "share_at_least_0.8": round(float((audit["pwatermark"] >= 0.8).mean() or 0), 4),
+    }
+    batches = (
+        b.select(["uid", "pwatermark"]).append_column("watermark_model", pa.array([model.identity] * b.num_rows, pa.string()))
+        for b in lake.batches(STAGING, shard, ["uid", "pwatermark"])
+    )
+    meta = {"watermark_model": model.identity, "checkpoint": model.checkpoint or "", "sha256": model.sha256 or "", "trained": str(model.trained)}
+    return publish_stream(lake, WATERMARK, shard, SCHEMA, batches, audit.height, report, stats, meta, STAGING)
