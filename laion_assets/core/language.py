@@ -41,7 +41,7 @@ def clean(caption: str | None) -> str:
 
 @dataclass(frozen=True)
 class Detected:
-    language: str  # ISO 639-1/-3 code when CLD3 is reliable, else "nolang" (LAION's rule)
+    language: str  # CLD3's code (ISO 639-1, or -3; Hebrew is "iw") when reliable, else "nolang"
     guess: str | None  # CLD3's best language even when unreliable; None when it has none
     confidence: float  # CLD3's probability of `guess` (0 when none)
     chars: int  # length of the cleaned caption: what LAION's "alt text < 5 characters" counted
