@@ -175,6 +175,20 @@ class SampleServer:
         self.httpd.server_close()
 
 
+# Captions in other languages and without one, so the demo shows LAION-5B's language split.
+OTHER_CAPTIONS = (
+    "Ein Porträt eines Astronauten im weißen Raumanzug", "Une tasse de café sur une soucoupe, vue de dessus",
+    "木の椅子で眠る茶色の猫", "Un cohete en la plataforma de lanzamiento bajo un cielo azul",
+    "Красивая кирпичная стена крупным планом", "IMG_2034.JPG", "DSC_0042.jpg", "_MG_4471",
+)
+
+
+def mix_languages(rows: pl.DataFrame, every: int = 3) -> pl.DataFrame:
+    """Every `every`-th caption replaced by one in another language or with none."""
+    texts = [OTHER_CAPTIONS[(i // every) % len(OTHER_CAPTIONS)] if i % every == 1 else t for i, t in enumerate(rows["TEXT"].to_list())]
+    return rows.with_columns(TEXT=pl.Series(texts, dtype=pl.String))
+
+
 def write_demo_shard(root: Path, base_url: str, n_generated: int = 120) -> Path:
     """Build the site (once) and the input shard pointing at `base_url`; returns the shard file."""
     site = root / "site"
@@ -187,7 +201,7 @@ def write_demo_shard(root: Path, base_url: str, n_generated: int = 120) -> Path:
     inputs = root / "input"
     inputs.mkdir(parents=True, exist_ok=True)
     shard = inputs / "demo-00000.parquet"
-    sample_rows(entries, base_url).write_parquet(shard)
+    mix_languages(sample_rows(entries, base_url)).write_parquet(shard)
     return shard
 
 
