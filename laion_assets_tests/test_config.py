@@ -33,7 +33,8 @@ def test_demo_config_is_valid():
 
     cfg = load_config(REPO / "configs" / "demo.yaml")
     assert {name: sp.model for name, sp in cfg.embeddings.spaces.items()} == {"b32": "tiny", "l14": "tiny-l"}
-    assert cfg.head_space("aesthetic_v2") == "l14" and cfg.head_space("punsafe") == "b32"
+    # LAION computed punsafe and both aesthetic scores on ViT-L/14: the demo feeds them l14
+    assert {h: cfg.head_space(h) for h in cfg.scores.heads} == {"aesthetic": "l14", "punsafe": "l14", "aesthetic_v2": "l14"}
     assert isinstance(cfg, PipelineConfig)
 
 

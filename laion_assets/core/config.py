@@ -7,7 +7,6 @@ are an error (a typo must not silently fall back to a default). README.md docume
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from pathlib import Path
