@@ -122,7 +122,7 @@ def test_end_to_end_every_stage(env, instance, site):
     assert mat.metadata["status_counts"].data["success"] == ok.height
     assert "dagster/column_schema" in mat.metadata
     recipe = instance.get_latest_materialization_event(AssetKey(["subsets", "similar"])).asset_materialization.metadata["recipe"].data
-    assert recipe["min_similarity"] == -1.0 and recipe["embedding_space"] == "tiny/random-seed0"
+    assert recipe["rule"]["min_similarity"] == -1.0 and recipe["similarity"]["model"] == "tiny/random-seed0"
     commit = lake.table("subsets/similar").history(1)[0]
     assert '"recipe_id"' in commit["recipe"] and commit["code_version"]  # the recipe is stored with the table
     preview = instance.get_latest_materialization_event(AssetKey("raw_urls")).asset_materialization.metadata["preview"].value
@@ -228,7 +228,7 @@ def test_unknown_model_and_mismatched_head_fail_clearly(env, instance):
     assert detail["embeddings/tiny"][0] == "FAILED" and "open_clip has no model 'ViT-Q-99'" in detail["embeddings/tiny"][1]
 
     l14 = shared_file("models", "laion-aesthetic-predictor", "sa_0_4_vit_l_14_linear.pth")
-    bad_head = write_config(env["tmp"] / "h.yaml", make_config(scores=ScoresConfig(heads={"aesthetic": HeadConfig(path=str(l14))}, allow_embedding_space_mismatch=True)))
+    bad_head = write_config(env["tmp"] / "h.yaml", make_config(scores=ScoresConfig(heads={"aesthetic": HeadConfig(path=str(l14))}, allow_embedding_space_mismatch=True), subsets=()))
     summary = run(env, instance, config=str(bad_head), select="embeddings/tiny,scores")
     detail = {line.asset: (line.status, line.detail) for line in summary.lines}
     assert detail["scores"][0] == "FAILED" and "expects 768-d embeddings but the model gives 512-d" in detail["scores"][1]
