@@ -207,6 +207,24 @@ class QualityConfig(_Strict):
     embedding_norm_tolerance: float = Field(0.01, gt=0)
 
 
+class ExportConfig(_Strict):
+    """Webdataset tars per subset shard (img2dataset's layout), for training."""
+
+    samples_per_tar: int = Field(10_000, ge=1, description="samples in each tar (the last one of a shard may hold fewer)")
+    subsets: tuple[str, ...] | None = Field(None, description="subsets to export (default: every subset)")
+
+
+class KnnConfig(_Strict):
+    """A kNN index per subset over one embedding space (faiss): exact below `exact_below`
+    vectors, IVF with a compressed code above it."""
+
+    space: str | None = Field(None, description="embedding space to index (default: the subset's similarity space)")
+    subsets: tuple[str, ...] | None = Field(None, description="subsets to index (default: every subset)")
+    exact_below: int = Field(100_000, ge=1, description="below this many vectors: exact (flat) search")
+    codec: str = Field("SQ8", pattern=r"^(SQ8|SQ4|SQfp16|PQ\d+(x\d+)?)$", description="faiss code of the compressed index: SQ8, SQfp16, PQ<m>")
+    recall_target: float = Field(0.95, gt=0, le=1, description="recall@10 the compressed index is tuned for (nprobe)")
+
+
 class MaintenanceConfig(_Strict):
     vacuum_retention_hours: int = Field(168, ge=0)
     target_file_size_mb: int = Field(128, ge=1)
@@ -222,6 +240,8 @@ class PipelineConfig(_Strict):
     subsets: tuple[SubsetConfig, ...] = DEFAULT_SUBSETS
     quality: QualityConfig = QualityConfig()
     maintenance: MaintenanceConfig = MaintenanceConfig()
+    export: ExportConfig = ExportConfig()
+    knn: KnnConfig = KnnConfig()
 
     @field_validator("subsets")
     @classmethod
@@ -238,6 +258,13 @@ class PipelineConfig(_Strict):
         for sub in self.subsets:
             self.similarity_space(sub)
             self.score_columns(sub)
+        names = {s.name for s in self.subsets}
+        for section in ("export", "knn"):
+            unknown = [n for n in getattr(self, section).subsets or () if n not in names]
+            if unknown:
+                raise ValueError(f"{section}.subsets names unknown subset(s) {unknown} (subsets: {', '.join(sorted(names))})")
+        if self.knn.space is not None and self.knn.space not in self.embeddings.spaces:
+            raise ValueError(f"knn.space '{self.knn.space}' is not in embeddings.spaces ({', '.join(self.embeddings.spaces)})")
         return self
 
     def score_columns(self, sub: SubsetConfig) -> set[str]:
@@ -252,6 +279,16 @@ class PipelineConfig(_Strict):
             )
             raise ValueError(f"subset {sub.name} thresholds {', '.join(missing)}, which nothing computes: {hint}")
         return sub.threshold_columns & ours
+
+    def exported_subsets(self) -> list[SubsetConfig]:
+        return [s for s in self.subsets if self.export.subsets is None or s.name in self.export.subsets]
+
+    def indexed_subsets(self) -> list[SubsetConfig]:
+        return [s for s in self.subsets if self.knn.subsets is None or s.name in self.knn.subsets]
+
+    def knn_space(self, sub: SubsetConfig) -> str:
+        """The space the subset's kNN index lives in: knn.space, else its similarity space."""
+        return self.knn.space or self.similarity_space(sub)
 
     def head_space(self, head: str) -> str:
         """The configured space that feeds `head`: the one it names, else the one whose model

@@ -1,0 +1,41 @@
+"""webdataset/<subset>: the subset as webdataset tars for training, one folder per shard."""
+
+from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, Failure, MaterializeResult, MetadataValue
+
+from laion_assets.core.config import PipelineConfig, SubsetConfig
+from laion_assets.core.errors import LaionAssetsError
+from laion_assets.core.export import export_shard
+from laion_assets.defs.images import images
+from laion_assets.defs.partitions import shard_asset
+from laion_assets.defs.resources import LakeResource, PipelineResource
+
+
+def webdataset_asset(sub: SubsetConfig) -> AssetsDefinition:
+    @shard_asset(
+        key=AssetKey(["webdataset", sub.name]),
+        deps=[AssetKey(["subsets", sub.name]), images],
+        kinds={"webdataset", "parquet"},
+        group_name="exports",
+        description=(
+            f"Subset {sub.name} as webdataset tars in img2dataset's layout ({{key}}.jpg, .txt, .json; a "
+            "parquet of the same metadata per tar; stats.json), ordered and keyed by uid. A shard whose "
+            "subset and images files are unchanged keeps its tars."
+        ),
+    )
+    def _webdataset(context: AssetExecutionContext, lake: LakeResource, pipeline: PipelineResource):
+        try:
+            report = export_shard(lake.lake(), pipeline.config(), sub.name, context.partition_key)
+        except LaionAssetsError as e:
+            raise Failure(description=str(e), allow_retries=False) from None
+        context.log.info(f"{sub.name}/{context.partition_key}: {report.samples} samples in {len(report.tars)} tars ({'written' if report.rewritten else 'unchanged, kept'})")
+        return MaterializeResult(metadata={
+            **report.as_metadata(),
+            "dagster/row_count": report.samples,
+            "dagster/uri": MetadataValue.path(report.location),
+        })
+
+    return _webdataset
+
+
+def webdataset_assets(cfg: PipelineConfig) -> list[AssetsDefinition]:
+    return [webdataset_asset(sub) for sub in cfg.exported_subsets()]
