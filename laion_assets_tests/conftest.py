@@ -11,7 +11,7 @@ import pytest
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
-from laion_assets.core.config import DownloadConfig, EmbeddingConfig, HeadConfig, PipelineConfig, ScoresConfig, SpaceConfig, SubsetConfig  # noqa: E402
+from laion_assets.core.config import DownloadConfig, EmbeddingConfig, ExportConfig, HeadConfig, KnnConfig, PipelineConfig, ScoresConfig, SpaceConfig, SubsetConfig  # noqa: E402
 from laion_assets.core.lake import Lake  # noqa: E402
 from laion_assets.core.sample import SampleServer, build_site, sample_rows  # noqa: E402
 from laion_assets_tests.faultsite import testsite  # noqa: E402, F401  (fixture: the hostile HTTP server)
@@ -72,6 +72,9 @@ def make_config(**overrides) -> PipelineConfig:
             SubsetConfig(name="similar", min_similarity=-1.0, max_punsafe=0.99),
             SubsetConfig(name="pretty", min_aesthetic=3.5),
         ),
+        # no webdataset export or kNN index unless a test asks for them (test_train does)
+        export=ExportConfig(subsets=()),
+        knn=KnnConfig(subsets=()),
     )
     base.update(overrides)
     return PipelineConfig(**base)

@@ -1,0 +1,83 @@
+"""The search page in a real browser (Debian's chromium through Playwright): a text query and
+an image upload each show their planted neighbour first, with its thumbnail from the images
+table, caption and score."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+
+from laion_assets.core.knn import sync_index
+from laion_assets.core.search import Searcher
+from laion_assets.core.serve import search_app
+from laion_assets_tests.synthetic import TEXT_QUERY, copy_lake, planted  # noqa: F401 (fixture)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture
+def page_url(planted, tmp_path):
+    lake = copy_lake(planted, tmp_path / "lake")
+    sync_index(lake, planted["config"], "similar")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(search_app(Searcher(lake, planted["config"], "cpu")), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.mark.slow
+def test_search_page_text_and_image_queries(page_url, planted, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    query_image = tmp_path / "query.jpg"
+    query_image.write_bytes(planted["image"])
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page()
+        page.goto(page_url)
+        expect(page.locator("#subset option")).to_have_text(["similar"])
+
+        page.fill("#text", TEXT_QUERY)
+        page.click("#go")
+        first = page.locator(".hit").first
+        expect(first.locator(".caption")).to_have_text(planted["text_caption"], timeout=30_000)
+        assert first.get_attribute("data-uid") == str(planted["text_uid"])
+        assert float(first.locator(".score").inner_text()) == pytest.approx(1.0, abs=2e-3)
+        expect(page.locator(".hit")).to_have_count(20)
+        # the thumbnail is the stored image (40x30 in this lake), loaded from the images table
+        first.locator("img").scroll_into_view_if_needed()
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=first.locator("img").element_handle())
+        assert first.locator("img").evaluate("img => [img.naturalWidth, img.naturalHeight]") == [40, 30]
+        expect(page.locator("#status")).to_contain_text("20 results in similar")
+
+        page.fill("#text", "")
+        page.set_input_files("#image", str(query_image))
+        expect(page.locator("#query-image")).to_be_visible()
+        page.click("#go")
+        expect(first).to_have_attribute("data-uid", str(planted["image_uid"]), timeout=30_000)
+        expect(first.locator(".caption")).to_have_text(planted["image_caption"])
+        page.screenshot(path=str(tmp_path / "search.png"), full_page=True)
+
+        # a broken upload is a clear message, not a blank page
+        (tmp_path / "broken.jpg").write_bytes(b"not an image")
+        page.set_input_files("#image", str(tmp_path / "broken.jpg"))
+        page.wait_for_timeout(200)
+        page.click("#go")
+        expect(page.locator("#status")).to_contain_text("could not be decoded")
+        browser.close()
