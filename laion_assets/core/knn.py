@@ -193,32 +193,38 @@ def _write_ids(rows: pl.DataFrame, path: str) -> None:
 
 
 class _Tuning:
-    """Exact top-10 of sampled queries, accumulated shard by shard, to tune nprobe."""
+    """Exact neighbours of sampled indexed vectors, accumulated shard by shard, to tune nprobe.
+    A query's own vector is left out of both sides (it is indexed, and would make recall look
+    better than for a new query)."""
 
-    def __init__(self, queries: np.ndarray):
+    def __init__(self, queries: np.ndarray, own_ids: np.ndarray):
         import faiss
 
-        self.queries = queries
-        self.heap = faiss.ResultHeap(len(queries), K, keep_max=True)
+        self.queries, self.own = queries, own_ids
+        self.heap = faiss.ResultHeap(len(queries), K + 1, keep_max=True)
 
     def add(self, vecs: np.ndarray, ids: np.ndarray) -> None:
         import faiss
 
-        d, i = faiss.knn(self.queries, vecs, min(K, len(vecs)), metric=faiss.METRIC_INNER_PRODUCT)
-        if d.shape[1] < K:  # pad a shard smaller than k
-            d = np.pad(d, ((0, 0), (0, K - d.shape[1])), constant_values=-np.inf)
-            i = np.pad(i, ((0, 0), (0, K - i.shape[1])), constant_values=-1)
+        k = min(K + 1, len(vecs))
+        d, i = faiss.knn(self.queries, vecs, k, metric=faiss.METRIC_INNER_PRODUCT)
+        if k < K + 1:  # a shard smaller than k
+            d = np.pad(d, ((0, 0), (0, K + 1 - k)), constant_values=-np.inf)
+            i = np.pad(i, ((0, 0), (0, K + 1 - k)), constant_values=-1)
         self.heap.add_result(d, np.where(i >= 0, ids[np.maximum(i, 0)], -1))
+
+    def _others(self, rows: np.ndarray) -> list[set]:
+        return [set(r[(r >= 0) & (r != own)][:K].tolist()) for r, own in zip(rows, self.own)]
 
     def tune(self, index, target: float) -> tuple[int, float]:
         """The smallest power-of-two nprobe whose recall@10 reaches the target."""
         self.heap.finalize()
-        truth = self.heap.I
-        nprobe, recall = 1, 0.0
+        truth = self._others(self.heap.I)
+        nprobe = 1
         while True:
             index.nprobe = nprobe
-            _, got = index.search(self.queries, K)
-            recall = float(np.mean([len(set(g) & set(t[t >= 0])) / max(1, (t >= 0).sum()) for g, t in zip(got, truth)]))
+            got = self._others(index.search(self.queries, K + 1)[1])
+            recall = float(np.mean([len(g & t) / max(1, len(t)) for g, t in zip(got, truth)]))
             if recall >= target or nprobe >= index.nlist:
                 return nprobe, round(recall, 4)
             nprobe *= 2
@@ -226,7 +232,7 @@ class _Tuning:
 
 def _new_index(lake: Lake, table: str, emb: str, shards: list[str], kind: str, cfg: PipelineConfig, total: int):
     """An empty index of the right type; an IVF one trained on a sample spread over every
-    shard (its first TUNING_QUERIES vectors become the tuning queries)."""
+    shard (TUNING_QUERIES of them, with their ids, become the tuning queries)."""
     import faiss
 
     first = lake.scan(emb).select("image_embedding").head(1).collect()
@@ -237,16 +243,20 @@ def _new_index(lake: Lake, table: str, emb: str, shards: list[str], kind: str, c
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), None, dim
     nlist = nlist_for(total)
     stride = max(1, total // (40 * nlist))
-    parts = (shard_vectors(lake, table, emb, s)[1][::stride] for s in shards)
-    train = np.concatenate([np.zeros((0, dim), np.float32), *(v for v in parts if len(v))])
+    train, train_ids = [np.zeros((0, dim), np.float32)], [np.zeros(0, np.int64)]
+    for ordinal, s in enumerate(shards):  # the ordinals sync_index gives a rebuild
+        vecs = shard_vectors(lake, table, emb, s)[1]
+        if len(vecs):
+            train.append(vecs[::stride])
+            train_ids.append(shard_ids(ordinal, len(vecs))[::stride])
+    train, train_ids = np.concatenate(train), np.concatenate(train_ids)
     if len(train) < nlist:
         raise LaionAssetsError(f"{len(train)} vectors of {table} have embeddings in {emb}: too few to train {nlist} lists")
     index = faiss.index_factory(dim, f"IVF{nlist},{cfg.knn.codec}", faiss.METRIC_INNER_PRODUCT)
     index.cp.niter = 10  # enough for search quality; nprobe tuning absorbs the rest
     index.train(train)
-    rng = np.random.default_rng(0)
-    queries = train[rng.choice(len(train), min(TUNING_QUERIES, len(train)), replace=False)]
-    return index, _Tuning(np.ascontiguousarray(queries)), dim
+    pick = np.random.default_rng(0).choice(len(train), min(TUNING_QUERIES, len(train)), replace=False)
+    return index, _Tuning(np.ascontiguousarray(train[pick]), train_ids[pick]), dim
 
 
 def _collect_garbage(files: LakeFiles, manifest: dict, old: dict | None) -> None:

@@ -98,7 +98,8 @@ class _Replacing:
         self.files, self.name = files, name
         self.target = files.path(name)
         self.tmp = self.target + ".partial" if files.lake.is_local else self.target
-        files.fs.create_dir(self.target.rsplit("/", 1)[0], recursive=True)
+        if files.lake.is_local:  # object stores have no folders (creating one leaves a marker object)
+            files.fs.create_dir(self.target.rsplit("/", 1)[0], recursive=True)
         self.stream = files.fs.open_output_stream(self.tmp, compression=None)
 
     def write(self, data) -> int:
