@@ -150,6 +150,13 @@ class Searcher:
         with self._lock:
             return self._encoders.setdefault(space, QueryEncoder(cfg, self.device, self.cfg.embeddings.precision))
 
+    def warm_up(self) -> list[str]:
+        """Open every index and load its query model now, not on the first query."""
+        names = self.subsets()
+        for name in names:
+            self.encoder(self.index(name)).encoder()
+        return names
+
     def search(self, text: str | None = None, image: bytes | None = None, subset: str | None = None, k: int = 10) -> list[Hit]:
         if not 1 <= k <= 1000:
             raise LaionAssetsError(f"k must be between 1 and 1000, got {k}")

@@ -74,5 +74,6 @@ def serve(searcher: Searcher, port: int) -> None:
     """Serve the page on 127.0.0.1 until interrupted."""
     import uvicorn
 
-    print(f"search page on http://127.0.0.1:{port} (Ctrl-C to stop)", flush=True)
+    names = searcher.warm_up()
+    print(f"search page on http://127.0.0.1:{port} ({', '.join(names) or 'no index yet'}; Ctrl-C to stop)", flush=True)
     uvicorn.run(search_app(searcher), host="127.0.0.1", port=port, log_level="warning")
