@@ -130,7 +130,7 @@ class _Spill:
 
     def read(self, uid: int, handles: dict) -> bytes:
         t, offset, length = self.offsets[uid]
-        f = handles.setdefault(t, open(self.folder / f"{t}.bin", "rb"))
+        f = handles.get(t) or handles.setdefault(t, open(self.folder / f"{t}.bin", "rb"))
         f.seek(offset)
         return f.read(length)
 
