@@ -16,7 +16,7 @@ from PIL import Image
 from laion_assets.core import vectors
 from laion_assets.core.config import PipelineConfig
 from laion_assets.core.lake import Lake
-from laion_assets.core.stages import IMAGES, RAW_URLS, SCORES, embeddings_table, run_subset
+from laion_assets.core.stages import IMAGES, RAW_URLS, SCORES, embeddings_table, run_language, run_subset
 from laion_assets_tests.conftest import make_config
 
 
@@ -36,8 +36,8 @@ def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
 def publish_shard(lake: Lake, cfg: PipelineConfig, shard: str, n: int, seed: int, dim: int,
                   planted: dict[int, np.ndarray] | None = None, space: str = "tiny") -> pl.DataFrame:
     """`n` samples in `shard` (row i's vector replaced by planted[i]); the last row failed to
-    download (so it is in no subset); row 1 is stored as PNG. Every subset is made by the real
-    stage. Returns the raw rows."""
+    download (so it is in no subset); row 1 is stored as PNG. The caption language and every
+    subset are made by the real stages. Returns the raw rows."""
     rng = np.random.default_rng(seed)
     uids = rng.integers(-(2**62), 2**62, n, dtype=np.int64)
     raw = pl.DataFrame({
@@ -55,6 +55,7 @@ def publish_shard(lake: Lake, cfg: PipelineConfig, shard: str, n: int, seed: int
         "status": ["success" if good else "failed_download" for good in ok],
         "original_width": [40] * n, "original_height": [30] * n, "width": [40] * n, "height": [30] * n,
         "sha256": [f"{i:064x}" for i in range(n)],
+        "bytes_downloaded": [len(b) for b in blobs],
         "image": [b if good else None for b, good in zip(blobs, ok)],
     })
     vecs = unit(rng, n, dim)
@@ -68,11 +69,15 @@ def publish_shard(lake: Lake, cfg: PipelineConfig, shard: str, n: int, seed: int
         "similarity": rng.random(int(good.sum())) * 0.5,
         "embedding_space": ["tiny/random-seed0"] * int(good.sum()),
     })
-    scores = pl.DataFrame({"uid": uids[good], "aesthetic": (rng.random(int(good.sum())) * 10).astype(np.float32)})
+    scores = pl.DataFrame({
+        "uid": uids[good], "aesthetic": (rng.random(int(good.sum())) * 10).astype(np.float32),
+        "punsafe": (rng.random(int(good.sum())) * 0.5).astype(np.float32),
+    })
     lake.publish_shard(RAW_URLS, shard, raw)
     lake.publish_shard(IMAGES, shard, images)
     lake.publish_shard(embeddings_table(space), shard, emb)
     lake.publish_shard(SCORES, shard, scores)
+    run_language(lake, cfg, shard)
     for sub in cfg.subsets:
         run_subset(lake, cfg, sub, shard)
     return raw

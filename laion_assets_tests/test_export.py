@@ -53,7 +53,7 @@ def test_tar_layout_matches_img2dataset_and_the_subset(planted, tmp_path):
             ext = "png" if images[sample["uid"]][:4] == b"\x89PNG" else "jpg"  # the stored format
             assert files[f"{key}.{ext}"] == images[sample["uid"]]
             assert files[f"{key}.txt"].decode() == (source["caption"] or "")
-            for column in ("url", "caption", "similarity", "aesthetic", "width", "height", "original_width", "sha256", "LICENSE", "LANGUAGE", "source_similarity", "recipe_id"):
+            for column in ("url", "caption", "similarity", "aesthetic", "punsafe", "width", "height", "original_width", "sha256", "LICENSE", "source_LANGUAGE", "language", "source_similarity", "recipe_id"):
                 expected = pytest.approx(source[column], rel=1e-6) if isinstance(source[column], float) else source[column]
                 assert sample[column] == expected and row[column] == expected, column
             assert sample["shard"] == "s0"
