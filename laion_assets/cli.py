@@ -2,6 +2,7 @@
 resources, runs recorded in the instance the UI reads).
 
     laion-assets run <input files or folders> [--lake URI] [--select ASSETS] [--config FILE]
+    laion-assets remove-shard KEY  # delete a shard from the lake and the UI's partitions
     laion-assets demo              # bundled sample end to end, then where to look
     laion-assets sample-server     # serve the demo sample again (to materialize from the UI)
     laion-assets migrate-embeddings --space b32   # a lake from before embedding spaces
@@ -69,22 +70,25 @@ def run_pipeline(inputs: list[str], lake: str, config: str | None, select: str |
 
     Bad input (a file that cannot be read or has no URL column, an unknown asset) raises
     LaionAssetsError before anything is registered; files skipped in a folder are listed."""
-    from dagster import AssetSelection, DagsterEventType, Definitions, define_asset_job
+    from dagster import DagsterEventType
 
     from laion_assets.core import registry
     from laion_assets.core.errors import LaionAssetsError
     from laion_assets.core.ingest import SUPPORTED, check_shard_file, scan_inputs, shard_key
     from laion_assets.core.lake import Lake
-    from laion_assets.defs.definitions import build_defs
+    from laion_assets.defs.definitions import SHARD_JOB, build_defs
     from laion_assets.defs.partitions import shards
     from laion_assets.defs.resources import Settings
+    from laion_assets.defs.runs import run_shard
 
     settings = Settings(lake=lake, inputs=inputs[0] if inputs else "data/input", config=config)
     defs = build_defs(settings)  # validates the config file first
     lk = Lake(lake)
     lk.ensure_writable()
     graph = defs.resolve_asset_graph()
-    all_keys = graph.get_all_asset_keys()
+    # the UI's own job, with an asset selection: runs started here re-execute from the UI
+    job = defs.resolve_job_def(SHARD_JOB)
+    all_keys = set(job.asset_layer.executable_asset_keys)
     chosen, missing = set(all_keys), []
     if select:  # a key, or a prefix of keys: `embeddings` is every embeddings/<space>
         chosen = set()
@@ -112,8 +116,6 @@ def run_pipeline(inputs: list[str], lake: str, config: str | None, select: str |
     if new:
         instance.add_dynamic_partitions(shards.name, new)
 
-    job_def = define_asset_job("laion_assets_run", selection=AssetSelection.assets(*chosen), partitions_def=shards)
-    job = Definitions.merge(defs, Definitions(jobs=[job_def])).resolve_job_def("laion_assets_run")
     order = [k for k in graph.toposorted_asset_keys if k in chosen]
 
     summary = RunSummary()
@@ -122,7 +124,7 @@ def run_pipeline(inputs: list[str], lake: str, config: str | None, select: str |
         run_config["ops"] = {"images": {"config": {"retry_failures": True}}}
     for key in dict.fromkeys(keys):
         print(f"shard {key}: running {', '.join(k.to_user_string() for k in order)}", flush=True)
-        result = job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False, run_config=run_config)
+        result = run_shard(instance, job, key, order, run_config)
         materialized, failed = {}, {}
         for event in result.all_events:
             if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
@@ -137,7 +139,7 @@ def run_pipeline(inputs: list[str], lake: str, config: str | None, select: str |
             step = graph.get(asset_key).assets_def.node_def.name
             if asset_key in materialized:
                 md = materialized[asset_key]
-                rows = md.get("dagster/row_count")
+                rows = md.get("dagster/partition_row_count")
                 version = md.get("delta_version")
                 summary.lines.append(StageLine(key, name, "materialized", getattr(rows, "value", rows), getattr(version, "value", version), "gate passed"))
             elif step in failed:
@@ -200,6 +202,22 @@ def cmd_migrate_embeddings(args) -> int:
         raise LaionAssetsError(f"space '{args.space}' is not in embeddings.spaces of the config ({', '.join(spaces)})")
     result = migrate_embeddings(Lake(args.lake), args.space, spaces[args.space].identity, force=args.force)
     print(f"moved the embeddings table to {result['table']} ({result['rows']} rows)" if result["moved"] else result["reason"])
+    return 0
+
+
+def cmd_remove_shard(args) -> int:
+    """Delete shards from every table of the lake, the registry and the Dagster partitions."""
+    from laion_assets.core import registry
+    from laion_assets.core.lake import Lake
+    from laion_assets.defs.partitions import shards
+
+    lk = Lake(args.lake)
+    instance = _instance()
+    for key in args.shards:
+        deleted = registry.remove_shard(lk, key)
+        instance.delete_dynamic_partition(shards.name, key)
+        rows = ", ".join(f"{table} {n}" for table, n in deleted.items()) or "no rows"
+        print(f"shard {key} removed: {rows}; partition deleted")
     return 0
 
 
@@ -314,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     migrate.add_argument("--config", default=env_config, help="pipeline config YAML declaring the space")
     migrate.add_argument("--force", action="store_true", help="move even if the vectors' model differs from the space's")
     migrate.set_defaults(fn=cmd_migrate_embeddings)
+
+    remove = sub.add_parser("remove-shard", help="delete shards from the lake, the registry and the UI's partitions")
+    remove.add_argument("shards", nargs="+", help="shard keys (input file names without extensions)")
+    remove.add_argument("--lake", default=env_lake, help="lake root: folder or s3://bucket/prefix (default %(default)s)")
+    remove.set_defaults(fn=cmd_remove_shard)
 
     serve = sub.add_parser("sample-server", help="serve the demo sample on 127.0.0.1")
     serve.add_argument("--data", default="data")

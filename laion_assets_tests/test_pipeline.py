@@ -73,11 +73,15 @@ def test_asset_graph_snapshot(env):
         "scores": ["embeddings/tiny", "images"],
         "subsets/similar": ["embeddings/tiny", "images", "language", "raw_urls", "scores"],
         "subsets/pretty": ["embeddings/tiny", "images", "language", "raw_urls", "scores"],
+        "lake_summary": ["embeddings/tiny", "images", "language", "raw_urls", "scores", "subsets/pretty", "subsets/similar"],
     }
-    for key in graph.get_all_asset_keys():
+    for key in graph.get_all_asset_keys() - {AssetKey("lake_summary")}:
         node = graph.get(key)
         assert node.partitions_def.name == "shards"
         assert [c.name for c in node.check_keys] == ["quality_gate"]
+        [check] = node.check_keys
+        assert graph.get(check).partitions_def.name == "shards"  # one result per shard
+    assert {graph.get(k).group_name for k in graph.get_all_asset_keys()} == {"laion"}  # one group: the chain shows
     assert graph.get(AssetKey("images")).pools == {"download"}
     assert graph.get(AssetKey(["embeddings", "tiny"])).pools == {"gpu"}
     assert graph.get(AssetKey("raw_urls")).automation_condition is None  # the sensor starts it

@@ -230,6 +230,14 @@ class MaintenanceConfig(_Strict):
     target_file_size_mb: int = Field(128, ge=1)
 
 
+class UIConfig(_Strict):
+    """What the Dagster UI shows of each shard. Pictures travel in the event log: a grid of 8
+    thumbnails adds about 30 KB per shard and stage, a histogram chart 5-10 KB."""
+
+    thumbnails: int = Field(8, ge=0, le=32, description="stored images per thumbnail grid; 0: no grids")
+    histograms: bool = Field(True, description="histograms of scores and image sizes with the subset thresholds")
+
+
 class PipelineConfig(_Strict):
     ingest: IngestConfig = IngestConfig()
     download: DownloadConfig = DownloadConfig()
@@ -242,6 +250,7 @@ class PipelineConfig(_Strict):
     maintenance: MaintenanceConfig = MaintenanceConfig()
     export: ExportConfig = ExportConfig()
     knn: KnnConfig = KnnConfig()
+    ui: UIConfig = UIConfig()
 
     @field_validator("subsets")
     @classmethod

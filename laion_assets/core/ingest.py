@@ -104,7 +104,10 @@ def _read_bytes(source: str) -> bytes:
         with fs.open_input_stream(path, compression=None) as f:
             data = f.read()
     except FileNotFoundError:
-        raise LaionAssetsError(f"shard file {source} no longer exists: restore it or remove the shard") from None
+        raise LaionAssetsError(
+            f"shard file {source} no longer exists: restore it, or remove the shard from the lake and "
+            f"the UI with `laion-assets remove-shard {shard_key(source)}`"
+        ) from None
     if source.lower().endswith(".gz"):
         try:
             data = gzip.decompress(data)

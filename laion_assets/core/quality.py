@@ -29,6 +29,11 @@ class CheckResult:
     label: str
     passed: bool
     observed: str
+    expected: str = ""  # the expectation's threshold, e.g. "value_set=[True], mostly=0.5"
+
+    def line(self) -> str:
+        """One line a user can act on: what was expected and what was seen."""
+        return f"{self.label}: expected {self.expected or 'to hold'}, {self.observed}"
 
 
 @dataclass(frozen=True)
@@ -42,10 +47,13 @@ class Report:
         return all(r.passed for r in self.results)
 
     def failures(self) -> list[str]:
-        return [f"{r.label}: {r.observed}" for r in self.results if not r.passed]
+        return [r.line() for r in self.results if not r.passed]
 
     def as_metadata(self) -> dict[str, str]:
-        return {r.label: ("passed" if r.passed else "FAILED") + f" ({r.observed})" for r in self.results}
+        return {
+            r.label: ("passed" if r.passed else "FAILED") + f" ({r.observed}; expected {r.expected or 'to hold'})"
+            for r in self.results
+        }
 
 
 def _context():
@@ -79,6 +87,8 @@ def validate(stage: str, shard: str, df: pl.DataFrame, expectations: list[Expect
         r = res.result or {}
         if r.get("unexpected_count") is not None:
             observed = f"{r['unexpected_count']} unexpected of {r.get('element_count')}"
+            if conf.kwargs.get("mostly") is not None and r.get("unexpected_percent") is not None:
+                observed += f" ({100 - r['unexpected_percent']:.1f}% as expected)"
             sample = r.get("partial_unexpected_list") or []
             if sample and not res.success:
                 observed += f", e.g. {sample[:3]}"
@@ -88,8 +98,24 @@ def validate(stage: str, shard: str, df: pl.DataFrame, expectations: list[Expect
             observed = f"error: {res.exception_info.get('exception_message')}"
         column = conf.kwargs.get("column")
         label = f"{conf.type}({column})" if column else conf.type
-        checks.append(CheckResult(label, bool(res.success), observed))
+        checks.append(CheckResult(label, bool(res.success), observed, _threshold(conf.kwargs)))
     return Report(stage, shard, tuple(checks))
+
+
+_THRESHOLDS = ("value", "min_value", "max_value", "value_set", "regex", "mostly")
+
+
+def _threshold(kwargs: dict) -> str:
+    """The expectation's parameters a reader needs to judge the observed value."""
+    parts = []
+    for key in _THRESHOLDS:
+        value = kwargs.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)) and len(value) > 8:
+            value = f"[{', '.join(map(repr, value[:8]))}, ...]"
+        parts.append(f"for at least {value:.0%} of rows" if key == "mostly" else f"{key}={value}")
+    return " ".join(parts)
 
 
 # -- suites --------------------------------------------------------------------------------

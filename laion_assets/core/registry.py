@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timezone
+from pathlib import Path
 
 import polars as pl
 
 from laion_assets.core.errors import LaionAssetsError
 from laion_assets.core.ingest import shard_key
-from laion_assets.core.lake import Lake
+from laion_assets.core.lake import Lake, check_shard_key
 
 TABLE = "_shards"
 PUBLISHED_IN = "raw_urls"  # a shard with rows there was ingested from its registered file
@@ -31,8 +32,9 @@ def registered(lake: Lake) -> dict[str, str]:
     return dict(zip(df["shard"].to_list(), df["source"].to_list()))
 
 
-def _published(lake: Lake, key: str) -> bool:
-    return lake.exists(PUBLISHED_IN) and lake.shard_row_count(PUBLISHED_IN, key) > 0
+def is_published(lake: Lake, key: str) -> bool:
+    """Whether rows of the shard were published (every stage starts from raw_urls)."""
+    return lake.exists(PUBLISHED_IN) and lake.shard_row_count(PUBLISHED_IN, check_shard_key(key)) > 0
 
 
 def _rows(entries: dict[str, str]) -> pl.DataFrame:
@@ -56,7 +58,7 @@ def register(lake: Lake, sources: list[str]) -> dict[str, str]:
             new[key] = source
         elif owner == source:
             continue
-        elif owner in given or _published(lake, key):
+        elif owner in given or is_published(lake, key):
             raise LaionAssetsError(
                 f"shard key '{key}' is already registered for {owner}; rename {source} so its "
                 "file name (without extensions) is unique"
@@ -73,7 +75,7 @@ def register(lake: Lake, sources: list[str]) -> dict[str, str]:
 
 def release(lake: Lake, key: str) -> None:
     """Forget a shard's file after ingest refused it, unless rows from it were published."""
-    if lake.exists(TABLE) and not _published(lake, key):
+    if lake.exists(TABLE) and not is_published(lake, key):
         lake.delete_shard(TABLE, key)
 
 
@@ -85,3 +87,38 @@ def source_of(lake: Lake, shard: str) -> str:
             "folder (the sensor registers it) or run `laion-assets run <file>`"
         )
     return source
+
+
+def registered_at(lake: Lake) -> dict[str, str]:
+    """key -> when it was registered (ISO time): a shard removed and registered again is new."""
+    if not lake.exists(TABLE):
+        return {}
+    df = lake.scan(TABLE).select("shard", pl.col("registered_at").cast(pl.String)).collect()
+    return dict(df.iter_rows())
+
+
+def missing(lake: Lake, location: str, present: list[str]) -> dict[str, str]:
+    """Registered shards whose file was in `location` (a folder or prefix) and is gone."""
+    folder = location.rstrip("/") if "://" in location else str(Path(location).expanduser().resolve())
+    present_set = set(present)
+    return {k: s for k, s in registered(lake).items() if s.rsplit("/", 1)[0] == folder and s not in present_set}
+
+
+def remove_shard(lake: Lake, shard: str) -> dict[str, int]:
+    """Delete a shard from every table of the lake (stages, subsets, staging, anything else
+    partitioned by shard), then from the registry; returns the rows deleted per table. The data
+    goes first, so an interrupted removal is finished by running it again."""
+    predicate = f"shard = '{check_shard_key(shard)}'"
+    known = shard in registered(lake)
+    deleted = {}
+    for table in lake.tables():
+        dt = lake.table(table)
+        if table == TABLE or "shard" not in dt.schema().to_arrow().names:
+            continue
+        rows = int(dt.delete(predicate).get("num_deleted_rows") or 0)
+        if rows:
+            deleted[table] = rows
+    if not known and not deleted:
+        raise LaionAssetsError(f"shard '{shard}' is neither registered nor has rows in lake {lake.uri}: check the key")
+    lake.delete_where(TABLE, predicate)
+    return deleted

@@ -1,44 +1,91 @@
 """Definitions for the Dagster UI, `dagster dev` and `laion-assets run`, built from Settings.
 
-Automation is applied here, once: each downstream stage runs for a shard when its upstream
-stage was materialized and every blocking check upstream passed.
+Policies are applied here, once, for every asset:
+- automation: each downstream stage runs for a shard when its upstream stage was materialized
+  and every blocking check upstream passed; the lake summary refreshes daily;
+- one group, so the lineage opens with the whole chain visible (the UI collapses groups when
+  there are several); a `stage` tag tells the layers apart in the catalog;
+- owners (LAION_ASSETS_OWNERS), code version, links to the source code, and a freshness policy
+  on the lake summary (shards arrive when their files do, so freshness does not apply to them).
 """
 
 from __future__ import annotations
 
-from dagster import AutomationCondition, Definitions, define_asset_job, map_asset_specs
+import os
+from datetime import timedelta
+
+from dagster import (
+    AssetSelection,
+    AutomationCondition,
+    Definitions,
+    FreshnessPolicy,
+    define_asset_job,
+    in_process_executor,
+    map_asset_specs,
+    with_source_code_references,
+)
 from dagster_aws.s3 import S3Resource
 
+from laion_assets import __version__
 from laion_assets.core.config import load_config
 from laion_assets.defs.embeddings import embeddings_assets
 from laion_assets.defs.images import images
 from laion_assets.defs.knn import knn_assets
 from laion_assets.defs.language import language
-from laion_assets.defs.partitions import shards
+>>>>>>> 08c1af1 (UI: per-shard quality_gate (partitioned check) with thresholds, observed values and the stage's figures on failure; expected failures as one line without a stack; pictures (thumbnails, failures by kind, histograms with subset thresholds) in shard metadata; lake_summary asset; column descriptions, owners, tags, code references, code version, freshness; one group; CLI runs recorded in the UI's code location (re-executable); remove-shard; browser test)
 from laion_assets.defs.raw_urls import raw_urls
 from laion_assets.defs.resources import InputsResource, LakeResource, PipelineResource, Settings
 from laion_assets.defs.schedules import lake_maintenance, nightly_maintenance
 from laion_assets.defs.scores import scores_asset
 from laion_assets.defs.sensors import automation, shard_files
 from laion_assets.defs.subsets import subset_assets
+from laion_assets.defs.summary import summary_asset
 from laion_assets.defs.webdataset import webdataset_assets
 
 FOLLOW_UPSTREAM = AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed()
+SUMMARY_CRON = "0 4 * * *"  # after the nightly maintenance (03:00)
+DAILY = AutomationCondition.cron_tick_passed(SUMMARY_CRON).since_last_handled().with_label(f"daily ({SUMMARY_CRON} UTC)")
+GROUP = "laion"
+# `stage` tag by the asset key's first part (embeddings/<space> and subsets/<name> included)
+STAGES = {
+    "raw_urls": "ingest", "images": "download", "language": "ingest", "embeddings": "embed", "scores": "score",
+    "subsets": "filter", "webdataset": "export", "knn": "export", "lake_summary": "report",
+}
+SHARD_JOB = "shard_pipeline"
+
+
+def _policies(spec):
+    owners = [o.strip() for o in os.environ.get("LAION_ASSETS_OWNERS", "team:laion_assets").split(",") if o.strip()]
+    summary = spec.key.path[0] == "lake_summary"
+    return spec.replace_attributes(
+        group_name=GROUP, owners=owners, code_version=__version__,
+        automation_condition=DAILY if summary else spec.automation_condition,
+        freshness_policy=FreshnessPolicy.time_window(fail_window=timedelta(hours=26), warn_window=timedelta(hours=25)) if summary else None,
+    ).merge_attributes(tags={"stage": STAGES.get(spec.key.path[0], spec.key.path[0])})
 
 
 def build_defs(settings: Settings) -> Definitions:
     cfg = load_config(settings.config)
-    downstream = map_asset_specs(
-        lambda spec: spec.replace_attributes(automation_condition=FOLLOW_UPSTREAM),
-        [images, language, embeddings_assets(cfg), scores_asset(cfg), *subset_assets(cfg), *webdataset_assets(cfg)],
-    )
+    downstream = [images, language, embeddings_assets(cfg), scores_asset(cfg), *subset_assets(cfg), *webdataset_assets(cfg)]
+    shard_assets = [raw_urls, *map_asset_specs(lambda s: s.replace_attributes(automation_condition=FOLLOW_UPSTREAM), downstream)]
+    lake_assets = [*knn_assets(cfg), summary_asset(shard_assets)]  # across shards; knn: its own automation (defs/knn.py)
+    assets = with_source_code_references(map_asset_specs(_policies, [*shard_assets, *lake_assets]))
     s3 = S3Resource()
     return Definitions(
-        assets=[raw_urls, *downstream, *knn_assets(cfg)],  # knn: its own automation (defs/knn.py)
+        assets=assets,
         jobs=[
-            define_asset_job("shard_pipeline", partitions_def=shards, description="Every stage for one shard."),
+            # every run of a shard, from the UI, the sensors or `laion-assets run`, is this job
+            # (with an asset selection), so any of them can be re-executed from the UI
+            define_asset_job(
+                SHARD_JOB, selection=AssetSelection.assets(*shard_assets),
+                description="Stages of one shard (all, or the selected assets).",
+            ),
             lake_maintenance,
         ],
+        # A shard's stages are a chain: one process per run starts each stage without a new
+        # interpreter (5-10 s of imports each) and keeps the model loaded, as `laion-assets
+        # run` does; scale-out is many runs at once (run queue, launchers), not steps.
+        executor=in_process_executor,
         sensors=[shard_files, automation],
         schedules=[nightly_maintenance],
         resources={

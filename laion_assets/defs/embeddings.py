@@ -5,7 +5,7 @@ from functools import lru_cache
 
 from dagster import AssetExecutionContext, AssetKey, AssetSpec, AssetsDefinition, multi_asset
 
-from laion_assets.core import stages
+from laion_assets.core import stages, views
 from laion_assets.core.config import PipelineConfig
 from laion_assets.defs.gate import gate_spec, run_stages
 from laion_assets.defs.images import images
@@ -48,7 +48,7 @@ def embeddings_assets(cfg: PipelineConfig) -> AssetsDefinition:
     """One asset per space; a run may select any of them, and the step computes only those."""
     specs = [
         AssetSpec(
-            embeddings_key(name), deps=[images], kinds={"delta", "pytorch"}, group_name="laion",
+            embeddings_key(name), deps=[images], kinds={"delta", "pytorch"},
             description=(
                 f"Space `{name}` ({space.identity}): L2-normalised CLIP image and text embeddings "
                 "(float16 bytes by default) and their cosine `similarity`, with the "
@@ -92,6 +92,10 @@ def embeddings_assets(cfg: PipelineConfig) -> AssetsDefinition:
                 for name, out in stages.run_embeddings(
                     lk, cfg_now, context.partition_key, lambda towers: encoder_for(cfg_now, towers), chosen, watermark=watermark,
                 ).items()
+            },
+            views={
+                embeddings_key(name): lambda table=stages.embeddings_table(name): views.embeddings_view(lk, cfg_now, context.partition_key, table)
+                for name in chosen
             },
         )
 

@@ -1,12 +1,19 @@
-"""Write-audit-publish in Dagster terms: run a core stage, turn its report into a blocking
-check result and its numbers into materialization metadata; a failed gate fails the step
-with the failing expectations, and nothing is materialized."""
+"""Write-audit-publish in Dagster terms: run a core stage, turn its report into the shard's
+`quality_gate` check result and its numbers into materialization metadata.
+
+The check is partitioned by shard: each shard has its own result and history, so one bad shard
+does not turn the others red. A failed gate records each failing expectation (threshold and
+observed value) and the stage's figures on the check, fails the step with one line, and
+publishes nothing, so the UI shows no materialization for it. Expected, user-caused failures
+(a missing shard file, a bad config) fail the same way, without a stack trace."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import polars as pl
 import pyarrow as pa
 from dagster import (
     AssetCheckResult,
@@ -19,93 +26,175 @@ from dagster import (
     TableColumn,
     TableSchema,
 )
+from dagster._core.definitions.metadata import normalize_metadata
+from dagster._core.errors import DagsterUserCodeProcessError
+from dagster._utils.error import SerializableErrorInfo
 
+from laion_assets.core.columns import describe
 from laion_assets.core.errors import LaionAssetsError, ValidationFailed
 from laion_assets.core.lake import Lake
 from laion_assets.core.stages import StageOutput
+from laion_assets.defs.partitions import shards
 
 GATE = "quality_gate"
 
 
 def gate_spec(key: str | AssetKey) -> AssetCheckSpec:
     return AssetCheckSpec(
-        GATE, asset=key, blocking=True,
-        description="great-expectations suite run on the shard before it is published",
+        GATE, asset=key, blocking=True, partitions_def=shards,
+        description="great-expectations suite run on the shard before it is published; one result per shard",
     )
 
 
-def table_schema(schema: pa.Schema) -> TableSchema:
-    return TableSchema(columns=[TableColumn(f.name, str(f.type)) for f in schema])
+class ShardFailed(Failure, DagsterUserCodeProcessError):
+    """A step failure shown as its one-line message. Dagster serialises a
+    DagsterUserCodeProcessError as the error info it carries (meant for errors forwarded from
+    another process), so the run log, the CLI and the UI show the message and the failure
+    metadata without a stack of framework frames; `Failure` keeps the metadata and no retries."""
+
+    def __init__(self, message: str, metadata: dict | None = None):
+        DagsterUserCodeProcessError.__init__(
+            self, message, user_code_process_error_infos=[SerializableErrorInfo(message, [], "LaionAssetsError")]
+        )
+        self.description, self.metadata, self.allow_retries = message, normalize_metadata(metadata or {}), False
 
 
-def markdown_table(df) -> str:
+def table_schema(schema: pa.Schema, table: str) -> TableSchema:
+    return TableSchema(columns=[TableColumn(f.name, str(f.type), description=describe(table, f.name)) for f in schema])
+
+
+def markdown_table(df: pl.DataFrame) -> str:
+    """Rows as a markdown table; floats to 4 digits; URLs as code, so the UI does not link to
+    servers that may be gone."""
     lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
     for row in df.iter_rows():
-        lines.append("| " + " | ".join("" if v is None else str(v).replace("|", "\\|") for v in row) + " |")
+        cells = ["" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)).replace("|", "\\|") for v in row]
+        cells = [f"`{c}`" if "://" in c else c for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def _value(v):
-    if isinstance(v, dict):
+    """Metadata values: dicts and lists as JSON, floats to 3 significant digits (the UI plots
+    numbers over time; unrounded means and timings turn those plots into noise)."""
+    if isinstance(v, (dict, list)):
         return MetadataValue.json(json.loads(json.dumps(v, default=str)))
     if v is None:
         return MetadataValue.text("")
+    if isinstance(v, float):
+        return float(f"{v:.3g}")
     return v
 
 
-def _materialization(lake: Lake, key: AssetKey | None, table: str, out: StageOutput) -> MaterializeResult:
+def _figures(stats: dict) -> dict:
+    return {k: _value(v) for k, v in stats.items()}
+
+
+def table_rows(lake: Lake, table: str) -> int:
+    """Rows in the whole table, from the Delta log's per-file counts (no data read)."""
+    files = pl.DataFrame(pa.table(lake.table(table).get_add_actions(flatten=True)))
+    if files.height and files["num_records"].null_count() == 0:
+        return int(files["num_records"].sum())
+    return lake.scan(table).select(pl.len()).collect().item()
+
+
+def table_uri(lake: Lake, table: str) -> str:
+    uri = lake.table_uri(table)
+    return Path(uri).as_uri() if lake.is_local else uri
+
+
+def failed_gate(key: AssetKey | None, e: ValidationFailed) -> AssetCheckResult:
+    """The failed check: each failing expectation with threshold and observed value, every
+    expectation's result, and the stage's figures (status counts, top errors with examples)."""
+    failing = [r for r in e.report.results if not r.passed]
+    table = "\n".join(
+        ["| expectation | expected | observed |", "|---|---|---|"]
+        + [f"| {r.label} | {r.expected or 'to hold'} | {r.observed} |".replace("\n", " ") for r in failing]
+    )
+    return AssetCheckResult(
+        asset_key=key, check_name=GATE, passed=False, severity=AssetCheckSeverity.ERROR,
+        description=(f"shard {e.shard} not published: " + "; ".join(r.line() for r in failing))[:2000],
+        metadata={
+            "shard": e.shard, "failing expectations": MetadataValue.md(table),
+            **e.report.as_metadata(), **_figures(e.stats),
+        },
+    )
+
+
+def not_checked(key: AssetKey | None, shard: str, e: LaionAssetsError) -> AssetCheckResult:
+    """An expected failure before the gate (missing file, bad config): the gate says why."""
+    return AssetCheckResult(
+        asset_key=key, check_name=GATE, passed=False, severity=AssetCheckSeverity.ERROR,
+        description=f"shard {shard} not checked: {e}", metadata={"shard": shard, "reason": str(e)},
+    )
+
+
+def _materialization(context, lake: Lake, key: AssetKey | None, table: str, out: StageOutput, view) -> MaterializeResult:
+    shard = context.partition_key
+    pictures = {}
+    if view is not None:
+        try:
+            pictures = {k: MetadataValue.md(v) for k, v in view().items()}
+        except Exception as e:  # noqa: BLE001 - the data is published; the pictures are a view of it
+            context.log.warning(f"shard {shard}: pictures of {table} not rendered: {type(e).__name__}: {e}")
     return MaterializeResult(
         asset_key=key,
         metadata={
-            "dagster/row_count": out.rows,
-            "dagster/column_schema": table_schema(out.schema),
-            "dagster/uri": lake.table_uri(table),
+            "dagster/partition_row_count": out.rows,
+            "dagster/row_count": table_rows(lake, table),
+            "dagster/column_schema": table_schema(out.schema, table),
+            "dagster/uri": table_uri(lake, table),
             "delta_version": out.version,
-            **{k: _value(v) for k, v in out.stats.items()},
+            **_figures(out.stats),
             **({"preview": MetadataValue.md(markdown_table(out.preview))} if out.preview is not None else {}),
+            **pictures,
         },
         check_results=[
-            AssetCheckResult(asset_key=key, check_name=GATE, passed=True, metadata=out.report.as_metadata())
+            AssetCheckResult(asset_key=key, check_name=GATE, passed=True, metadata={"shard": shard, **out.report.as_metadata()})
         ],
     )
 
 
-def _failed_gate(key: AssetKey | None, e: ValidationFailed) -> AssetCheckResult:
-    return AssetCheckResult(
-        asset_key=key, check_name=GATE, passed=False, severity=AssetCheckSeverity.ERROR,
-        metadata={**e.report.as_metadata(), "shard": e.shard}, description=str(e)[:2000],
-    )
+def run_stage(
+    context, lake: Lake, table: str, fn: Callable[[], StageOutput],
+    view: Callable[[], dict[str, str]] | None = None,
+) -> Iterator:
+    """Yield the check result and MaterializeResult of one stage run, or fail the step.
 
-
-def run_stage(context, lake: Lake, table: str, fn: Callable[[], StageOutput]) -> Iterator:
-    """Yield the check result and MaterializeResult of one stage run, or fail the step."""
+    `view` renders the shard's pictures (markdown) once it is published; a picture that cannot
+    be drawn is logged, never fails a published shard."""
     try:
         out = fn()
     except ValidationFailed as e:
-        yield _failed_gate(None, e)
-        raise Failure(description=str(e), metadata={"failing expectations": "\n".join(e.failures)}, allow_retries=False) from None
+        yield failed_gate(None, e)
+        raise ShardFailed(str(e), {"failing expectations": "\n".join(e.failures)}) from None
     except LaionAssetsError as e:
-        raise Failure(description=str(e), allow_retries=False) from None
-    yield _materialization(lake, None, table, out)
+        yield not_checked(None, context.partition_key, e)
+        raise ShardFailed(str(e)) from None
+    yield _materialization(context, lake, None, table, out, view)
 
 
-def run_stages(context, lake: Lake, tables: dict[AssetKey, str], fn: Callable[[], dict]) -> Iterator:
+def run_stages(
+    context, lake: Lake, tables: dict[AssetKey, str], fn: Callable[[], dict],
+    views: dict[AssetKey, Callable[[], dict[str, str]]] | None = None,
+) -> Iterator:
     """For a step that publishes several assets (one per embedding space): materialize each
     asset that passed its gate, a failed check for each that did not, then fail the step if
     any did not."""
     try:
         outs = fn()
     except LaionAssetsError as e:
-        raise Failure(description=str(e), allow_retries=False) from None
+        for key in tables:
+            yield not_checked(key, context.partition_key, e)
+        raise ShardFailed(str(e)) from None
     failed = []
     for key, out in outs.items():
         if isinstance(out, ValidationFailed):
             failed.append(out)
-            yield _failed_gate(key, out)
+            yield failed_gate(key, out)
         else:
-            yield _materialization(lake, key, tables[key], out)
+            yield _materialization(context, lake, key, tables[key], out, (views or {}).get(key))
     if failed:
-        raise Failure(
-            description="; ".join(str(e) for e in failed)[:2000],
-            metadata={"failing expectations": "\n".join(f for e in failed for f in e.failures)}, allow_retries=False,
+        raise ShardFailed(
+            "; ".join(str(e) for e in failed)[:2000], {"failing expectations": "\n".join(f for e in failed for f in e.failures)},
         )

@@ -1,4 +1,5 @@
-"""Shards are the partitions of every stage asset: one dynamic key per input file."""
+"""Shards are the partitions of every stage asset and of their checks: one dynamic key per
+input file."""
 
 from functools import partial
 

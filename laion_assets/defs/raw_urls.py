@@ -11,7 +11,6 @@ from laion_assets.defs.resources import LakeResource, PipelineResource
 @shard_asset(
     check_specs=[gate_spec("raw_urls")],
     kinds={"delta", "polars"},
-    group_name="laion",
 )
 def raw_urls(context: AssetExecutionContext, lake: LakeResource, pipeline: PipelineResource):
     """Input rows of one shard: `uid` (LAION's mmh3.hash64(url+text)[0]), `url`, `caption`,

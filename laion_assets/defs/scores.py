@@ -2,7 +2,7 @@
 
 from dagster import AssetExecutionContext, AssetsDefinition
 
-from laion_assets.core import stages
+from laion_assets.core import stages, views
 from laion_assets.core.config import PipelineConfig
 from laion_assets.defs.embeddings import embeddings_key
 from laion_assets.defs.gate import gate_spec, run_stage
@@ -22,7 +22,6 @@ def scores_asset(cfg: PipelineConfig) -> AssetsDefinition:
         deps=[images, *(embeddings_key(space) for space in fed)],
         check_specs=[gate_spec("scores")],
         kinds={"delta", "numpy"},
-        group_name="laion",
         description=(
             "One column per scoring head for every successful image (heads: " + heads + "). Each "
             "head reads the embeddings of the space it was trained on; feeding it another space "
@@ -30,9 +29,10 @@ def scores_asset(cfg: PipelineConfig) -> AssetsDefinition:
         ),
     )
     def _scores(context: AssetExecutionContext, lake: LakeResource, pipeline: PipelineResource):
-        lk = lake.lake()
+        lk, cfg_now, shard = lake.lake(), pipeline.config(), context.partition_key
         yield from run_stage(
-            context, lk, stages.SCORES, lambda: stages.run_scores(lk, pipeline.config(), context.partition_key)
+            context, lk, stages.SCORES, lambda: stages.run_scores(lk, cfg_now, shard),
+            view=lambda: views.scores_view(lk, cfg_now, shard),
         )
 
     return _scores

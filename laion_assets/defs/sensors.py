@@ -24,7 +24,11 @@ from laion_assets.defs.resources import InputsResource, LakeResource
     target=[raw_urls],
     minimum_interval_seconds=30,
     default_status=DefaultSensorStatus.RUNNING,
-    description="Registers new shard files in the input location as partitions and requests their raw_urls runs.",
+    description=(
+        "Registers new shard files in the input location as partitions and requests their raw_urls runs. "
+        "A shard whose file disappeared is removed (lake rows and partition) if nothing of it was published; "
+        "a published one is kept and reported: remove it with `laion-assets remove-shard KEY`."
+    ),
 )
 def shard_files(context: SensorEvaluationContext, inputs: InputsResource, lake: LakeResource):
     try:
@@ -36,15 +40,36 @@ def shard_files(context: SensorEvaluationContext, inputs: InputsResource, lake: 
     registry.register(lk, files)  # raises on a key clash: the tick fails with the message
     present = set(files)
     on_disk = {key for key, source in registry.registered(lk).items() if source in present}
-    new = sorted(on_disk - set(context.instance.get_dynamic_partitions(shards.name)))
+    partitions = set(context.instance.get_dynamic_partitions(shards.name))
+    new = sorted(on_disk - partitions)
     skipped = "; ".join(f"{path.rsplit('/', 1)[-1]}: {why}" for path, why in scan.skipped[:20])
     skipped = f"; skipped {skipped}" if skipped else ""
-    if not new:
-        return SkipReason(f"no new shard files in {inputs.location} ({len(files)} known){skipped}")
-    context.log.info(f"registering {len(new)} new shards: {new[:10]}{skipped}")
+    gone = registry.missing(lk, inputs.location, files)
+    unpublished = sorted(k for k in gone if not registry.is_published(lk, k))
+    for key in unpublished:  # nothing to keep: the shard's partition would only ever fail
+        registry.remove_shard(lk, key)
+    kept = sorted(set(gone) - set(unpublished))
+    note = (
+        f"; {len(kept)} published shards lost their file and are kept: {kept[:10]} (remove them with "
+        f"`laion-assets remove-shard {' '.join(kept[:10])}`)" if kept else ""
+    )
+    requests = []
+    if new:
+        context.log.info(f"registering {len(new)} new shards: {new[:10]}{skipped}")
+        requests.append(shards.build_add_request(new))
+    removed = sorted(set(unpublished) & partitions)
+    if removed:
+        context.log.info(f"removing {len(removed)} unpublished shards whose file is gone: {removed[:10]}")
+        requests.append(shards.build_delete_request(removed))
+    if not requests:
+        return SkipReason(f"no new shard files in {inputs.location} ({len(files)} known){skipped}{note}")
+    if note:
+        context.log.warning(note[2:])
+    when = registry.registered_at(lk)
     return SensorResult(
-        dynamic_partitions_requests=[shards.build_add_request(new)],
-        run_requests=[RunRequest(partition_key=k, run_key=f"raw_urls:{k}") for k in new],
+        dynamic_partitions_requests=requests,
+        # keyed by registration time: a shard removed and added again runs again
+        run_requests=[RunRequest(partition_key=k, run_key=f"raw_urls:{k}:{when.get(k, '')}") for k in new],
     )
 
 

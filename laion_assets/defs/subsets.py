@@ -5,7 +5,7 @@ import json
 
 from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, MetadataValue
 
-from laion_assets.core import stages
+from laion_assets.core import stages, views
 from laion_assets.core.config import PipelineConfig, SubsetConfig
 from laion_assets.defs.embeddings import WATERMARK, embeddings_key
 from laion_assets.defs.gate import gate_spec, run_stage
@@ -27,7 +27,6 @@ def subset_asset(sub: SubsetConfig, cfg: PipelineConfig) -> AssetsDefinition:
         deps=[raw_urls, images, language, embeddings_key(space), "scores", *([WATERMARK] if uses_watermark else [])],
         check_specs=[gate_spec(key)],
         kinds={"delta", "polars"},
-        group_name="subsets",
         description=(
             f"{sub.description or sub.name}"
             + (f" (preset `{sub.preset}`)" if sub.preset else "")
@@ -40,9 +39,11 @@ def subset_asset(sub: SubsetConfig, cfg: PipelineConfig) -> AssetsDefinition:
         lk = lake.lake()
         cfg_now = pipeline.config()
         current = next(s for s in cfg_now.subsets if s.name == sub.name)
+        table = stages.subset_table(sub.name)
         yield from run_stage(
-            context, lk, stages.subset_table(sub.name),
+            context, lk, table,
             lambda: stages.run_subset(lk, cfg_now, current, context.partition_key),
+            view=lambda: views.subset_view(lk, cfg_now, current, context.partition_key, table),
         )
 
     return _subset

@@ -123,13 +123,13 @@ def _audit_and_publish(lake: Lake, cfg: PipelineConfig, shard: str, space: str, 
     ]
     audit = pl.concat(audit) if audit else pl.DataFrame(schema={"uid": pl.Int64, "similarity": pl.Float32, "image_norm": pl.Float32, "text_norm": pl.Float32})
     table = embeddings_table(space)
-    report = gate(table, shard, audit, quality.embeddings_suite(expected, cfg.quality.embedding_norm_tolerance))
     stats = {
         "space": space, **model.describe(), "dtype": ecfg.dtype, "images": expected, "resumed_rows": resumed,
         "mean_similarity": round(float(audit["similarity"].mean() or 0), 4), **run_stats,
     }
     if model.meaningless:
         stats["WARNING"] = f"{model.name} is a random model: embeddings and similarities are meaningless"
+    report = gate(table, shard, audit, quality.embeddings_suite(expected, cfg.quality.embedding_norm_tolerance), stats)
     vec = vectors.arrow_type(ecfg.dtype)
     schema = pa.schema([("uid", pa.int64()), ("image_embedding", vec), ("text_embedding", vec),
                         ("similarity", pa.float32()), ("embedding_space", pa.string())])

@@ -70,16 +70,15 @@ def run_images(
         is_success=pl.col("status") == "success",
         has_image_iff_success=(pl.col("status") == "success") == pl.col("stored").is_not_null(),
     )
-    report = gate(IMAGES, shard, audit, quality.images_suite(raw.height, STATUSES, cfg.download.min_success_rate))
     counts = dict(rows.group_by("status").len().sort("status").iter_rows())
-    errors = dict(rows.filter(pl.col("status") != "success").group_by(pl.col("error").str.slice(0, 60)).len().sort("len", descending=True).head(10).iter_rows())
     stats = {
         "status_counts": counts, "success_rate": round(counts.get("success", 0) / max(1, rows.height), 4),
-        "top_errors": errors, "fetched_this_run": progress.done, "resumed_rows": done.len(),
+        "top_errors": top_errors(rows, raw), "fetched_this_run": progress.done, "resumed_rows": done.len(),
         "bytes_downloaded": int(rows["bytes_downloaded"].fill_null(0).sum()),
         "bytes_stored": int(rows["stored"].fill_null(0).sum()),
         "duration_s": round(elapsed, 2), "images_per_s": round(progress.done / max(elapsed, 1e-9), 1),
     }
+    report = gate(IMAGES, shard, audit, quality.images_suite(raw.height, STATUSES, cfg.download.min_success_rate), stats)
     batches = [lake.batches(STAGING_IMAGES, shard, IMAGES_SCHEMA.names)]
     if retry_failures:
         batches.append(lake.batches(IMAGES, shard, IMAGES_SCHEMA.names, uids=kept["uid"].to_list()))
@@ -87,3 +86,16 @@ def run_images(
         lake, IMAGES, shard, IMAGES_SCHEMA, (b for part in batches for b in part), rows.height,
         report, stats, {"recipe": recipe}, STAGING_IMAGES,
     )
+
+
+def top_errors(rows: pl.DataFrame, raw: pl.DataFrame, n: int = 10) -> dict[str, dict]:
+    """The most frequent failures (error cut to 60 characters): rows, status and one example URL."""
+    top = (
+        rows.filter(pl.col("status") != "success")
+        .join(raw.select("uid", "url"), on="uid", how="left")
+        .group_by(error=pl.col("error").fill_null("").str.slice(0, 60))
+        .agg(rows=pl.len(), status=pl.col("status").first(), example_url=pl.col("url").first())
+        .sort("rows", "error", descending=[True, False])
+        .head(n)
+    )
+    return {r.pop("error"): r for r in top.iter_rows(named=True)}

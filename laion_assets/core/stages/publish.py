@@ -1,8 +1,8 @@
 """Write-audit-publish, shared by every stage: the gate, the publish (whole frame or staged
 stream), the stage output the UI shows, and small helpers over staged chunks.
 
-A shard that fails its suite raises ValidationFailed (carrying the report) and is never
-published."""
+A shard that fails its suite raises ValidationFailed (carrying the report and the stage's
+figures) and is never published."""
 
 from __future__ import annotations
 
@@ -47,12 +47,11 @@ class StageOutput:
     preview: pl.DataFrame | None = None
 
 
-def gate(stage: str, shard: str, df: pl.DataFrame, suite: list[quality.Expectation]) -> quality.Report:
+def gate(stage: str, shard: str, df: pl.DataFrame, suite: list[quality.Expectation], stats: dict | None = None) -> quality.Report:
+    """Validate; on failure raise with the report and the stage's `stats`, so the cause shows."""
     report = quality.validate(stage, shard, df, suite)
     if not report.success:
-        err = ValidationFailed(stage, shard, report.failures())
-        err.report = report
-        raise err
+        raise ValidationFailed(stage, shard, report.failures(), report, stats)
     return report
 
 

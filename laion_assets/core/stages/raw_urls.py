@@ -54,24 +54,21 @@ def run_raw_urls(lake: Lake, cfg: PipelineConfig, shard: str) -> StageOutput:
     source = registry.source_of(lake, shard)
     try:
         res = normalize(read_shard_file(source), source)
+        stats = {
+            "source": source, "input_rows": res.input_rows, "rows": res.rows.height, "kept_out": res.kept_out,
+            "kept_out_table": lake.table_uri(RAW_URLS_REJECTED), "renamed_columns": res.renamed,
+        }
         suite = quality.raw_urls_suite(res.input_rows, REASONS, cfg.ingest.min_usable_rate)
         try:
-            report = gate(RAW_URLS, shard, audit_frame(res), suite)
+            report = gate(RAW_URLS, shard, audit_frame(res), suite, stats)
         except ValidationFailed as e:
-            err = ValidationFailed(e.stage, e.shard, [*e.failures, why_kept_out(res)])
-            err.report = e.report
-            raise err from None
+            raise ValidationFailed(e.stage, e.shard, [*e.failures, why_kept_out(res)], e.report, e.stats) from None
     except LaionAssetsError:
         registry.release(lake, shard)  # a refused file does not stay registered
         raise
-    kept_out = res.kept_out
-    for reason, n in kept_out.items():
+    for reason, n in res.kept_out.items():
         if n:
             log.warning("shard %s: %d of %d rows kept out: %s (see %s)", shard, n, res.input_rows, reason, RAW_URLS_REJECTED)
-    stats = {
-        "source": source, "input_rows": res.input_rows, "rows": res.rows.height, "kept_out": kept_out,
-        "kept_out_table": lake.table_uri(RAW_URLS_REJECTED), "renamed_columns": res.renamed,
-    }
     # Kept-out rows first: once raw_urls shows the shard, its rejected rows are there too.
     lake.publish_shard(RAW_URLS_REJECTED, shard, res.rejected, metadata={"stage": RAW_URLS, "source": source})
     return publish(lake, RAW_URLS, shard, res.rows, report, stats, {"source": source})

@@ -35,8 +35,8 @@ def run_scores(lake: Lake, cfg: PipelineConfig, shard: str) -> StageOutput:
         rows = rows.join(scored, on="uid", how="left", maintain_order="left")
         heads[name] = {**head.describe(), "space": space, "fed": identity}
         ranges[name] = (0.0, 1.0) if head.probability else (-100.0, 100.0)
-    report = gate(SCORES, shard, rows, quality.scores_suite(rows.height, ranges))
     stats = {"heads": heads, **{f"mean_{name}": rows[name].mean() for name in heads}}
+    report = gate(SCORES, shard, rows, quality.scores_suite(rows.height, ranges), stats)
     # which head file made each column, on every row: a subset checks it against its recipe
     rows = rows.with_columns(head_files=pl.lit(json.dumps({n: h["sha256"] for n, h in heads.items()}, sort_keys=True)))
     return publish(lake, SCORES, shard, rows, report, stats, {"heads": json.dumps(heads, sort_keys=True)})

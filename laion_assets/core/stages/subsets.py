@@ -103,7 +103,6 @@ def run_subset(lake: Lake, cfg: PipelineConfig, sub: SubsetConfig, shard: str) -
         .drop("status", "head_files", "language_detector", strict=False)
         .with_columns(recipe_id=pl.lit(body["recipe_id"]))
     )
-    report = gate(subset_table(sub.name), shard, rows.select("uid", "url"), quality.subset_suite(raw.height))
     candidates_n = pool.filter(pl.col("status") == "success").height
     stats = {
         "recipe": body, "candidates": candidates_n, "kept": rows.height,
@@ -112,4 +111,5 @@ def run_subset(lake: Lake, cfg: PipelineConfig, sub: SubsetConfig, shard: str) -
     }
     if sub.min_similarity is not None and sub.similarity_model and body["similarity"]["model"] != sub.similarity_model:
         stats["WARNING"] = f"similarity threshold published for {sub.similarity_model} applied to {body['similarity']['model']}"
+    report = gate(subset_table(sub.name), shard, rows.select("uid", "url"), quality.subset_suite(raw.height), stats)
     return publish(lake, subset_table(sub.name), shard, rows, report, stats, {"recipe": json.dumps(body, sort_keys=True, default=str)})

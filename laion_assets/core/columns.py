@@ -1,0 +1,66 @@
+"""What each column of the lake's tables means, shown with every table schema in the UI.
+
+Columns we compute are described here once; every other column of raw_urls and of the subsets
+came from the input file and is described as such (LAION's own columns by name)."""
+
+from __future__ import annotations
+
+COMPUTED = {
+    "shard": "partition key: the input file's name without extensions",
+    "uid": "LAION's sample id: mmh3.hash64(url + caption)[0], signed 64-bit; joins every table",
+    "url": "image URL from the input file (LAION's URL column)",
+    "caption": "alt text / caption from the input file (LAION's TEXT column)",
+    # images
+    "status": "what happened to the row: success or the failure kind (see README, Tables)",
+    "error": "why the row failed, one line; null on success",
+    "retryable": "true when the failure may pass on a retry (timeouts, 429, 5xx): --retry-failures refetches these",
+    "http_status": "HTTP status of the final response (after redirects); null when none came",
+    "content_type": "Content-Type header of the final response",
+    "attempts": "requests made for this URL, retries included",
+    "bytes_downloaded": "size of the downloaded body in bytes",
+    "original_width": "width of the downloaded image in pixels, before resizing",
+    "original_height": "height of the downloaded image in pixels, before resizing",
+    "width": "width of the stored image in pixels",
+    "height": "height of the stored image in pixels",
+    "sha256": "sha256 of the original downloaded bytes (hex)",
+    "image": "the stored, re-encoded image bytes (images.format); null unless status is success",
+    "duration_s": "seconds spent fetching and decoding this row",
+    # embeddings and scores
+    "image_embedding": "L2-normalised CLIP image embedding (float16: 2*dim-byte binary cell; float32: list)",
+    "text_embedding": "L2-normalised CLIP caption embedding, same encoding as image_embedding",
+    "similarity": "cosine similarity of image_embedding and text_embedding (CLIP score)",
+    "embedding_space": "the CLIP model the vectors and scores come from (model/pretrained)",
+    "aesthetic": "LAION aesthetic predictor score (about 1-10); null when no head is configured",
+    "punsafe": "probability the image is unsafe (LAION's CLIP-based NSFW detector); null when no head",
+    "pwatermark": "probability the image carries a watermark (LAION's watermark detector)",
+    "recipe_id": "hash of the subset's recipe (thresholds, embedding space, code version)",
+}
+
+SOURCE = {
+    "WIDTH": "image width the source reported",
+    "HEIGHT": "image height the source reported",
+    "LICENSE": "licence found on the source page",
+    "LANGUAGE": "caption language detected by LAION",
+    "NSFW": "LAION's NSFW tag (UNLIKELY / UNSURE / NSFW)",
+    "similarity": "LAION's own CLIP similarity",
+    "punsafe": "LAION's punsafe",
+    "pwatermark": "LAION's watermark probability",
+    "hash": "LAION's hash of url + caption",
+    "key": "sample key in LAION's webdataset shards",
+    "status": "status from the source's own download",
+    "shard": "the source's own shard column",
+    "uid": "the source's own uid column",
+}
+
+
+def describe(table: str, column: str) -> str:
+    """The description shown for `column` of `table` ('' if nobody wrote one)."""
+    from_input = table == "raw_urls" or table.startswith("subsets/")
+    if column in COMPUTED and not (table == "raw_urls" and column not in ("shard", "uid", "url", "caption")):
+        return COMPUTED[column]
+    if not from_input:
+        return ""
+    name = column.removeprefix("source_")
+    known = SOURCE.get(name) or SOURCE.get(name.upper()) or SOURCE.get(name.lower())
+    renamed = " (prefixed source_: we compute a column of that name)" if column.startswith("source_") else ""
+    return f"from the input file{renamed}" + (f": {known}" if known else ", kept as-is")

@@ -1,0 +1,252 @@
+"""The Dagster UI in a real browser: Debian's chromium driven by Playwright against a
+dagster-webserver and a dagster-daemon on 127.0.0.1 (a tmp instance, the sample images served
+by the test server). A user opens the lineage, re-executes a run the CLI started, materializes
+one shard, backfills two more (one of them fails its images gate), then reads the per-shard
+check results and looks at the thumbnails and histograms.
+
+Set LAION_ASSETS_SCREENSHOTS=<folder> to keep the screenshots of each step."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import polars as pl
+import pytest
+from dagster import DagsterInstance, DagsterRunStatus
+
+from laion_assets.cli import run_pipeline
+from laion_assets.core.sample import sample_rows
+from laion_assets_tests.conftest import REPO, make_config, write_config
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]
+STAGES = ["raw_urls", "images", "embeddings", "scores", "similar", "pretty", "lake_summary"]
+DONE = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+INSTANCE_YAML = """
+storage:
+  sqlite:
+    base_dir: {home}/storage
+local_artifact_storage:
+  module: dagster._core.storage.root
+  class: LocalArtifactStorage
+  config:
+    base_dir: {home}
+compute_logs:
+  module: dagster._core.storage.local_compute_log_manager
+  class: LocalComputeLogManager
+  config:
+    base_dir: {home}/logs
+telemetry:
+  enabled: false
+nux:
+  enabled: false
+concurrency:
+  pools:
+    default_limit: 1
+  runs:
+    max_concurrent_runs: 2
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def graphql(base: str, query: str, variables: dict | None = None) -> dict:
+    body = json.dumps({"query": query, "variables": variables or {}}).encode()
+    req = urllib.request.Request(f"{base}/graphql", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.load(resp)["data"]
+
+
+def wait_until_serving(base: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"dagster-webserver exited:\n{log.read_text()[-3000:]}"
+        try:
+            urllib.request.urlopen(f"{base}/server_info", timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"dagster-webserver did not start in {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def stop_sensors(base: str) -> None:
+    """The sensors would start runs of their own; this test launches every run from the UI."""
+    found = graphql(base, """{ sensorsOrError(repositorySelector: {repositoryLocationName: "laion_assets",
+        repositoryName: "__repository__"}) { ... on Sensors { results { id } } } }""")
+    for sensor in found["sensorsOrError"]["results"]:
+        graphql(base, "mutation($id: String) { stopSensor(id: $id) { __typename } }", {"id": sensor["id"]})
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory, site, server):
+    assert Path(CHROMIUM).exists(), "Debian's chromium is missing: run scripts/system-packages.sh"
+    root = tmp_path_factory.mktemp("ui")
+    rows = sample_rows(site[1], server.base_url)
+    images = rows.filter(pl.col("URL").str.contains("/img/"))
+    faults = rows.filter(~pl.col("URL").fill_null("").str.contains("/img/"))
+    shards = root / "shards"
+    shards.mkdir()
+    pl.concat([images.slice(0, 12), faults]).write_parquet(shards / "shard-a.parquet")
+    pl.concat([images.slice(12, 12), faults]).write_parquet(shards / "shard-b.parquet")
+    rows.filter(pl.col("URL").fill_null("").str.contains("/missing/")).write_parquet(shards / "shard-c.parquet")  # fails its gate
+    config = write_config(root / "config.yaml", make_config())
+    home = root / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(INSTANCE_YAML.format(home=home))
+    (root / "input").mkdir()  # the sensor's folder stays empty: the shards are registered below
+    lake = str(root / "lake")
+    instance = DagsterInstance.from_config(str(home))
+    # the CLI registers the three shards and materializes their raw_urls
+    summary = run_pipeline([str(shards)], lake, str(config), "raw_urls", instance=instance)
+    assert summary.ok, summary.lines
+    cli_runs = {r.dagster_run.tags["dagster/partition"]: r.dagster_run.run_id for r in instance.get_run_records()}
+
+    env = {
+        **os.environ, "DAGSTER_HOME": str(home), "LAION_ASSETS_LAKE": lake, "LAION_ASSETS_CONFIG": str(config),
+        "LAION_ASSETS_INPUT": str(root / "input"), "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    bin_dir = Path(sys.executable).parent
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    procs = []
+    webserver_log = root / "webserver.log"
+    procs.append(subprocess.Popen(
+        [bin_dir / "dagster-webserver", "-h", "127.0.0.1", "-p", str(port), "-w", "workspace.yaml"],
+        cwd=REPO, env=env, stdout=webserver_log.open("w"), stderr=subprocess.STDOUT,
+    ))
+    try:
+        wait_until_serving(base, procs[0], webserver_log)
+        stop_sensors(base)
+        procs.append(subprocess.Popen(  # backfills and queued runs are launched by the daemon
+            [bin_dir / "dagster-daemon", "run", "-w", "workspace.yaml"],
+            cwd=REPO, env=env, stdout=(root / "daemon.log").open("w"), stderr=subprocess.STDOUT,
+        ))
+        shots = Path(os.environ.get("LAION_ASSETS_SCREENSHOTS") or root / "screenshots")
+        shots.mkdir(parents=True, exist_ok=True)
+        yield SimpleNamespace(base=base, instance=instance, cli_runs=cli_runs, shots=shots, root=root)
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in reversed(procs):
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        instance.dispose()
+
+
+def launch(page, base: str, shards: list[str], button: str) -> None:
+    """Materialize every stage of `shards` from the shard_pipeline job's page."""
+    page.goto(f"{base}/locations/laion_assets/jobs/shard_pipeline")
+    page.get_by_role("button", name="Materialize all").click()
+    dialog = page.locator(".dagster-dialog")
+    dialog.get_by_text("Select a partition or create one").click()
+    for shard in shards:
+        page.locator(".dagster-popover span", has_text=shard).first.click()
+    page.keyboard.press("Escape")  # closes the partition list, not the dialog
+    dialog.get_by_role("button", name=button).click()
+    dialog.wait_for(state="detached")
+
+
+def wait_for_runs(instance: DagsterInstance, count: int, timeout: float = 420) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = [r.dagster_run for r in instance.get_run_records()]
+        if len(runs) >= count and all(r.status in DONE for r in runs):
+            return runs
+        time.sleep(2)
+    raise AssertionError(f"runs still going after {timeout}s: {[(r.run_id[:8], r.status) for r in runs]}")
+
+
+def show_picture(page, label: str) -> int:
+    """Open a picture metadata entry ([Show Markdown]) and return its image's natural width."""
+    row = page.locator("tr").filter(has=page.get_by_text(label, exact=True)).filter(has=page.get_by_text("[Show Markdown]"))
+    row.get_by_text("[Show Markdown]").click()
+    image = page.locator(".dagster-dialog img").first
+    image.wait_for()
+    page.wait_for_function("img => img.complete", arg=image.element_handle())
+    return image.evaluate("img => img.naturalWidth")
+
+
+def test_ui_runs_shards_and_shows_checks_and_pictures(ui):
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=60_000)  # the first page waits for the code location to load
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 1000})
+        page.set_default_timeout(60_000)
+
+        def shot(name: str) -> None:
+            page.screenshot(path=str(ui.shots / f"{name}.png"))
+
+        # the lineage opens with the chain visible: one node per asset, no collapsed group box
+        page.goto(f"{ui.base}/asset-groups")
+        nodes = page.locator("svg foreignObject")
+        expect(nodes).to_have_count(len(STAGES))
+        assert sorted(t.strip() for t in nodes.all_text_contents()) == sorted(STAGES)
+        shot("01-lineage")
+
+        # a run the CLI started is re-executed from the UI
+        cli_run = ui.cli_runs["shard-a"]
+        page.goto(f"{ui.base}/runs/{cli_run}")
+        page.get_by_role("button", name=re.compile(r"Re-execute all")).click()
+        page.wait_for_url(re.compile(r"/runs/(?!" + cli_run + r")[0-9a-f-]{36}"))
+
+        launch(page, ui.base, ["shard-a"], "Launch 1 run")  # one shard
+        launch(page, ui.base, ["shard-b", "shard-c"], "Launch backfill")  # a backfill of two
+        runs = wait_for_runs(ui.instance, count=3 + 1 + 1 + 2)
+        by_shard = {}
+        for run in runs:
+            if run.run_id not in ui.cli_runs.values():
+                by_shard.setdefault(run.tags["dagster/partition"], []).append(run)
+        [again] = [r for r in by_shard["shard-a"] if r.parent_run_id == cli_run]
+        assert again.status == DagsterRunStatus.SUCCESS and again.job_name == "shard_pipeline"
+        assert {r.status for r in by_shard["shard-a"]} == {DagsterRunStatus.SUCCESS}
+        assert [r.status for r in by_shard["shard-b"]] == [DagsterRunStatus.SUCCESS]
+        assert [r.status for r in by_shard["shard-c"]] == [DagsterRunStatus.FAILURE]
+
+        # one check result per shard: two passed, shard-c failed with its reason
+        page.goto(f"{ui.base}/assets/images?view=checks")
+        check_tabs = page.get_by_role("tablist").nth(1)  # the check's own tabs, under the asset's
+        check_tabs.get_by_role("tab", name="Partitions").click()
+        expect(page.get_by_text("Failed (1)", exact=True)).to_be_visible()
+        expect(page.get_by_text("Passed (2)", exact=True)).to_be_visible()
+        shot("02-check-partitions")
+        check_tabs.get_by_role("tab", name="Execution history").click()
+        failed = page.locator("tr", has=page.get_by_text("shard-c", exact=True)).first
+        expect(failed).to_contain_text("Failed")
+        expect(failed).to_contain_text("shard shard-c not published")
+        expect(failed).to_contain_text("for at least 50% of rows")
+        for shard in ("shard-a", "shard-b"):
+            expect(page.locator("tr", has=page.get_by_text(shard, exact=True)).first).to_contain_text("Passed")
+        shot("03-check-history")
+
+        # thumbnails and histograms render from the event log (no source server needed)
+        for asset, label in [
+            ("images", "thumbnails"), ("images", "image_sizes"), ("embeddings", "similarity_histogram"),
+            ("scores", "score_histograms"), ("scores", "thumbnails"), ("subsets/pretty", "kept_histograms"),
+        ]:
+            page.goto(f"{ui.base}/assets/{asset}?view=partitions&partition=shard-a")
+            assert show_picture(page, label) > 100, (asset, label)
+            shot(f"04-{asset.replace('/', '-')}-{label}")
+            page.get_by_role("button", name="Close").click()
+        browser.close()
