@@ -278,5 +278,7 @@ def test_maintenance_job_compacts_and_vacuums(env, instance):
     assert defs.resolve_schedule_def("nightly_maintenance").cron_schedule == "0 3 * * *"
     result = defs.resolve_job_def("lake_maintenance").execute_in_process(instance=instance)
     assert result.success
+    [observed] = [e.asset_observation_data.asset_observation for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]
+    assert observed.asset_key == AssetKey("raw_urls") and observed.metadata["maintenance"].data["files_vacuumed"] >= 1
     assert len(list(Path(lake.table_uri("raw_urls")).rglob("*.parquet"))) == 1
     assert pl.read_delta(lake.table_uri("raw_urls"))["uid"].to_list() == [2]

@@ -71,7 +71,7 @@ def thumbnail_grid(tiles: list[Tile], columns: int = 4, size: int = 112) -> byte
                 thumb.thumbnail((size, size))
             grid.paste(thumb, (x + (size - thumb.width) // 2, y + (size - thumb.height) // 2))
         except Exception:  # an undecodable stored image is itself worth seeing
-            draw.rectangle((x, y, x + size - 1, y + size - 1), outline="red")
+            draw.rectangle((x, y, x + size - 1, y + size - 1), outline="red", width=2)
             draw.text((x + 4, y + size // 2), "undecodable", fill="red", font=font)
         lines = textwrap.wrap(textwrap.shorten(tile.caption, 2 * chars, placeholder="…"), chars)[:2] if tile.caption else []
         lines += _pack(tile.facts, chars)[:2]

@@ -1,18 +1,28 @@
-"""Delta maintenance: compact small files and vacuum old ones, nightly."""
+"""Delta maintenance: compact small files and vacuum old ones, nightly. Each table's result is
+recorded on its asset (an observation in its event history) and on the run, not only logged."""
 
-from dagster import OpExecutionContext, ScheduleDefinition, job, op
+from dagster import AssetKey, AssetObservation, OpExecutionContext, Output, ScheduleDefinition, job, op
 
+from laion_assets.defs.gate import markdown_table
 from laion_assets.defs.resources import LakeResource, PipelineResource
 
 
 @op
-def maintain_lake(context: OpExecutionContext, lake: LakeResource, pipeline: PipelineResource) -> None:
+def maintain_lake(context: OpExecutionContext, lake: LakeResource, pipeline: PipelineResource):
     """Compaction, then a real vacuum (dry_run=False) keeping `vacuum_retention_hours`."""
+    import polars as pl
+
     lk = lake.lake()
     cfg = pipeline.config().maintenance
+    rows = []
     for name in lk.tables():
         stats = lk.maintain(name, cfg.vacuum_retention_hours, cfg.target_file_size_mb)
         context.log.info(f"{name}: {stats}")
+        rows.append({"table": name, **stats})
+        if not name.startswith("_"):  # internal tables (registry, staging) are not assets
+            context.log_event(AssetObservation(asset_key=AssetKey(name.split("/")), metadata={"maintenance": stats}))
+    summary = markdown_table(pl.DataFrame(rows)) if rows else "no tables"
+    yield Output(None, metadata={"tables": len(rows), "maintenance": summary})
 
 
 @job(description="Compact and vacuum every Delta table of the lake.")
