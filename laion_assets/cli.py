@@ -216,8 +216,8 @@ def cmd_remove_shard(args) -> int:
     for key in args.shards:
         deleted = registry.remove_shard(lk, key)
         instance.delete_dynamic_partition(shards.name, key)
-        rows = ", ".join(f"{table} {n}" for table, n in deleted.items()) or "no rows"
-        print(f"shard {key} removed: {rows}; partition deleted")
+        rows = ", ".join(f"{name} {n}" for name, n in deleted.items()) or "no rows"
+        print(f"shard {key} removed (rows per table, files per export folder): {rows}; partition deleted")
     return 0
 
 

@@ -19,6 +19,7 @@ from laion_assets.core.ingest import shard_key
 from laion_assets.core.lake import Lake, check_shard_key
 
 TABLE = "_shards"
+EXPORTS = "webdataset"  # core/export.py: one folder of tars per subset shard
 PUBLISHED_IN = "raw_urls"  # a shard with rows there was ingested from its registered file
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,11 @@ def missing(lake: Lake, location: str, present: list[str]) -> dict[str, str]:
 
 def remove_shard(lake: Lake, shard: str) -> dict[str, int]:
     """Delete a shard from every table of the lake (stages, subsets, staging, anything else
-    partitioned by shard), then from the registry; returns the rows deleted per table. The data
-    goes first, so an interrupted removal is finished by running it again."""
+    partitioned by shard) and its export folders, then from the registry; returns the rows
+    deleted per table and the files per export folder. The data goes first, so an interrupted
+    removal is finished by running it again."""
+    from laion_assets.core.lakefiles import LakeFiles
+
     predicate = f"shard = '{check_shard_key(shard)}'"
     known = shard in registered(lake)
     deleted = {}
@@ -118,6 +122,11 @@ def remove_shard(lake: Lake, shard: str) -> dict[str, int]:
         rows = int(dt.delete(predicate).get("num_deleted_rows") or 0)
         if rows:
             deleted[table] = rows
+    for subset in LakeFiles(lake, EXPORTS).folders():  # webdataset/<subset>/<shard>/: tars of the shard
+        files = LakeFiles(lake, f"{EXPORTS}/{subset}/{shard}")
+        if names := files.names():
+            files.fs.delete_dir(files.root)
+            deleted[f"{EXPORTS}/{subset}/{shard}"] = len(names)
     if not known and not deleted:
         raise LaionAssetsError(f"shard '{shard}' is neither registered nor has rows in lake {lake.uri}: check the key")
     lake.delete_where(TABLE, predicate)
