@@ -62,12 +62,14 @@ def test_histogram_draws_thresholds_and_stays_small():
 
 
 def test_every_numeric_subset_field_is_a_threshold_on_its_column():
-    subsets = [
+    from laion_assets_tests.conftest import make_config
+
+    subsets = (
         SubsetConfig(name="laion5b", min_similarity=0.28, max_punsafe=0.5),
         SubsetConfig(name="big", min_width=512, max_pwatermark=0.8),
-    ]
-    assert subset_thresholds(subsets) == {
-        "similarity": [("laion5b >= 0.28", 0.28)],
+    )
+    assert subset_thresholds(make_config(subsets=subsets)) == {
+        "similarity/tiny": [("laion5b >= 0.28", 0.28)],  # the similarity of the subset's space
         "punsafe": [("laion5b < 0.5", 0.5)],
         "original_width": [("big >= 512", 512.0)],
         "pwatermark": [("big < 0.8", 0.8)],
@@ -103,5 +105,7 @@ def test_failed_expectation_names_threshold_and_observed_value():
         quality.Expectation("ExpectColumnValuesToBeInSet", {"column": "is_success", "value_set": [True], "mostly": 0.5}),
     ])
     [line] = report.failures()
-    assert line.startswith("expect_column_values_to_be_in_set(is_success): expected value_set=[True] for at least 50% of rows")
-    assert "3 unexpected of 4 (25.0% as expected)" in line
+    assert line == (
+        "expect_column_values_to_be_in_set(is_success): 3 unexpected of 4 (25.0% as expected), e.g. [False, False, False]; "
+        "expected value_set=[True] for at least 50% of rows"
+    )

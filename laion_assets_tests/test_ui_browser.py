@@ -34,7 +34,7 @@ CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync",
 ]
-STAGES = ["raw_urls", "images", "embeddings", "scores", "similar", "pretty", "lake_summary"]
+STAGES = ["raw_urls", "images", "tiny", "scores", "similar", "pretty", "lake_summary"]  # node labels
 DONE = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
 INSTANCE_YAML = """
 storage:
@@ -242,7 +242,7 @@ def test_ui_runs_shards_and_shows_checks_and_pictures(ui):
 
         # thumbnails and histograms render from the event log (no source server needed)
         for asset, label in [
-            ("images", "thumbnails"), ("images", "image_sizes"), ("embeddings", "similarity_histogram"),
+            ("images", "thumbnails"), ("images", "image_sizes"), ("embeddings/tiny", "similarity_histogram"),
             ("scores", "score_histograms"), ("scores", "thumbnails"), ("subsets/pretty", "kept_histograms"),
         ]:
             page.goto(f"{ui.base}/assets/{asset}?view=partitions&partition=shard-a")

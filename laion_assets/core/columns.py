@@ -10,6 +10,11 @@ COMPUTED = {
     "uid": "LAION's sample id: mmh3.hash64(url + caption)[0], signed 64-bit; joins every table",
     "url": "image URL from the input file (LAION's URL column)",
     "caption": "alt text / caption from the input file (LAION's TEXT column)",
+    "source_row": "the row's position in the input file, from 0",
+    "fetch_url": "the URL as fetched: `url` parsed and serialised the way browsers do (WHATWG)",
+    "reason": "why the input row was kept out (missing_url, unsupported_scheme, malformed_url, duplicate_uid, ...)",
+    "detail": "what exactly was wrong with the kept-out row",
+    "duplicate_of_row": "for a duplicate (url, caption): the source_row it repeats",
     # images
     "status": "what happened to the row: success or the failure kind (see README, Tables)",
     "error": "why the row failed, one line; null on success",
@@ -53,12 +58,17 @@ SOURCE = {
 }
 
 
+INGEST = ("shard", "uid", "url", "caption", "source_row", "fetch_url", "reason", "detail", "duplicate_of_row")
+
+
 def describe(table: str, column: str) -> str:
     """The description shown for `column` of `table` ('' if nobody wrote one)."""
-    from_input = table == "raw_urls" or table.startswith("subsets/")
-    if column in COMPUTED and not (table == "raw_urls" and column not in ("shard", "uid", "url", "caption")):
+    raw = table in ("raw_urls", "raw_urls_rejected")
+    if column in COMPUTED and (column in INGEST or not raw):
         return COMPUTED[column]
-    if not from_input:
+    if table == "scores" and column != "shard":
+        return f"score of the `{column}` head (file and space in the asset's `heads` metadata); null when unscored"
+    if not (raw or table.startswith("subsets/")):
         return ""
     name = column.removeprefix("source_")
     known = SOURCE.get(name) or SOURCE.get(name.upper()) or SOURCE.get(name.lower())

@@ -32,8 +32,8 @@ class CheckResult:
     expected: str = ""  # the expectation's threshold, e.g. "value_set=[True], mostly=0.5"
 
     def line(self) -> str:
-        """One line a user can act on: what was expected and what was seen."""
-        return f"{self.label}: expected {self.expected or 'to hold'}, {self.observed}"
+        """One line a user can act on: what was seen and what was expected."""
+        return f"{self.label}: {self.observed}; expected {self.expected or 'to hold'}"
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,8 @@ def _threshold(kwargs: dict) -> str:
         if isinstance(value, (list, tuple)) and len(value) > 8:
             value = f"[{', '.join(map(repr, value[:8]))}, ...]"
         parts.append(f"for at least {value:.0%} of rows" if key == "mostly" else f"{key}={value}")
+    if parts and parts[0].startswith("for "):
+        parts.insert(0, "to hold")
     return " ".join(parts)
 
 

@@ -18,23 +18,25 @@ THRESHOLD_COLUMNS = {"width": "original_width", "height": "original_height"}
 SIZE_COLUMNS = ("original_width", "original_height")
 
 
-def subset_thresholds(subsets: tuple[SubsetConfig, ...] | list[SubsetConfig]) -> dict[str, list[tuple[str, float]]]:
+def subset_thresholds(cfg: PipelineConfig, subsets: list[SubsetConfig] | None = None) -> dict[str, list[tuple[str, float]]]:
     """column -> [(label, value)] from every subset's numeric min_*/max_* fields, e.g.
-    similarity -> [("laion5b >= 0.28", 0.28)]; new threshold fields appear without code changes."""
+    similarity/b32 -> [("laion5b >= 0.28", 0.28)]: a similarity threshold belongs to the
+    subset's similarity space. New threshold fields appear without code changes."""
     out: dict[str, list[tuple[str, float]]] = {}
-    for sub in subsets:
+    for sub in cfg.subsets if subsets is None else subsets:
         for name, value in sub.model_dump().items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or name[:4] not in ("min_", "max_"):
                 continue
             column = THRESHOLD_COLUMNS.get(name[4:], name[4:])
+            if column == "similarity":
+                column = f"similarity/{cfg.similarity_space(sub)}"
             op = ">=" if name.startswith("min_") else "<"
             out.setdefault(column, []).append((f"{sub.name} {op} {value:g}", float(value)))
     return out
 
 
 def _thresholds_for(column: str, thresholds: dict) -> tuple:
-    base = column.removeprefix("source_").split("/")[0]
-    return tuple(thresholds.get(column, ())) or tuple(thresholds.get(base, ()))
+    return tuple(thresholds.get(column) or thresholds.get(column.removeprefix("source_"), ()))
 
 
 def _panels(frame: pl.DataFrame, thresholds: dict, kept: pl.Series | None = None) -> list[pictures.Panel]:
@@ -53,13 +55,13 @@ def _panels(frame: pl.DataFrame, thresholds: dict, kept: pl.Series | None = None
     return panels
 
 
-SHORT = {"similarity": "sim", "aesthetic": "aes", "punsafe": "unsafe", "source_pwatermark": "wm"}
+SHORT = {"aesthetic": "aes", "punsafe": "unsafe", "source_pwatermark": "wm"}
 
 
 def _facts(row: dict, columns: list[str]) -> tuple[str, ...]:
     """The row's values of `columns`, short: scores to 3 digits under a short name."""
     return tuple(
-        f"{SHORT.get(c, c[:6])} {row[c]:.3g}" if isinstance(row[c], float) else str(row[c])
+        f"{SHORT.get(c) or c.replace('similarity/', 'sim ')[:10]} {row[c]:.3g}" if isinstance(row[c], float) else str(row[c])
         for c in columns if row.get(c) is not None
     )
 
@@ -105,7 +107,7 @@ def images_view(lake: Lake, cfg: PipelineConfig, shard: str) -> dict[str, str]:
     )
     out = _grid(lake, cfg, shard, f"stored images of shard {shard}", sample, ["size"])
     out["failures"] = failures_markdown(meta)
-    thresholds = subset_thresholds(cfg.subsets)
+    thresholds = subset_thresholds(cfg)
     if cfg.images.min_image_size:
         for c in SIZE_COLUMNS:
             thresholds.setdefault(c, []).append((f"min_image_size {cfg.images.min_image_size}", cfg.images.min_image_size))
@@ -134,13 +136,12 @@ def failures_markdown(meta: pl.DataFrame, examples: int = 2) -> str:
 
 
 def score_frame(lake: Lake, shard: str) -> pl.DataFrame:
-    """uid and every score of a shard's stored images: similarity from each embeddings table,
-    each numeric column of scores, the source's pwatermark when the input had one."""
+    """uid and every score of a shard's stored images: the similarity in each embedding space,
+    each numeric column of scores (one per head), the source's pwatermark when the input had one."""
     frame = lake.read_shard("images", shard, ["uid", "status"]).filter(pl.col("status") == "success").drop("status")
     for table in lake.tables():
-        if table == "embeddings" or table.startswith("embeddings/"):
-            name = "similarity" if table == "embeddings" else f"similarity/{table.split('/', 1)[1]}"
-            sims = lake.read_shard(table, shard, ["uid", "similarity"]).rename({"similarity": name})
+        if table.startswith("embeddings/"):  # similarity/<space>, one per space
+            sims = lake.read_shard(table, shard, ["uid", "similarity"]).rename({"similarity": f"similarity/{table[11:]}"})
             frame = frame.join(sims, on="uid", how="left")
     if lake.exists("scores"):
         scores = lake.read_shard("scores", shard).drop("shard")
@@ -153,17 +154,18 @@ def score_frame(lake: Lake, shard: str) -> pl.DataFrame:
     return frame
 
 
-def embeddings_view(lake: Lake, cfg: PipelineConfig, shard: str, table: str = "embeddings") -> dict[str, str]:
-    """Histogram of the image-caption similarity with the subsets' similarity thresholds."""
-    sims = lake.read_shard(table, shard, ["uid", "similarity"])
-    return _chart(cfg, "similarity_histogram", _panels(sims, subset_thresholds(cfg.subsets)), f"shard {shard}: image-caption similarity")
+def embeddings_view(lake: Lake, cfg: PipelineConfig, shard: str, space: str) -> dict[str, str]:
+    """Histogram of the image-caption similarity in `space`, with the thresholds of the subsets
+    that filter on it."""
+    sims = lake.read_shard(f"embeddings/{space}", shard, ["uid", "similarity"]).rename({"similarity": f"similarity/{space}"})
+    return _chart(cfg, "similarity_histogram", _panels(sims, subset_thresholds(cfg)), f"shard {shard}: image-caption similarity ({space})")
 
 
 def scores_view(lake: Lake, cfg: PipelineConfig, shard: str) -> dict[str, str]:
     """Histograms of every score with every subset's thresholds; thumbnails from the lowest to
     the highest aesthetic score, with their scores."""
     frame = score_frame(lake, shard)
-    out = _chart(cfg, "score_histograms", _panels(frame, subset_thresholds(cfg.subsets)), f"shard {shard}: scores and subset thresholds")
+    out = _chart(cfg, "score_histograms", _panels(frame, subset_thresholds(cfg)), f"shard {shard}: scores and subset thresholds")
     scored = [c for c in frame.columns if c != "uid" and frame[c].null_count() < frame.height]
     if scored:
         order = "aesthetic" if "aesthetic" in scored else scored[0]
@@ -180,7 +182,7 @@ def subset_view(lake: Lake, cfg: PipelineConfig, sub: SubsetConfig, shard: str, 
     kept = lake.read_shard(table, shard, ["uid", "caption"])
     frame = score_frame(lake, shard)
     pool = frame.join(lake.read_shard("images", shard, ["uid", *SIZE_COLUMNS]), on="uid", how="left")
-    panels = _panels(pool, subset_thresholds([sub]), kept["uid"])
+    panels = _panels(pool, subset_thresholds(cfg, [sub]), kept["uid"])
     out = _chart(cfg, "kept_histograms", [p for p in panels if p.thresholds] or panels, f"{sub.name}: {kept.height} of {frame.height} images kept")
     rows = kept.head(cfg.ui.thumbnails).join(frame, on="uid", how="left", maintain_order="left")
     out.update(_grid(lake, cfg, shard, f"rows of {sub.name} in shard {shard}", rows, [c for c in frame.columns if c != "uid"]))

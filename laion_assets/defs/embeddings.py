@@ -94,7 +94,7 @@ def embeddings_assets(cfg: PipelineConfig) -> AssetsDefinition:
                 ).items()
             },
             views={
-                embeddings_key(name): lambda table=stages.embeddings_table(name): views.embeddings_view(lk, cfg_now, context.partition_key, table)
+                embeddings_key(name): lambda name=name: views.embeddings_view(lk, cfg_now, context.partition_key, name)
                 for name in chosen
             },
         )
