@@ -206,7 +206,9 @@ def test_downstream_follows_only_passed_checks(env, instance, tmp_path):
     run(env, instance, select="raw_urls")  # its gate passed
     after_raw = evaluate_automation_conditions(defs=defs, instance=instance, cursor=baseline.cursor)
     assert after_raw.get_requested_partitions(AssetKey("images")) == {"shard-a"}
-    assert after_raw.get_num_requested(AssetKey(["embeddings", "tiny"])) == 0
+    # with a per-shard blocking gate, the next stage comes along in the same run: there, a
+    # failed images gate stops it (the requests below show the same across runs)
+    assert after_raw.get_requested_partitions(AssetKey(["embeddings", "tiny"])) == {"shard-a"}
 
     # images fails its gate: nothing is published, so embeddings is not requested
     strict = write_config(tmp_path / "strict.yaml", make_config(download=make_config().download.model_copy(update={"min_success_rate": 1.0})))
