@@ -138,7 +138,7 @@ def lines(series: dict[str, list[tuple[float, float]]], title: str = "", ylabel:
     import matplotlib
 
     matplotlib.use("Agg")
-    from datetime import datetime, timezone
+    from datetime import datetime, timedelta, timezone
 
     from matplotlib.figure import Figure
 
@@ -147,6 +147,10 @@ def lines(series: dict[str, list[tuple[float, float]]], title: str = "", ylabel:
     for name, points in sorted(series.items()):
         points = sorted(points)
         ax.plot([datetime.fromtimestamp(t, timezone.utc) for t, _ in points], [v for _, v in points], marker="o", ms=3, label=name)
+    times = [t for points in series.values() for t, _ in points]
+    if times and max(times) - min(times) < 3600:  # one summary so far: an hour around it, not weeks
+        middle = datetime.fromtimestamp((max(times) + min(times)) / 2, timezone.utc)
+        ax.set_xlim(middle - timedelta(minutes=30), middle + timedelta(minutes=30))
     ax.set_title(title, fontsize=9)
     ax.set_ylabel(ylabel, fontsize=8)
     ax.tick_params(labelsize=7)
