@@ -75,6 +75,8 @@ def _grid(lake: Lake, cfg: PipelineConfig, shard: str, alt: str, rows: pl.DataFr
     stored = {}
     for batch in lake.batches("images", shard, ["uid", "image"], uids=rows["uid"].to_list()):
         stored.update(zip(batch["uid"].to_pylist(), batch["image"].to_pylist()))
+        if len(stored) == rows.height:  # the rest of the shard's bytes need not be read
+            break
     tiles = [
         pictures.Tile(stored[r["uid"]], r.get("caption") or "", _facts(r, facts))
         for r in rows.iter_rows(named=True) if stored.get(r["uid"])
