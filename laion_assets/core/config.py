@@ -232,7 +232,7 @@ class MaintenanceConfig(_Strict):
 
 class UIConfig(_Strict):
     """What the Dagster UI shows of each shard. Pictures travel in the event log: a grid of 8
-    thumbnails adds about 30 KB per shard and stage, a histogram chart 5-10 KB."""
+    thumbnails adds 30-40 KB per shard and stage, a histogram chart 4-8 KB."""
 
     thumbnails: int = Field(8, ge=0, le=32, description="stored images per thumbnail grid; 0: no grids")
     histograms: bool = Field(True, description="histograms of scores and image sizes with the subset thresholds")
