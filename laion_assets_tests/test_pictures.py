@@ -68,11 +68,14 @@ def test_every_numeric_subset_field_is_a_threshold_on_its_column():
         SubsetConfig(name="laion5b", min_similarity=0.28, max_punsafe=0.5),
         SubsetConfig(name="big", min_width=512, max_pwatermark=0.8),
     )
+    subsets += (SubsetConfig(name="sharp", at_least={"sharpness": 2.5}, above={"aesthetic": 5}),)
     assert subset_thresholds(make_config(subsets=subsets)) == {
         "similarity/tiny": [("laion5b >= 0.28", 0.28)],  # the similarity of the subset's space
         "punsafe": [("laion5b < 0.5", 0.5)],
         "original_width": [("big >= 512", 512.0)],
-        "pwatermark": [("big < 0.8", 0.8)],
+        "source_pwatermark": [("big < 0.8", 0.8)],  # max_pwatermark reads LAION's column
+        "sharpness": [("sharp >= 2.5", 2.5)],  # a column no code knows about
+        "aesthetic": [("sharp > 5", 5.0)],
     }
 
 

@@ -34,7 +34,7 @@ CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync",
 ]
-STAGES = ["raw_urls", "images", "tiny", "scores", "similar", "pretty", "lake_summary"]  # node labels
+STAGES = ["raw_urls", "images", "language", "tiny", "scores", "similar", "pretty", "lake_summary"]  # node labels
 DONE = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
 INSTANCE_YAML = """
 storage:

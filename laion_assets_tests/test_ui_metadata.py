@@ -24,7 +24,7 @@ from laion_assets_tests.conftest import make_config, write_config
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["raw_urls", "images", "embeddings/tiny", "scores", "subsets/similar", "subsets/pretty"]
+STAGES = ["raw_urls", "images", "language", "embeddings/tiny", "scores", "subsets/similar", "subsets/pretty"]
 PICTURES = {
     "images": ["thumbnails", "image_sizes"], "embeddings/tiny": ["similarity_histogram"],
     "scores": ["score_histograms", "thumbnails"], "subsets/similar": ["kept_histograms", "thumbnails"],

@@ -39,6 +39,14 @@ COMPUTED = {
     "punsafe": "probability the image is unsafe (LAION's CLIP-based NSFW detector); null when no head",
     "pwatermark": "probability the image carries a watermark (LAION's watermark detector)",
     "recipe_id": "hash of the subset's recipe (thresholds, embedding space, code version)",
+    "head_files": "sha256 of the head file that computed each score column (JSON)",
+    # language and watermark
+    "language": "caption language (ISO code) where CLD3 is reliable, else nolang (LAION's rule)",
+    "language_guess": "CLD3's best guess, reliable or not",
+    "language_confidence": "CLD3's probability for language_guess",
+    "caption_chars": "length of the cleaned caption (LAION drops alt text under 5 characters)",
+    "language_detector": "the detector and version that labelled the caption",
+    "watermark_model": "the watermark classifier that computed pwatermark",
 }
 
 SOURCE = {

@@ -13,30 +13,34 @@ from laion_assets.core import pictures
 from laion_assets.core.config import PipelineConfig, SubsetConfig
 from laion_assets.core.lake import Lake
 
-# Subset fields name the column they threshold, except these.
-THRESHOLD_COLUMNS = {"width": "original_width", "height": "original_height"}
+THRESHOLD_OPS = {"at_least": ">=", "above": ">", "below": "<"}  # SubsetConfig's threshold groups
+FLOOR_COLUMNS = {"min_width": "original_width", "min_height": "original_height", "min_image_bytes": "bytes_downloaded"}
 SIZE_COLUMNS = ("original_width", "original_height")
 
 
 def subset_thresholds(cfg: PipelineConfig, subsets: list[SubsetConfig] | None = None) -> dict[str, list[tuple[str, float]]]:
-    """column -> [(label, value)] from every subset's numeric min_*/max_* fields, e.g.
-    similarity/b32 -> [("laion5b >= 0.28", 0.28)]: a similarity threshold belongs to the
-    subset's similarity space. New threshold fields appear without code changes."""
+    """column -> [(label, value)] from every subset's rule: its similarity threshold (on the
+    similarity of its space, `similarity/<space>`), its thresholds on any column (at_least,
+    above, below) and its size floors; a threshold on a new column appears by itself."""
     out: dict[str, list[tuple[str, float]]] = {}
+
+    def add(column: str, name: str, op: str, value: float) -> None:
+        out.setdefault(column, []).append((f"{name} {op} {value:g}", float(value)))
+
     for sub in cfg.subsets if subsets is None else subsets:
-        for name, value in sub.model_dump().items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or name[:4] not in ("min_", "max_"):
-                continue
-            column = THRESHOLD_COLUMNS.get(name[4:], name[4:])
-            if column == "similarity":
-                column = f"similarity/{cfg.similarity_space(sub)}"
-            op = ">=" if name.startswith("min_") else "<"
-            out.setdefault(column, []).append((f"{sub.name} {op} {value:g}", float(value)))
+        if sub.min_similarity is not None:
+            add(f"similarity/{cfg.similarity_space(sub)}", sub.name, ">=", sub.min_similarity)
+        for group, op in THRESHOLD_OPS.items():
+            for column, value in getattr(sub, group).items():
+                add(column, sub.name, op, value)
+        for field, column in FLOOR_COLUMNS.items():
+            if getattr(sub, field) is not None:
+                add(column, sub.name, ">=", getattr(sub, field))
     return out
 
 
 def _thresholds_for(column: str, thresholds: dict) -> tuple:
-    return tuple(thresholds.get(column) or thresholds.get(column.removeprefix("source_"), ()))
+    return tuple(thresholds.get(column, ()))
 
 
 def _panels(frame: pl.DataFrame, thresholds: dict, kept: pl.Series | None = None) -> list[pictures.Panel]:
@@ -139,16 +143,17 @@ def failures_markdown(meta: pl.DataFrame, examples: int = 2) -> str:
 
 def score_frame(lake: Lake, shard: str) -> pl.DataFrame:
     """uid and every score of a shard's stored images: the similarity in each embedding space,
-    each numeric column of scores (one per head), the source's pwatermark when the input had one."""
+    each head's score, our pwatermark, and the source's pwatermark when the input had one."""
     frame = lake.read_shard("images", shard, ["uid", "status"]).filter(pl.col("status") == "success").drop("status")
     for table in lake.tables():
         if table.startswith("embeddings/"):  # similarity/<space>, one per space
             sims = lake.read_shard(table, shard, ["uid", "similarity"]).rename({"similarity": f"similarity/{table[11:]}"})
             frame = frame.join(sims, on="uid", how="left")
-    if lake.exists("scores"):
-        scores = lake.read_shard("scores", shard).drop("shard")
-        numeric = [c for c, t in scores.schema.items() if c != "uid" and t.is_numeric()]
-        frame = frame.join(scores.select("uid", *numeric), on="uid", how="left")
+    for table in ("scores", "watermark"):  # one column per head; pwatermark
+        if lake.exists(table):
+            scores = lake.read_shard(table, shard).drop("shard")
+            numeric = [c for c, t in scores.schema.items() if c != "uid" and t.is_numeric()]
+            frame = frame.join(scores.select("uid", *numeric), on="uid", how="left")
     raw_columns = lake.table("raw_urls").schema().to_arrow().names
     if "pwatermark" in raw_columns:
         source = lake.read_shard("raw_urls", shard, ["uid", "pwatermark"]).rename({"pwatermark": "source_pwatermark"})

@@ -32,7 +32,6 @@ from laion_assets.defs.embeddings import embeddings_assets
 from laion_assets.defs.images import images
 from laion_assets.defs.knn import knn_assets
 from laion_assets.defs.language import language
->>>>>>> 08c1af1 (UI: per-shard quality_gate (partitioned check) with thresholds, observed values and the stage's figures on failure; expected failures as one line without a stack; pictures (thumbnails, failures by kind, histograms with subset thresholds) in shard metadata; lake_summary asset; column descriptions, owners, tags, code references, code version, freshness; one group; CLI runs recorded in the UI's code location (re-executable); remove-shard; browser test)
 from laion_assets.defs.raw_urls import raw_urls
 from laion_assets.defs.resources import InputsResource, LakeResource, PipelineResource, Settings
 from laion_assets.defs.schedules import lake_maintenance, nightly_maintenance

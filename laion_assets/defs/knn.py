@@ -1,11 +1,12 @@
 """knn/<subset>: a kNN index of the subset's image embeddings, synced with every shard."""
 
-from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, AutomationCondition, Failure, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, AutomationCondition, MaterializeResult, MetadataValue, asset
 
 from laion_assets.core.config import PipelineConfig, SubsetConfig
 from laion_assets.core.errors import LaionAssetsError
 from laion_assets.core.knn import sync_index
 from laion_assets.defs.embeddings import embeddings_key
+from laion_assets.defs.gate import ShardFailed
 from laion_assets.defs.resources import LakeResource, PipelineResource
 
 # Follow the subset: after shards were updated and none is in progress, whether or not every
@@ -34,7 +35,7 @@ def knn_asset(sub: SubsetConfig, cfg: PipelineConfig) -> AssetsDefinition:
         try:
             report = sync_index(lake.lake(), pipeline.config(), sub.name)
         except LaionAssetsError as e:
-            raise Failure(description=str(e), allow_retries=False) from None
+            raise ShardFailed(str(e)) from None  # one line, no stack
         return MaterializeResult(metadata={
             **{k: v for k, v in report.as_metadata().items() if v is not None},
             "dagster/row_count": report.rows,

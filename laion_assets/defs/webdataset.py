@@ -1,12 +1,13 @@
 """webdataset/<subset>: the subset as webdataset tars for training, one folder per shard."""
 
-from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, Failure, MaterializeResult, MetadataValue
+from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, MaterializeResult, MetadataValue
 
 from laion_assets.core.config import PipelineConfig, SubsetConfig
 from laion_assets.core.errors import LaionAssetsError
 from laion_assets.core.export import export_shard
 from laion_assets.defs.images import images
 from laion_assets.defs.partitions import shard_asset
+from laion_assets.defs.gate import ShardFailed
 from laion_assets.defs.resources import LakeResource, PipelineResource
 
 
@@ -26,7 +27,7 @@ def webdataset_asset(sub: SubsetConfig) -> AssetsDefinition:
         try:
             report = export_shard(lake.lake(), pipeline.config(), sub.name, context.partition_key)
         except LaionAssetsError as e:
-            raise Failure(description=str(e), allow_retries=False) from None
+            raise ShardFailed(str(e)) from None  # one line, no stack
         context.log.info(f"{sub.name}/{context.partition_key}: {report.samples} samples in {len(report.tars)} tars ({'written' if report.rewritten else 'unchanged, kept'})")
         return MaterializeResult(metadata={
             **report.as_metadata(),

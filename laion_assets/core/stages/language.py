@@ -31,7 +31,6 @@ def run_language(lake: Lake, cfg: PipelineConfig, shard: str) -> StageOutput:
         caption_chars=pl.Series([d.chars for d in found], dtype=pl.Int32),
         language_detector=pl.lit(detector),
     )
-    report = gate(LANGUAGE, shard, rows.select("uid", "language", "language_confidence"), quality.language_suite(raw.height))
     counts = rows.group_by("language").len().sort("len", descending=True)
     stats = {
         "detector": detector,
@@ -41,5 +40,6 @@ def run_language(lake: Lake, cfg: PipelineConfig, shard: str) -> StageOutput:
         "nolang_fraction": round(rows.filter(pl.col("language") == language.NOLANG).height / max(1, rows.height), 4),
         "rows_per_s": round(rows.height / max(elapsed, 1e-9), 1),
     }
+    report = gate(LANGUAGE, shard, rows.select("uid", "language", "language_confidence"), quality.language_suite(raw.height), stats)
     log.info("shard %s: %d captions, languages %s", shard, rows.height, stats["languages"])
     return publish(lake, LANGUAGE, shard, rows, report, stats, {"detector": detector})

@@ -35,12 +35,12 @@ def publish(lake: Lake, shard: str, model, expected: int, resumed: int, run_stat
     """Gate the staged scores (one per successful image, in [0, 1]) and publish them with the
     model's identity on every row; an untrained model is said so in the metadata."""
     audit = lake.read_shard(STAGING, shard, ["uid", "pwatermark"])
-    report = gate(WATERMARK, shard, audit, quality.watermark_suite(expected))
     stats = {
         **model.describe(), "images": expected, "resumed_rows": resumed, **run_stats,
         "mean_pwatermark": round(float(audit["pwatermark"].mean() or 0), 4),
         "share_at_least_0.8": round(float((audit["pwatermark"] >= 0.8).mean() or 0), 4),
     }
+    report = gate(WATERMARK, shard, audit, quality.watermark_suite(expected), stats)
     batches = (
         b.select(["uid", "pwatermark"]).append_column("watermark_model", pa.array([model.identity] * b.num_rows, pa.string()))
         for b in lake.batches(STAGING, shard, ["uid", "pwatermark"])
