@@ -201,6 +201,43 @@ class WatermarkConfig(_Strict):
         return f"{self.model}/{digest.hexdigest()[:16]}"
 
 
+class DedupConfig(_Strict):
+    """Lake-wide exact and perceptual duplicates: the key index and its layout."""
+
+    buckets: int = Field(16, ge=1, le=65536, description="key-hash buckets: the index's partitions and unit of work")
+    phash_distance: int = Field(4, ge=0, le=15, description="max Hamming distance (of 64 bits) of perceptual duplicates")
+
+
+class BlocklistConfig(_Strict):
+    """Hash blocklists applied to the whole lake (files <name>.<kind>.txt in `location`)."""
+
+    location: str | None = Field(None, description="folder or s3:// prefix of the list files; a sensor watches it")
+
+    @field_validator("location")
+    @classmethod
+    def _expand(cls, v: str | None) -> str | None:
+        return os.path.expandvars(os.path.expanduser(v)) if v else v
+
+
+class SemanticDedupConfig(_Strict):
+    """SemDeDup over one subset: k-means in an embedding space, near-duplicates inside clusters."""
+
+    subset: str
+    space: str | None = Field(None, description="embedding space (default: the subset's similarity space)")
+    clusters: int = Field(1000, ge=1, description="k of k-means: memory holds one cluster at a time")
+    threshold: float = Field(0.95, gt=0, le=1, description="cosine similarity above which two rows are near-duplicates")
+    train_per_cluster: int = Field(256, ge=4, description="k-means training sample per cluster")
+    seed: int = 0
+
+
+class CurationConfig(_Strict):
+    """The lake-wide layer: dedup index, blocklists, semantic dedup per subset."""
+
+    dedup: DedupConfig = DedupConfig()
+    blocklists: BlocklistConfig = BlocklistConfig()
+    semantic: tuple[SemanticDedupConfig, ...] = ()
+
+
 class QualityConfig(_Strict):
     """Gate thresholds beyond the fixed schema and range checks."""
 
@@ -251,6 +288,7 @@ class PipelineConfig(_Strict):
     export: ExportConfig = ExportConfig()
     knn: KnnConfig = KnnConfig()
     ui: UIConfig = UIConfig()
+    curation: CurationConfig = CurationConfig()
 
     @field_validator("subsets")
     @classmethod
@@ -298,6 +336,25 @@ class PipelineConfig(_Strict):
     def knn_space(self, sub: SubsetConfig) -> str:
         """The space the subset's kNN index lives in: knn.space, else its similarity space."""
         return self.knn.space or self.similarity_space(sub)
+
+    @model_validator(mode="after")
+    def _semantic_resolves(self) -> PipelineConfig:
+        names = [s.name for s in self.subsets]
+        for sem in self.curation.semantic:
+            if sem.subset not in names:
+                raise ValueError(f"curation.semantic: subset '{sem.subset}' is not declared in subsets ({', '.join(names)})")
+            self.semantic_space(sem)
+        if len({sem.subset for sem in self.curation.semantic}) != len(self.curation.semantic):
+            raise ValueError("curation.semantic: one entry per subset")
+        return self
+
+    def semantic_space(self, sem: SemanticDedupConfig) -> str:
+        """The space SemDeDup clusters in: the one named, else the subset's similarity space."""
+        if sem.space is not None:
+            if sem.space not in self.embeddings.spaces:
+                raise ValueError(f"curation.semantic: space '{sem.space}' is not in embeddings.spaces ({', '.join(self.embeddings.spaces)})")
+            return sem.space
+        return self.similarity_space(next(s for s in self.subsets if s.name == sem.subset))
 
     def head_space(self, head: str) -> str:
         """The configured space that feeds `head`: the one it names, else the one whose model

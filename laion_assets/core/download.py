@@ -35,7 +35,7 @@ from aiohttp.abc import AbstractResolver
 from laion_assets.core.config import DownloadConfig, ImageConfig
 from laion_assets.core.errors import LaionAssetsError
 from laion_assets.core.fetch import Fetched, Fetcher
-from laion_assets.core.imaging import WORKER_CMD, ImageProcessor, ImageResult
+from laion_assets.core.imaging import WORKER_CMD, ImageProcessor, ImageResult, process_and_hash
 
 IMAGES_SCHEMA = pa.schema(
     [
@@ -55,6 +55,10 @@ IMAGES_SCHEMA = pa.schema(
         ("sha256", pa.string()),
         ("image", pa.binary()),
         ("duration_s", pa.float32()),
+        # Added later (null in shards published before: re-materialize images to fill them):
+        ("md5", pa.string()),  # of the original bytes, like sha256 (Re-LAION-style blocklists)
+        ("sha1", pa.string()),
+        ("phash", pa.string()),  # 64-bit pHash of the decoded image (imagehash), 16 hex digits
     ]
 )
 
@@ -101,7 +105,7 @@ def url_hash(url: str) -> str:
 
 def _work(body: bytes, processor: ImageProcessor) -> tuple[str, ImageResult]:
     """sha256 of the original bytes, then decode/check/resize/encode (thread mode)."""
-    return hashlib.sha256(body).hexdigest(), processor(body)
+    return process_and_hash(processor, body)
 
 
 class _Worker:
@@ -361,6 +365,7 @@ class ShardDownloader:
             original_width=res.original_width, original_height=res.original_height,
             width=res.width, height=res.height, image=res.image,
         )
+        row.update(md5=res.md5, sha1=res.sha1, phash=res.phash)
         return row
 
 

@@ -7,10 +7,12 @@ center_crop). JPEGs are decoded at a reduced DCT scale when the target is much s
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from dataclasses import dataclass
 
+import imagehash
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from laion_assets.core.config import ImageConfig
@@ -36,6 +38,24 @@ class ImageResult:
     width: int | None = None
     height: int | None = None
     image: bytes | None = None
+    md5: str | None = None  # of the original bytes: the digests hash blocklists come in
+    sha1: str | None = None
+    phash: str | None = None  # 64-bit pHash of the decoded picture, 16 hex digits
+
+
+def perceptual_hash(img: Image.Image) -> str:
+    """imagehash's pHash of the picture (before any crop or border), computed on a box-reduced
+    copy at least 64 px a side: the same hash within a bit or two, at a third of the CPU."""
+    factor = min(img.size) // 64
+    return str(imagehash.phash(img.reduce(factor) if factor > 1 else img))
+
+
+def process_and_hash(proc: ImageProcessor, body: bytes) -> tuple[str, ImageResult]:
+    """sha256 of the original bytes and the processed image, with the md5 and sha1 of the
+    bytes filled in (the stored image is re-encoded: they cannot be computed later)."""
+    res = proc(body)
+    res.md5, res.sha1 = hashlib.md5(body).hexdigest(), hashlib.sha1(body).hexdigest()
+    return hashlib.sha256(body).hexdigest(), res
 
 
 def target_size(w: int, h: int, cfg: ImageConfig) -> tuple[int, int]:
@@ -99,7 +119,7 @@ class ImageProcessor:
             res.status, res.error = "too_large", f"{w}x{h} > max_image_area {cfg.max_image_area}"
             return res
         try:
-            res.image, (res.width, res.height) = self._transform(img, w, h, data)
+            res.image, (res.width, res.height), res.phash = self._transform(img, w, h, data)
         except Exception as e:  # truncated or corrupt pixel data shows up only on load
             return ImageResult("failed_decode", f"{type(e).__name__}: {e}", w, h)
         return res
@@ -111,7 +131,7 @@ class ImageProcessor:
             return Image.Resampling.LANCZOS
         return DOWNSCALE[self.cfg.downscale_filter]
 
-    def _transform(self, img: Image.Image, w: int, h: int, data: bytes) -> tuple[bytes, tuple[int, int]]:
+    def _transform(self, img: Image.Image, w: int, h: int, data: bytes) -> tuple[bytes, tuple[int, int], str]:
         cfg = self.cfg
         orientation = img.getexif().get(0x0112, 1)
         rotated = orientation in (5, 6, 7, 8)
@@ -124,7 +144,7 @@ class ImageProcessor:
             and cfg.resize_mode != "border"
         ):
             img.load()  # still verify the pixels decode
-            return data, (w, h)
+            return data, (w, h), perceptual_hash(img)
         if img.format in ("JPEG", "MPO") and tw * th < w * h:
             # decode at 1/2, 1/4 or 1/8 scale, never below the target (stored orientation)
             img.draft("RGB", (th, tw) if rotated else (tw, th))
@@ -139,6 +159,7 @@ class ImageProcessor:
             img = _to_rgb(img)
             if img.size != (tw, th):
                 img = img.resize((tw, th), self._filter(img.size, (tw, th)), reducing_gap=3.0)
+        phash = perceptual_hash(img)
         if cfg.resize_mode == "center_crop":
             left, top = (tw - cfg.size) // 2, (th - cfg.size) // 2
             img = img.crop((left, top, left + cfg.size, top + cfg.size))
@@ -149,7 +170,7 @@ class ImageProcessor:
         buf = io.BytesIO()
         kwargs = {"quality": cfg.quality} if cfg.format in ("jpg", "webp") else {}
         img.save(buf, format=self.fmt, **kwargs)
-        return buf.getvalue(), img.size
+        return buf.getvalue(), img.size, phash
 
 
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -210,7 +231,6 @@ WORKER_CMD = "from laion_assets.core.imaging import worker_main; worker_main()"
 
 
 def worker_main() -> None:
-    import hashlib
     import os
     import pickle
     import struct
@@ -225,7 +245,7 @@ def worker_main() -> None:
         if len(head) < 8:
             return
         body = inp.read(int.from_bytes(head, "little"))
-        reply = pickle.dumps((hashlib.sha256(body).hexdigest(), proc(body)), protocol=5)
+        reply = pickle.dumps(process_and_hash(proc, body), protocol=5)
         out.write(struct.pack("<Q", len(reply)))
         out.write(reply)
         out.flush()

@@ -12,6 +12,8 @@ rule in `core/subsets.py`.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from laion_assets.core.errors import LaionAssetsError
@@ -47,6 +49,9 @@ class SubsetConfig(BaseModel):
     min_image_bytes: int | None = Field(None, ge=0, description="LAION: original images under 5 KB dropped")
     min_width: int | None = Field(None, ge=0, description="original width")
     min_height: int | None = Field(None, ge=0, description="original height")
+    exclude_duplicates: tuple[Literal["url", "sha256", "phash"], ...] = Field(
+        (), description="lake-wide duplicate kinds to drop (the survivor of each group stays); blocked rows always leave"
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -44,6 +44,8 @@ def rules(cfg: SubsetConfig) -> list[tuple[str, pl.Expr]]:
         out.append((f"above.{column}", pl.col(column) > value))
     for column, value in cfg.below.items():
         out.append((f"below.{column}", pl.col(column) < value))
+    for kind in cfg.exclude_duplicates:  # flags added from the lake-wide marks (core.curation)
+        out.append((f"exclude_duplicates.{kind}", ~pl.col(f"duplicate_{kind}")))
     return [(name, expr.fill_null(False)) for name, expr in out]
 
 

@@ -28,6 +28,7 @@ from dagster_aws.s3 import S3Resource
 
 from laion_assets import __version__
 from laion_assets.core.config import load_config
+from laion_assets.defs.curation import after_lake_wide, blocklist_files, dedup_keys, lake_wide_assets
 from laion_assets.defs.embeddings import embeddings_assets
 from laion_assets.defs.images import images
 from laion_assets.defs.knn import knn_assets
@@ -48,7 +49,7 @@ GROUP = "laion"
 # `stage` tag by the asset key's first part (embeddings/<space> and subsets/<name> included)
 STAGES = {
     "raw_urls": "ingest", "images": "download", "language": "ingest", "embeddings": "embed", "scores": "score",
-    "subsets": "filter", "webdataset": "export", "knn": "export", "lake_summary": "report",
+    "subsets": "filter", "webdataset": "export", "knn": "export", "curation": "curate", "lake_summary": "report",
 }
 SHARD_JOB = "shard_pipeline"
 
@@ -65,9 +66,13 @@ def _policies(spec):
 
 def build_defs(settings: Settings) -> Definitions:
     cfg = load_config(settings.config)
-    downstream = [images, language, embeddings_assets(cfg), scores_asset(cfg), *subset_assets(cfg), *webdataset_assets(cfg)]
-    shard_assets = [raw_urls, *map_asset_specs(lambda s: s.replace_attributes(automation_condition=FOLLOW_UPSTREAM), downstream)]
-    lake_assets = [*knn_assets(cfg), summary_asset(shard_assets)]  # across shards; knn: its own automation (defs/knn.py)
+    downstream = [images, language, embeddings_assets(cfg), scores_asset(cfg), dedup_keys, *subset_assets(cfg), *webdataset_assets(cfg)]
+    shard_assets = [
+        raw_urls,
+        *map_asset_specs(after_lake_wide, map_asset_specs(lambda s: s.replace_attributes(automation_condition=FOLLOW_UPSTREAM), downstream)),
+    ]
+    # across shards; knn and curation: their own automation (defs/knn.py, defs/curation.py)
+    lake_assets = [*knn_assets(cfg), *lake_wide_assets(cfg), summary_asset(shard_assets)]
     assets = with_source_code_references(map_asset_specs(_policies, [*shard_assets, *lake_assets]))
     s3 = S3Resource()
     return Definitions(
@@ -85,7 +90,7 @@ def build_defs(settings: Settings) -> Definitions:
         # interpreter (5-10 s of imports each) and keeps the model loaded, as `laion-assets
         # run` does; scale-out is many runs at once (run queue, launchers), not steps.
         executor=in_process_executor,
-        sensors=[shard_files, automation],
+        sensors=[shard_files, automation, blocklist_files],
         schedules=[nightly_maintenance],
         resources={
             "lake": LakeResource(uri=settings.lake, s3=s3),

@@ -8,7 +8,7 @@ import json
 import polars as pl
 
 from laion_assets import __version__
-from laion_assets.core import language, quality
+from laion_assets.core import curation, language, quality
 from laion_assets.core.config import PipelineConfig
 from laion_assets.core.errors import LaionAssetsError
 from laion_assets.core.heads import file_sha256
@@ -96,11 +96,12 @@ def run_subset(lake: Lake, cfg: PipelineConfig, sub: SubsetConfig, shard: str) -
     scores = lake.read_shard(SCORES, shard).drop("shard")
     marks = lake.read_shard(WATERMARK, shard).drop("shard") if cfg.watermark and lake.exists(WATERMARK) else None
     pool = candidates(raw, images, lang, emb, scores, marks)
+    pool, blocked = curation.with_marks(lake, shard, pool)  # blocked rows leave; duplicate flags for the rules
     check_columns(pool, sub, shard)
     _check_provenance(pool, body, shard)
     rows = (
         pool.filter(predicate(sub))
-        .drop("status", "head_files", "language_detector", strict=False)
+        .drop("status", "head_files", "language_detector", *curation.MARK_COLUMNS, strict=False)
         .with_columns(recipe_id=pl.lit(body["recipe_id"]))
     )
     candidates_n = pool.filter(pl.col("status") == "success").height
@@ -109,6 +110,7 @@ def run_subset(lake: Lake, cfg: PipelineConfig, sub: SubsetConfig, shard: str) -
         "kept_fraction": round(rows.height / max(1, candidates_n), 4),
         "dropped_by_rule": dropped_counts(pool, sub),
     }
+    stats["blocked_rows_left_out"] = blocked
     if sub.min_similarity is not None and sub.similarity_model and body["similarity"]["model"] != sub.similarity_model:
         stats["WARNING"] = f"similarity threshold published for {sub.similarity_model} applied to {body['similarity']['model']}"
     report = gate(subset_table(sub.name), shard, rows.select("uid", "url"), quality.subset_suite(raw.height), stats)

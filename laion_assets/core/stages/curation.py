@@ -1,0 +1,87 @@
+"""The lake-wide curation stages: the per-shard key index, the duplicates and blocklist passes
+(which also bring the published subsets up to date), and semantic dedup per subset."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from laion_assets.core import blocklists, curation, dedup, semdedup
+from laion_assets.core.config import PipelineConfig, SemanticDedupConfig
+from laion_assets.core.lake import Lake
+from laion_assets.core.stages.publish import SCORES, embeddings_table, subset_table
+from laion_assets.core.stages.subsets import run_subset
+
+
+def run_dedup_keys(lake: Lake, cfg: PipelineConfig, shard: str) -> dict:
+    return dedup.update_index(lake, shard, cfg.curation.dedup)
+
+
+def _rerun(lake: Lake, cfg: PipelineConfig):
+    """Publish a subset shard again (rows came back); shards the pipeline has not reached yet
+    get their subset when it does."""
+    def rerun(sub, shard: str) -> None:
+        if lake.exists(SCORES) and lake.shard_row_count(SCORES, shard):
+            run_subset(lake, cfg, sub, shard)
+    return rerun
+
+
+def run_duplicates(lake: Lake, cfg: PipelineConfig) -> dict:
+    """Mark duplicates lake-wide, then drop new ones from the subsets whose recipe excludes their kind."""
+    result = dedup.run_pass(lake, cfg.curation.dedup)
+    subsets = curation.apply_to_subsets(
+        lake, cfg.subsets, subset_table, result.newly_marked, result.unmarked,
+        lambda sub: pl.col("kind").is_in(list(sub.exclude_duplicates)) if sub.exclude_duplicates else None,
+        _rerun(lake, cfg), reason=f"duplicates pass (index v{result.index_version})",
+    )
+    per_shard, totals = dedup.lake_figures(lake)
+    new_per_kind = dict(result.newly_marked.group_by("kind").len().sort("kind").iter_rows())
+    return {
+        "mode": result.mode, "index_version": result.index_version, "marks_version": result.marks_version,
+        "shards_changed": result.shards_changed, "index_entries_read": result.rows_checked,
+        "newly_marked": new_per_kind, "unmarked": result.unmarked.height,
+        "duplicates_total": totals, "duplicates_per_shard": per_shard, "subsets_updated": subsets,
+    }
+
+
+def run_blocklists(lake: Lake, cfg: PipelineConfig) -> dict:
+    """Mark blocked rows lake-wide, publish the diff, and take newly blocked rows out of every subset."""
+    result = blocklists.run_pass(lake, cfg.curation.blocklists.location)
+    diff = result.diff
+    removed = diff.filter(pl.col("change") == "removed") if diff.height else pl.DataFrame(schema={"shard": pl.String, "uid": pl.Int64})
+    restored = diff.filter(pl.col("change") == "restored") if diff.height else removed.clear()
+    restored = restored.join(result.blocked, on=["shard", "uid"], how="anti")  # still blocked by another list
+    subsets = curation.apply_to_subsets(
+        lake, cfg.subsets, subset_table, removed, restored, lambda sub: pl.lit(True),
+        _rerun(lake, cfg), reason=f"blocklist pass {result.version}",
+    )
+    blocked = result.blocked
+    per_shard = blocked.group_by("shard").agg(pl.len().alias("rows_blocked")).sort("shard") if blocked.height else pl.DataFrame()
+    return {
+        "mode": result.mode, "blocked_version": result.version,
+        "lists": {bl.name: {"kind": bl.kind, "source": bl.source, "entries": len(bl.entries), "fingerprint": bl.fingerprint} for bl in result.lists},
+        "rows_blocked_total": blocked.select(["shard", "uid"]).unique().height,
+        "rows_blocked_per_list": dict(blocked.group_by("list").len().sort("list").iter_rows()),
+        "blocked_per_shard": per_shard,
+        "diff_rows": {c: int((diff["change"] == c).sum()) if diff.height else 0 for c in ("removed", "restored")},
+        "diff_files": result.diff_files, "shards_checked": result.shards_checked, "subsets_updated": subsets,
+    }
+
+
+def run_semdedup(lake: Lake, cfg: PipelineConfig, sem: SemanticDedupConfig) -> dict:
+    """SemDeDup over a published subset; its marks replace `curation/semdedup/<subset>`."""
+    space = cfg.semantic_space(sem)
+    table = subset_table(sem.subset)
+    stream, rows = semdedup.subset_stream(lake, table, embeddings_table(space)) if lake.exists(table) else (None, 0)
+    result = semdedup.semdedup(stream, rows, sem)
+    recipe = {**sem.model_dump(), "space": space, "embedding_space": cfg.embeddings.spaces[space].identity,
+              "subset_version": lake.table(table).version() if lake.exists(table) else None}
+    version = curation.write(
+        lake, semdedup.semdedup_table(sem.subset), result.removed.to_arrow().cast(semdedup.MARKS_SCHEMA),
+        mode="overwrite", partition_by=["shard"], state=recipe,
+    )
+    per_shard = result.removed.group_by("shard").len().sort("shard") if result.removed.height else pl.DataFrame()
+    return {
+        "rows": result.rows, "clusters": result.clusters, "largest_cluster": result.largest_cluster,
+        "removed": result.removed.height, "removed_fraction": round(result.removed.height / max(1, result.rows), 4),
+        "removed_per_shard": per_shard, "version": version, "recipe": recipe,
+    }
