@@ -29,6 +29,7 @@ from laion_assets.defs.resources import InputsResource, LakeResource, Settings
 from laion_assets_tests.conftest import make_config, write_config
 
 STAGES = ["raw_urls", "images", "language", "embeddings/tiny", "scores", "subsets/similar", "subsets/pretty"]
+CURATION = ["curation/dedup_keys", "curation/duplicates", "curation/blocked"]  # no GX gate; lake-wide except dedup_keys
 
 
 @pytest.fixture
@@ -71,11 +72,14 @@ def test_asset_graph_snapshot(env):
         "language": ["raw_urls"],
         "embeddings/tiny": ["images"],
         "scores": ["embeddings/tiny", "images"],
-        "subsets/similar": ["embeddings/tiny", "images", "language", "raw_urls", "scores"],
-        "subsets/pretty": ["embeddings/tiny", "images", "language", "raw_urls", "scores"],
-        "lake_summary": ["embeddings/tiny", "images", "language", "raw_urls", "scores", "subsets/pretty", "subsets/similar"],
+        "subsets/similar": ["curation/blocked", "curation/duplicates", "embeddings/tiny", "images", "language", "raw_urls", "scores"],
+        "subsets/pretty": ["curation/blocked", "curation/duplicates", "embeddings/tiny", "images", "language", "raw_urls", "scores"],
+        "curation/dedup_keys": ["images"],
+        "curation/duplicates": ["curation/dedup_keys"],
+        "curation/blocked": ["images"],
+        "lake_summary": ["curation/dedup_keys", "embeddings/tiny", "images", "language", "raw_urls", "scores", "subsets/pretty", "subsets/similar"],
     }
-    for key in graph.get_all_asset_keys() - {AssetKey("lake_summary")}:
+    for key in (k for k in graph.get_all_asset_keys() if k.path[0] not in ("curation", "lake_summary")):
         node = graph.get(key)
         assert node.partitions_def.name == "shards"
         assert [c.name for c in node.check_keys] == ["quality_gate"]
@@ -91,7 +95,7 @@ def test_asset_graph_snapshot(env):
 @pytest.mark.slow
 def test_end_to_end_every_stage(env, instance, site):
     summary = run(env, instance)
-    assert statuses(summary) == {s: "materialized" for s in STAGES}, summary.lines
+    assert statuses(summary) == {s: "materialized" for s in STAGES + CURATION}, summary.lines
     lake = Lake(env["lake"])
 
     images = pl.read_delta(lake.table_uri("images"))
@@ -161,6 +165,7 @@ def test_failed_gate_publishes_nothing_and_stops_downstream(env, instance):
     assert statuses(summary) == {
         "raw_urls": "materialized", "images": "FAILED", "language": "materialized", "embeddings/tiny": "skipped", "scores": "skipped",
         "subsets/similar": "skipped", "subsets/pretty": "skipped",
+        **{c: "skipped" for c in CURATION},
     }
     assert "failed validation" in next(line.detail for line in summary.lines if line.asset == "images")
     after = pl.read_delta(lake.table_uri("images")).drop("duration_s").sort("uid")

@@ -45,10 +45,7 @@ BLOCKED = AssetKey(["curation", "blocked"])
 LAKE_WIDE = [DUPLICATES, BLOCKED]  # what every subset depends on
 # A lake-wide asset runs when any shard upstream changed, one run at a time; it does not wait
 # for every shard (a shard that failed upstream must not hold the whole lake back).
-LAKE_WIDE_AUTOMATION = (
-    (AutomationCondition.newly_missing() | AutomationCondition.any_deps_updated()).since_last_handled()
-    & ~AutomationCondition.in_progress()
-)
+LAKE_WIDE_AUTOMATION = AutomationCondition.any_deps_updated().since_last_handled() & ~AutomationCondition.in_progress()
 
 
 def _metadata(report: dict) -> dict:
