@@ -102,3 +102,25 @@ def test_duplicates_leave_only_the_subsets_that_ask(setup):
     assert lake.table("subsets/everything").version() == before["everything"]
     assert report["duplicates_total"] == {"url": 0, "sha256": 1, "phash": 1}
     assert stages.run_duplicates(lake, cfg)["subsets_updated"] == {}  # nothing new: no new version
+
+
+def test_a_subset_shard_published_while_a_pass_commits_does_not_keep_blocked_rows(setup, monkeypatch):
+    """The interleaving that loses a mark without the guard: the subset stage reads the marks,
+    a blocklist pass commits and deletes, then the stage publishes what it read."""
+    lake, cfg, lists = setup
+    (lists / "partner.sha256.txt").write_text(sha("two") + "\n")
+    from laion_assets.core import curation
+    from laion_assets.core.stages import subsets as subset_stage
+
+    real, calls = curation.excluded, []
+
+    def excluded_then_a_pass_commits(*args):
+        stale = real(*args)
+        if not calls:
+            calls.append(stages.run_blocklists(lake, cfg))
+        return stale
+
+    monkeypatch.setattr(subset_stage.curation, "excluded", excluded_then_a_pass_commits)
+    stages.run_curated_subset(lake, cfg, cfg.subsets[0], "a")
+    assert calls and calls[0]["rows_blocked_total"] == 1
+    assert ("a", 2) not in uids(lake, "subsets/everything")

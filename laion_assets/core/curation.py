@@ -61,6 +61,11 @@ def last_state(lake: Lake, name: str) -> dict | None:
     return None
 
 
+def marks_versions(lake: Lake) -> tuple[int | None, int | None]:
+    """Versions of the tables a subset reads its exclusions from."""
+    return tuple(lake.table(t).version() if lake.exists(t) else None for t in (BLOCKED, DUPLICATES))
+
+
 def in_list(column: str, values: Iterable) -> str:
     """A SQL `IN` predicate over string values (shard keys are checked to a safe alphabet)."""
     return f"{column} IN ({', '.join(repr(str(v)) for v in values)})"

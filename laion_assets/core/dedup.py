@@ -73,16 +73,27 @@ def phash_bits(hexes: list[str]) -> np.ndarray:
     return np.array([int(h, 16) for h in hexes], dtype=np.uint64)
 
 
-def band_keys(values: np.ndarray, distance: int) -> list[tuple[int, list[bytes]]]:
-    """For each band, the 16-byte key of every pHash's band value."""
-    out = []
-    for i, (lo, hi) in enumerate(bands(distance)):
+def band_keys(values: np.ndarray, cfg: DedupConfig) -> pl.DataFrame:
+    """bucket, key (band number + band value, 9 bytes) and phash (signed) of every band of
+    every pHash in `values` (uint64): vectorised, no per-row Python."""
+    frames = []
+    for i, (lo, hi) in enumerate(bands(cfg.phash_distance)):
         part = (values >> np.uint64(64 - hi)) & np.uint64((1 << (hi - lo)) - 1)
-        out.append((i, [hashlib.blake2b(bytes((i,)) + int(v).to_bytes(8, "big"), digest_size=16).digest() for v in part]))
-    return out
+        raw = np.empty(len(values), dtype=[("band", "u1"), ("value", ">u8")])
+        raw["band"], raw["value"] = i, part
+        key = pa.FixedSizeBinaryArray.from_buffers(pa.binary(9), len(values), [None, pa.py_buffer(raw.tobytes())])
+        with np.errstate(over="ignore"):  # splitmix64 finaliser: a uniform bucket from (band, value)
+            h = (part + np.uint64(i + 1)) * np.uint64(0x9E3779B97F4A7C15)
+            h = (h ^ (h >> np.uint64(31))) * np.uint64(0xBF58476D1CE4E5B9)
+            h ^= h >> np.uint64(29)
+        frames.append(pl.DataFrame({
+            "bucket": pl.Series((h % np.uint64(cfg.buckets)).astype(np.int32)), "key": pl.from_arrow(key.cast(pa.binary())),
+            "phash": pl.Series(values.view(np.int64)),
+        }))
+    return pl.concat(frames) if frames else pl.DataFrame(schema={"bucket": pl.Int32, "key": pl.Binary, "phash": pl.Int64})
 
 
-def _bucket(keys: list[bytes], buckets: int) -> np.ndarray:
+def _digest_bucket(keys: list[bytes], buckets: int) -> np.ndarray:
     if not keys:
         return np.zeros(0, np.int32)
     head = np.frombuffer(b"".join(keys), np.uint8).reshape(-1, 16)[:, :4].copy().view(">u4").ravel()
@@ -93,27 +104,25 @@ def index_entries(rows: pl.DataFrame, cfg: DedupConfig) -> pa.Table:
     """The index entries of a shard's rows (uid, url, status, sha256, phash): stored images only,
     since a row that is not stored cannot be a survivor."""
     rows = rows.filter(pl.col("status") == "success")
-    kinds, keys, uids, phashes = [], [], [], []
+    parts = []
 
-    def add(kind: str, new_keys: list[bytes], new_uids, new_phash=None) -> None:
-        kinds.extend([kind] * len(new_keys))
-        keys.extend(new_keys)
-        uids.extend(new_uids)
-        phashes.extend(new_phash if new_phash is not None else [None] * len(new_keys))
+    def exact(kind: str, uids: pl.Series, keys: list[bytes]) -> pl.DataFrame:
+        return pl.DataFrame({
+            "bucket": pl.Series(_digest_bucket(keys, cfg.buckets), dtype=pl.Int32), "kind": pl.Series([kind] * len(keys), dtype=pl.String),
+            "key": pl.Series(keys, dtype=pl.Binary), "uid": uids, "phash": pl.Series([None] * len(keys), dtype=pl.Int64),
+        })
 
     urls = rows.select("uid", norm=normalize_url(pl.col("url")))
-    add("url", [hashlib.sha256(u.encode()).digest()[:16] for u in urls["norm"]], urls["uid"].to_list())
+    parts.append(exact("url", urls["uid"], [hashlib.sha256(u.encode()).digest()[:16] for u in urls["norm"]]))
     sha = rows.filter(pl.col("sha256").is_not_null())
-    add("sha256", [bytes.fromhex(h)[:16] for h in sha["sha256"]], sha["uid"].to_list())
+    parts.append(exact("sha256", sha["uid"], [bytes.fromhex(h)[:16] for h in sha["sha256"]]))
     ph = rows.filter(pl.col("phash").is_not_null())
     values = phash_bits(ph["phash"].to_list())
-    signed = values.view(np.int64).tolist()
-    for _, band in band_keys(values, cfg.phash_distance):
-        add("phash", band, ph["uid"].to_list(), signed)
-    return pa.table({
-        "bucket": pa.array(_bucket(keys, cfg.buckets), pa.int32()), "kind": pa.array(kinds, pa.string()),
-        "key": pa.array(keys, pa.binary()), "uid": pa.array(uids, pa.int64()), "phash": pa.array(phashes, pa.int64()),
-    })
+    bands_of = band_keys(values, cfg).with_columns(
+        kind=pl.lit("phash"), uid=pl.concat([ph["uid"]] * len(bands(cfg.phash_distance))) if ph.height else pl.Series([], dtype=pl.Int64),
+    )
+    parts.append(bands_of.select("bucket", "kind", "key", "uid", "phash"))
+    return pl.concat(parts).to_arrow().cast(INDEX_SCHEMA.remove(INDEX_SCHEMA.get_field_index("shard")))
 
 
 def _check_layout(lake: Lake, cfg: DedupConfig) -> None:
@@ -182,18 +191,20 @@ def phash_candidates(groups: pl.DataFrame, rows: pl.DataFrame | None, distance: 
     before them whose pHash is within `distance`. Pairs are formed between distinct hash values
     only, each standing for its smallest row, so a thousand copies of one blank image cost one."""
     groups = groups.select("key", "shard", "uid", "phash")
+    left = groups.select("shard", "uid", "phash").unique()
+    if rows is not None:
+        left = left.join(rows, on=["shard", "uid"], how="semi")
     reps = _smallest(groups.select("phash", "shard", "uid"), ["phash"], "shard", "uid")
     values = groups.select("key", "phash").unique().join(reps, on="phash")
+    wanted = values.join(left.select("phash").unique(), on="phash", how="semi").select("key", "phash")
     near = (
-        values.join(values, on="key", suffix="_o").filter(pl.col("phash") != pl.col("phash_o"))
+        wanted.join(values.rename({"phash": "phash_o", "shard": "shard_o", "uid": "uid_o"}), on="key")
+        .filter(pl.col("phash") != pl.col("phash_o"))
         .with_columns(distance=pl.col("phash").xor(pl.col("phash_o")).bitwise_count_ones().cast(pl.Int32))
         .filter(pl.col("distance") <= distance)
         .select("phash", duplicate_of_shard="shard_o", duplicate_of="uid_o", distance="distance")
     )
     same = reps.select("phash", duplicate_of_shard="shard", duplicate_of="uid", distance=pl.lit(0, pl.Int32))
-    left = groups.select("shard", "uid", "phash").unique()
-    if rows is not None:
-        left = left.join(rows, on=["shard", "uid"], how="semi")
     return (
         left.join(pl.concat([same, near]), on="phash")
         .filter(_before(pl.col("duplicate_of_shard"), pl.col("duplicate_of"), pl.col("shard"), pl.col("uid")))
@@ -251,45 +262,52 @@ def run_pass(lake: Lake, cfg: DedupConfig) -> PassResult:
     index = pl.scan_delta(lake.table_uri(INDEX), version=now, storage_options=lake.storage_options)
     if changed is not None:
         try:
-            keys = _affected_keys(lake, index, state["index_version"], changed, cfg)
+            entries = _changed_entries(lake, index, state["index_version"], changed)
         except Exception:  # the old version's files were vacuumed: recompute everything
-            changed, keys = None, None
+            changed, entries = None, None
     if changed is None:
         return _full_pass(lake, index, now, cfg)
-    return _incremental_pass(lake, index, now, sorted(changed), keys, cfg)
+    return _incremental_pass(lake, index, now, sorted(changed), entries, cfg)
 
 
-def _affected_keys(lake: Lake, index: pl.LazyFrame, since: int, shards: set[str], cfg: DedupConfig) -> pl.DataFrame:
-    """Keys of the changed shards' entries, before and after: their groups may have changed."""
+def _changed_entries(lake: Lake, index: pl.LazyFrame, since: int, shards: set[str]) -> pl.DataFrame:
+    """The changed shards' entries, before and after: the groups they were or are in may change."""
     before = pl.scan_delta(lake.table_uri(INDEX), version=since, storage_options=lake.storage_options)
-    picked = [
-        lf.filter(pl.col("shard").is_in(list(shards))).select("bucket", "kind", "key").collect()
-        for lf in (before, index)
-    ]
+    picked = [lf.filter(pl.col("shard").is_in(list(shards))).select("bucket", "kind", "key", "phash").collect() for lf in (before, index)]
     return pl.concat(picked).unique()
 
 
-def _incremental_pass(lake: Lake, index: pl.LazyFrame, now: int, shards: list[str], keys: pl.DataFrame, cfg: DedupConfig) -> PassResult:
-    # Rows of touched pHash groups need every band group they are in: add those bands' keys.
-    ph_rows = (
-        index.filter((pl.col("kind") == "phash") & pl.col("key").is_in(keys.filter(pl.col("kind") == "phash")["key"].implode()))
-        .select("shard", "uid", "phash").unique().collect()
-    )
-    more = band_keys(ph_rows["phash"].unique().cast(pl.Int64).to_numpy().view(np.uint64), cfg.phash_distance)
-    extra = [k for _, ks in more for k in ks]
-    keys = pl.concat([keys, pl.DataFrame({"bucket": _bucket(extra, cfg.buckets), "kind": "phash", "key": pl.Series(extra, dtype=pl.Binary)})]).unique()
+def _groups(index: pl.LazyFrame, keys: pl.DataFrame):
+    """The complete groups of `keys` (bucket, key), one bucket in memory at a time."""
+    for (bucket,), wanted in keys.group_by("bucket"):
+        yield index.filter((pl.col("bucket") == bucket) & pl.col("key").is_in(wanted["key"].unique().implode())).collect()
+
+
+def _incremental_pass(lake: Lake, index: pl.LazyFrame, now: int, shards: list[str], changed: pl.DataFrame, cfg: DedupConfig) -> PassResult:
+    d = cfg.phash_distance
+    # pHash: only rows within the distance of a changed hash can change their mark...
+    probes = band_keys(changed.filter(pl.col("kind") == "phash")["phash"].unique().to_numpy().view(np.uint64), cfg)
+    near = [
+        g.filter(pl.col("kind") == "phash").join(probes.select("key", probe="phash"), on="key")
+        .filter(pl.col("phash").xor(pl.col("probe")).bitwise_count_ones() <= d).select("shard", "uid", "phash")
+        for g in _groups(index, probes)
+    ]
+    rows = pl.concat([pl.DataFrame(schema={"shard": pl.String, "uid": pl.Int64, "phash": pl.Int64}), *near]).unique()
+    # ... and their marks need every band group they are in; exact keys need only their group.
+    keys = pl.concat([
+        changed.filter(pl.col("kind") != "phash").select("bucket", "key"),
+        band_keys(rows["phash"].unique().to_numpy().view(np.uint64), cfg).select("bucket", "key"),
+    ]).unique()
     candidates, checked = [], 0
-    recomputed = [ph_rows.select(pl.lit("phash").alias("kind"), "shard", "uid")]
-    for (bucket,), wanted in keys.group_by("bucket"):  # one bucket's groups in memory at a time
-        groups = index.filter((pl.col("bucket") == bucket) & pl.col("key").is_in(wanted["key"].implode())).collect()
+    recomputed = [rows.select(pl.lit("phash").alias("kind"), "shard", "uid")]
+    for groups in _groups(index, keys):
         checked += groups.height
         exact = groups.filter(pl.col("kind") != "phash")
         recomputed.append(exact.select("kind", "shard", "uid"))
         candidates.append(exact_candidates(exact))
-        candidates.append(phash_candidates(groups.filter(pl.col("kind") == "phash"), ph_rows.select("shard", "uid"), cfg.phash_distance))
+        candidates.append(phash_candidates(groups.filter(pl.col("kind") == "phash"), rows.select("shard", "uid"), d))
     new = reduce_marks(candidates)
-    recomputed = pl.concat(recomputed).unique()
-    return _publish(lake, now, shards, recomputed, new, cfg, "incremental", checked)
+    return _publish(lake, now, shards, pl.concat(recomputed).unique(), new, cfg, "incremental", checked)
 
 
 def _full_pass(lake: Lake, index: pl.LazyFrame, now: int, cfg: DedupConfig) -> PassResult:

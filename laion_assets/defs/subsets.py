@@ -7,6 +7,7 @@ from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, MetadataV
 
 from laion_assets.core import stages, views
 from laion_assets.core.config import PipelineConfig, SubsetConfig
+from laion_assets.core.stages.curation import run_curated_subset
 from laion_assets.defs.embeddings import WATERMARK, embeddings_key
 from laion_assets.defs.gate import gate_spec, run_stage
 from laion_assets.defs.images import images
@@ -42,7 +43,7 @@ def subset_asset(sub: SubsetConfig, cfg: PipelineConfig) -> AssetsDefinition:
         table = stages.subset_table(sub.name)
         yield from run_stage(
             context, lk, table,
-            lambda: stages.run_subset(lk, cfg_now, current, context.partition_key),
+            lambda: run_curated_subset(lk, cfg_now, current, context.partition_key),
             view=lambda: views.subset_view(lk, cfg_now, current, context.partition_key, table),
         )
 

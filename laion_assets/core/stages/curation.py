@@ -6,9 +6,10 @@ from __future__ import annotations
 import polars as pl
 
 from laion_assets.core import blocklists, curation, dedup, semdedup
-from laion_assets.core.config import PipelineConfig, SemanticDedupConfig
+from laion_assets.core.config import PipelineConfig, SemanticDedupConfig, SubsetConfig
+from laion_assets.core.errors import LaionAssetsError
 from laion_assets.core.lake import Lake
-from laion_assets.core.stages.publish import SCORES, embeddings_table, subset_table
+from laion_assets.core.stages.publish import SCORES, StageOutput, embeddings_table, subset_table
 from laion_assets.core.stages.subsets import run_subset
 
 
@@ -16,12 +17,24 @@ def run_dedup_keys(lake: Lake, cfg: PipelineConfig, shard: str) -> dict:
     return dedup.update_index(lake, shard, cfg.curation.dedup)
 
 
+def run_curated_subset(lake: Lake, cfg: PipelineConfig, sub: SubsetConfig, shard: str, tries: int = 5) -> StageOutput:
+    """The subset stage, published again when a pass committed new marks while it ran: a pass
+    takes newly marked rows out of the subsets only after committing them, so a shard read
+    before that commit and published after the pass's delete would keep them otherwise."""
+    for _ in range(tries):
+        before = curation.marks_versions(lake)
+        out = run_subset(lake, cfg, sub, shard)
+        if curation.marks_versions(lake) == before:
+            return out
+    raise LaionAssetsError(f"subset {sub.name}, shard {shard}: the curation marks kept changing while it ran; run it again")
+
+
 def _rerun(lake: Lake, cfg: PipelineConfig):
     """Publish a subset shard again (rows came back); shards the pipeline has not reached yet
     get their subset when it does."""
     def rerun(sub, shard: str) -> None:
         if lake.exists(SCORES) and lake.shard_row_count(SCORES, shard):
-            run_subset(lake, cfg, sub, shard)
+            run_curated_subset(lake, cfg, sub, shard)
     return rerun
 
 
