@@ -18,7 +18,7 @@ planted removable, fraction = removed / rows. The vectors are generated batch by
 all in memory), so the peak RSS at 1x and 2x rows shows memory bound by the clusters.
 
   python benchmarks/bench_dedup.py                        # both parts, 1M index keys
-  python benchmarks/bench_dedup.py --part index --index-keys 1000000 --shard-rows 10000 --rounds 3
+  python benchmarks/bench_dedup.py --part index --index-keys 1000000 --shard-rows 10000 --rounds 3 [--phash-distance 1]
   python benchmarks/bench_dedup.py --part semantic --sem-rows 50000 --dim 512 --clusters 100
 """
 
@@ -77,13 +77,13 @@ def shard_frame(shard: str, first_uid: int, rows: int, rng: np.random.Generator,
     })
 
 
-def build_index(lake_dir: str, keys: int, shard_rows: int, seed: int) -> dict:
+def build_index(lake_dir: str, keys: int, shard_rows: int, seed: int, distance: int) -> dict:
     """Shards written the way the images and dedup_keys stages do, until the index has `keys` entries."""
     from laion_assets.core import dedup
     from laion_assets.core.config import DedupConfig
     from laion_assets.core.lake import Lake
 
-    lake, cfg = Lake(lake_dir), DedupConfig()
+    lake, cfg = Lake(lake_dir), DedupConfig(phash_distance=distance)
     rows_total = keys // ENTRIES_PER_ROW(cfg.phash_distance)
     rng = np.random.default_rng(seed)
     started, shards, done = time.perf_counter(), 0, 0
@@ -101,22 +101,29 @@ def build_index(lake_dir: str, keys: int, shard_rows: int, seed: int) -> dict:
             "build_s": round(build_s, 1), "full_pass_s": round(time.perf_counter() - t, 2), "full_pass_mode": full.mode}
 
 
-def measure_shard(lake_dir: str, shard: str, rows: int, seed: int) -> dict:
-    """One new shard: publish its images (not timed), then the check: its index entries and the
-    incremental pass. Runs in its own process (peak RSS is the check's)."""
+def prepare_shard(lake_dir: str, shard: str, rows: int, seed: int) -> None:
+    """A new shard's images (copies of earlier rows planted), published like the images stage does."""
+    import polars as pl
+
+    from laion_assets.core.lake import Lake
+
+    lake = Lake(lake_dir)
+    sample = pl.scan_delta(lake.table_uri("images")).select("url", "sha256", "phash").head(200_000).collect()
+    earlier = (sample["url"].to_list(), sample["sha256"].to_list(), np.array([int(h, 16) for h in sample["phash"]], np.uint64))
+    lake.publish_shard("images", shard, shard_frame(shard, 10**12 + seed * rows, rows, np.random.default_rng(seed), earlier))
+
+
+def measure_shard(lake_dir: str, shard: str, distance: int) -> dict:
+    """The check for one new shard, alone in its process (its peak RSS is the check's): the
+    shard's index entries, then the incremental pass."""
     import polars as pl
 
     from laion_assets.core import dedup
     from laion_assets.core.config import DedupConfig
     from laion_assets.core.lake import Lake
 
-    lake, cfg = Lake(lake_dir), DedupConfig()
-    sample = pl.scan_delta(lake.table_uri("images")).select("url", "sha256", "phash").head(200_000).collect()
-    earlier = (sample["url"].to_list(), sample["sha256"].to_list(), np.array([int(h, 16) for h in sample["phash"]], np.uint64))
-    first_uid = 10**12 + seed * rows
-    df = shard_frame(shard, first_uid, rows, np.random.default_rng(seed), earlier)
-    lake.publish_shard("images", shard, df)
-    rss_before = peak_rss_mb()
+    lake, cfg = Lake(lake_dir), DedupConfig(phash_distance=distance)
+    rows = lake.shard_row_count("images", shard)
     t0 = time.perf_counter()
     keys = dedup.update_index(lake, shard, cfg)
     t1 = time.perf_counter()
@@ -126,7 +133,7 @@ def measure_shard(lake_dir: str, shard: str, rows: int, seed: int) -> dict:
     return {
         "keys_s": t1 - t0, "pass_s": t2 - t1, "rows": rows, "entries": keys["entries"], "mode": result.mode,
         "index_entries_read": result.rows_checked, "marked": dict(new.iter_rows()),
-        "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_before,
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -144,7 +151,7 @@ def part_index(args) -> None:
     try:
         lake_dir = str(tmp / "lake")
         print(f"building a key index of ~{args.index_keys:,} entries ...", flush=True)
-        info = build_index(lake_dir, args.index_keys, args.shard_rows, args.seed)
+        info = build_index(lake_dir, args.index_keys, args.shard_rows, args.seed, args.phash_distance)
         index_mb = dir_mb(Path(lake_dir) / "curation" / "dedup_keys")
         print(f"  {info['rows']:,} stored rows in {info['shards']} shards -> {info['entries']:,} index entries, "
               f"{index_mb:.1f} MiB on disk ({index_mb * 2**20 / info['entries']:.1f} B/entry); built in {info['build_s']} s; "
@@ -152,10 +159,11 @@ def part_index(args) -> None:
         idle = idle_rss()
         runs = []
         for r in range(args.rounds):
-            out = subprocess.run(
-                [sys.executable, __file__, "--measure-shard", lake_dir, f"new-{r:03d}", str(args.shard_rows), str(args.seed + 1 + r)],
-                capture_output=True, text=True, cwd=REPO,
-            )
+            shard = f"new-{r:03d}"
+            subprocess.run([sys.executable, __file__, "--prepare-shard", lake_dir, shard, str(args.shard_rows), str(args.seed + 1 + r)],
+                           cwd=REPO, check=True)
+            out = subprocess.run([sys.executable, __file__, "--measure-shard", lake_dir, shard, str(args.phash_distance)],
+                                 capture_output=True, text=True, cwd=REPO)
             if out.returncode:
                 raise SystemExit(out.stderr)
             m = json.loads(out.stdout.strip().splitlines()[-1])
@@ -167,7 +175,9 @@ def part_index(args) -> None:
         med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
         total = med("keys_s") + med("pass_s")
         print("\nincremental dedup check per shard (median of rounds)")
-        print(f"  index: {info['entries']:,} entries ({info['rows']:,} rows x {ENTRIES_PER_ROW(4)} keys: url, sha256, 5 pHash bands)")
+        d = args.phash_distance
+        print(f"  index: {info['entries']:,} entries ({info['rows']:,} rows x {ENTRIES_PER_ROW(d)} keys: url, sha256, {d + 1} pHash bands "
+              f"of ~{64 // (d + 1)} bits for phash_distance {d})")
         print(f"  shard of {args.shard_rows:,} rows: {total:.2f} s = {args.shard_rows / total:,.0f} rows/s "
               f"(dedup_keys {med('keys_s'):.2f} s, pass {med('pass_s'):.2f} s)")
         print(f"  peak RSS {med('peak_rss_mb'):.0f} MiB; an idle process with the same imports: {idle:.0f} MiB; "
@@ -181,12 +191,17 @@ def part_index(args) -> None:
 def planted_stream(rows: int, dim: int, seed: int, batch: int = 4096):
     """(stream, truth): batches generated on the fly; 4% of rows get a near-copy (cosine
     0.90-0.995) in the same batch, with a uid above all originals."""
-    centers = np.random.default_rng(seed).normal(size=(max(8, rows // 500), dim)).astype(np.float32)
+    rng0 = np.random.default_rng(seed)
+    centers = rng0.normal(size=(max(8, rows // 500), dim)).astype(np.float32)
+    # clusters of varying tightness: in the tightest, unrelated rows reach cosine ~0.9 (like
+    # near-identical stock photos), so low thresholds remove some rows that are not copies
+    spread = rng0.uniform(0.3, 1.2, len(centers)).astype(np.float32)
 
     def batch_of(i: int):
         rng = np.random.default_rng((seed, i))
         n = min(batch, rows - i * batch)
-        x = centers[rng.integers(0, len(centers), n)] + rng.normal(size=(n, dim)).astype(np.float32) * 1.2
+        c = rng.integers(0, len(centers), n)
+        x = centers[c] + rng.normal(size=(n, dim)).astype(np.float32) * spread[c, None]
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         src = rng.choice(n, int(n * 0.04), replace=False)
         target = rng.uniform(0.90, 0.995, len(src)).astype(np.float32)
@@ -248,17 +263,23 @@ def main() -> None:
     p.add_argument("--index-keys", type=int, default=1_000_000)
     p.add_argument("--shard-rows", type=int, default=10_000)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--phash-distance", type=int, default=4, help="curation.dedup.phash_distance (bands = distance + 1)")
     p.add_argument("--sem-rows", type=int, default=50_000)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--clusters", type=int, default=100)
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.85, 0.9, 0.95, 0.98])
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.85, 0.9, 0.92, 0.95, 0.98])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--measure-shard", nargs=4, metavar=("LAKE", "SHARD", "ROWS", "SEED"), help=argparse.SUPPRESS)
+    p.add_argument("--prepare-shard", nargs=4, metavar=("LAKE", "SHARD", "ROWS", "SEED"), help=argparse.SUPPRESS)
+    p.add_argument("--measure-shard", nargs=3, metavar=("LAKE", "SHARD", "DISTANCE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    if args.prepare_shard:
+        lake, shard, rows, seed = args.prepare_shard
+        prepare_shard(lake, shard, int(rows), int(seed))
+        return
     if args.measure_shard:
-        lake, shard, rows, seed = args.measure_shard
-        print(json.dumps(measure_shard(lake, shard, int(rows), int(seed))))
+        lake, shard, distance = args.measure_shard
+        print(json.dumps(measure_shard(lake, shard, int(distance))))
         return
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     if args.part in ("index", "all"):
