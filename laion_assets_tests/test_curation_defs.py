@@ -83,6 +83,11 @@ def test_passes_through_dagster_show_figures_and_update_subsets(setup):
     for subset in ("unique", "everything"):
         records = instance.fetch_materializations(AssetKey(["subsets", subset]), limit=100).records
         assert {r.partition_key for r in records} == {"b"}
+    # SemDeDup over what is left of `unique`, through Dagster too
+    semdedup = next(a for a in defs.assets if getattr(a, "key", None) == AssetKey(["curation", "semdedup", "unique"]))
+    assert materialize([semdedup], resources=resources, instance=instance).success
+    sem = instance.get_latest_materialization_event(semdedup.key).asset_materialization.metadata
+    assert sem["rows"].value == 2 and sem["recipe"].data["space"] == "tiny"
 
 
 def test_shard_changes_trigger_the_passes_not_every_subset_shard(setup):
