@@ -90,6 +90,7 @@ def test_passes_through_dagster_show_figures_and_update_subsets(setup):
     assert sem["rows"].value == 2 and sem["recipe"].data["space"] == "tiny"
 
 
+@pytest.mark.slow
 def test_shard_changes_trigger_the_passes_not_every_subset_shard(setup):
     lake, _, resources, defs, instance = setup
     baseline = evaluate_automation_conditions(defs=defs, instance=instance)

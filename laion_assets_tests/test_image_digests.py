@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from laion_assets.core.config import ImageConfig
 from laion_assets.core.sample import _photo
@@ -39,3 +41,16 @@ def test_digests_of_the_original_bytes_and_a_perceptual_hash(testsite, decode): 
 
     assert distance("big.jpg", "small.webp") <= 4  # same photo, other size and codec
     assert distance("big.jpg", "other.png") > 16
+
+
+def test_phash_is_imagehash_phash_bit_for_bit():
+    import imagehash
+
+    from laion_assets.core.imaging import perceptual_hash
+
+    rng = np.random.default_rng(0)
+    images = [_photo(n).convert("RGB") for n in ("astronaut", "coffee", "camera", "coins", "chelsea")]
+    images += [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((64, 90), (40, 40), (300, 200))]
+    for img in images:
+        small = img.reduce(min(img.size) // 64) if min(img.size) >= 128 else img
+        assert perceptual_hash(img) == str(imagehash.phash(small))

@@ -120,6 +120,10 @@ class _Worker:
             sys.executable, "-c", WORKER_CMD, icfg_json,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 20,
         )
+        try:
+            await proc.stdout.readexactly(1)  # ready: imports done
+        except asyncio.IncompleteReadError:
+            raise LaionAssetsError("an image decode worker died while starting (its error is on stderr)") from None
         return cls(proc)
 
     async def call(self, body: bytes) -> tuple[str, ImageResult]:
