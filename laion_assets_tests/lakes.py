@@ -35,7 +35,10 @@ def publish_images(lake: Lake, shard: str, rows: list[dict]) -> None:
     df = pl.DataFrame(
         [{k: r[k] for k in ("uid", "url", "status", "sha256", "md5", "sha1", "phash")} for r in rows],
         schema={"uid": pl.Int64, "url": pl.String, "status": pl.String, "sha256": pl.String, "md5": pl.String, "sha1": pl.String, "phash": pl.String},
-    ).with_columns(original_width=pl.lit(64, pl.Int32), original_height=pl.lit(64, pl.Int32), width=pl.lit(64, pl.Int32), height=pl.lit(64, pl.Int32))
+    ).with_columns(
+        original_width=pl.lit(64, pl.Int32), original_height=pl.lit(64, pl.Int32), width=pl.lit(64, pl.Int32), height=pl.lit(64, pl.Int32),
+        bytes_downloaded=pl.lit(9000, pl.Int64),
+    )
     lake.publish_shard(IMAGES, shard, df)
 
 

@@ -112,15 +112,15 @@ def test_a_subset_shard_published_while_a_pass_commits_does_not_keep_blocked_row
     from laion_assets.core import curation
     from laion_assets.core.stages import subsets as subset_stage
 
-    real, calls = curation.excluded, []
+    real, calls = curation.with_marks, []
 
-    def excluded_then_a_pass_commits(*args):
+    def marks_then_a_pass_commits(*args):
         stale = real(*args)
         if not calls:
             calls.append(stages.run_blocklists(lake, cfg))
         return stale
 
-    monkeypatch.setattr(subset_stage.curation, "excluded", excluded_then_a_pass_commits)
+    monkeypatch.setattr(subset_stage.curation, "with_marks", marks_then_a_pass_commits)
     stages.run_curated_subset(lake, cfg, cfg.subsets[0], "a")
     assert calls and calls[0]["rows_blocked_total"] == 1
     assert ("a", 2) not in uids(lake, "subsets/everything")
