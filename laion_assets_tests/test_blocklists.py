@@ -13,7 +13,7 @@ from laion_assets.core.errors import LaionAssetsError
 from laion_assets.core.lake import Lake
 from laion_assets.core.stages import curation as stages
 from laion_assets.core.stages import run_subset
-from laion_assets_tests.lakes import config, publish_shard, publish_subsets, row, sha, uids
+from laion_assets_tests.lakes import config, publish_images, publish_shard, publish_subsets, row, sha, uids
 
 SHARDS = {
     "a": [row(1, "http://ex.com/1.jpg", "one"), row(2, "http://ex.com/2.jpg", "two"), row(3, "http://ex.com/3.jpg", "three")],
@@ -124,3 +124,26 @@ def test_a_subset_shard_published_while_a_pass_commits_does_not_keep_blocked_row
     stages.run_curated_subset(lake, cfg, cfg.subsets[0], "a")
     assert calls and calls[0]["rows_blocked_total"] == 1
     assert ("a", 2) not in uids(lake, "subsets/everything")
+
+
+def test_images_published_before_the_digest_columns_are_handled(tmp_path):
+    """A shard from before md5/sha1/phash: its sha256 and URL still match and dedup; md5 lists
+    cannot match it, and the pass says how many stored rows it could not check."""
+    lake = Lake(tmp_path / "lake")
+    old = pl.DataFrame({"uid": [1, 2], "url": ["http://ex.com/1.jpg", "http://ex.com/2.jpg"], "status": ["success", "success"],
+                        "sha256": [sha("one"), sha("two")]})
+    lake.publish_shard("images", "old", old)
+    publish_images(lake, "new", [row(3, "http://ex.com/3.jpg", "one")])
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "partner.md5.txt").write_text(sha("two", "md5") + "\n")
+    (lists / "partner_bytes.sha256.txt").write_text(sha("two") + "\n")
+    cfg = config(curation=CurationConfig(blocklists=BlocklistConfig(location=str(lists))))
+    report = stages.run_blocklists(lake, cfg)
+    assert report["rows_blocked_per_list"] == {"partner_bytes": 1}  # the md5 list cannot see shard `old`
+    assert uids(lake, blocklists.BLOCKED) == {("old", 2)} and report["stored_rows_without_md5_sha1"] == 2
+    for shard in ("old", "new"):
+        stages.run_dedup_keys(lake, cfg, shard)
+    stages.run_duplicates(lake, cfg)
+    marks = pl.read_delta(lake.table_uri("curation/duplicates"))  # no pHash for `old`: sha256 only
+    assert set(marks.select("kind", "shard", "uid", "duplicate_of_shard", "duplicate_of").iter_rows()) == {("sha256", "old", 1, "new", 3)}

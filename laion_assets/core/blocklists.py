@@ -91,9 +91,11 @@ def read_lists(location: str | None) -> list[Blocklist]:
     if not location:
         return []
     fs, _ = _filesystem(location)
-    lists = []
+    lists: list[Blocklist] = []
     for info in list_files(location):
         m = LIST_FILE.match(info.base_name)
+        if any(bl.name == m["name"] for bl in lists):
+            raise LaionAssetsError(f"two blocklists named '{m['name']}' in {location}: give each list file its own name")
         with fs.open_input_stream(info.path, compression=None) as f:
             lists.append(parse(m["name"], m["kind"], f.read().decode("utf-8", errors="replace")))
     return lists
@@ -108,7 +110,7 @@ def matches(lake: Lake, lists: list[Blocklist], shards: list[str] | None, versio
     empty = pl.DataFrame(schema=BLOCKED_SCHEMA)
     if not lists:
         return empty
-    names = set(pa.schema(lake.table(IMAGES).schema().to_arrow()).names)
+    names = curation.table_columns(lake, IMAGES)
     lf = pl.scan_delta(lake.table_uri(IMAGES), version=version, storage_options=lake.storage_options)
     if shards is not None:
         lf = lf.filter(pl.col("shard").is_in(shards))

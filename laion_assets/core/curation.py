@@ -66,6 +66,11 @@ def marks_versions(lake: Lake) -> tuple[int | None, int | None]:
     return tuple(lake.table(t).version() if lake.exists(t) else None for t in (BLOCKED, DUPLICATES))
 
 
+def table_columns(lake: Lake, name: str) -> set[str]:
+    """Columns of a table now (older shards read columns added later as null)."""
+    return set(pa.schema(lake.table(name).schema().to_arrow()).names)
+
+
 def in_list(column: str, values: Iterable) -> str:
     """A SQL `IN` predicate over string values (shard keys are checked to a safe alphabet)."""
     return f"{column} IN ({', '.join(repr(str(v)) for v in values)})"

@@ -139,7 +139,7 @@ def _check_layout(lake: Lake, cfg: DedupConfig) -> None:
 def images_columns(lake: Lake, shard: str, columns: list[str]) -> pl.DataFrame:
     """A shard's image rows; columns added to the images table later (md5, sha1, phash) are
     null in shards published before them (unknown: re-materialize images to fill them)."""
-    names = set(pa.schema(lake.table(IMAGES).schema().to_arrow()).names)
+    names = curation.table_columns(lake, IMAGES)
     df = lake.read_shard(IMAGES, shard, [c for c in columns if c in names])
     return df.with_columns(pl.lit(None, pl.String).alias(c) for c in columns if c not in names)
 
@@ -329,16 +329,15 @@ def _publish(lake: Lake, now: int, shards: list[str] | None, recomputed: pl.Data
     state = {"index_version": now, "layout": layout(cfg)}
     if recomputed is None:  # full
         old = old_all.collect()
-        content, predicate, write_mode = new, None, "overwrite"
-        touched = old
+        content, predicate, touched = new, None, old
     else:
         affected = sorted(set(shards) | set(recomputed["shard"].unique().to_list()))
         old = old_all.filter(pl.col("shard").is_in(affected)).collect()
         touched = old.filter(pl.col("shard").is_in(shards)).vstack(old.join(recomputed, on=rid, how="semi")).unique()
         content = pl.concat([old.join(touched, on=rid, how="anti").select(new.columns), new.select(new.columns)])
-        predicate, write_mode = curation.in_list("shard", affected or [""]), "overwrite"
+        predicate = curation.in_list("shard", affected or [""])
     table = content.select(MARKS_SCHEMA.names).to_arrow().cast(MARKS_SCHEMA)
-    version = curation.write(lake, DUPLICATES, table, mode=write_mode, predicate=predicate, partition_by=["shard"], state=state)
+    version = curation.write(lake, DUPLICATES, table, mode="overwrite", predicate=predicate, partition_by=["shard"], state=state)
     return PassResult(
         mode, now, version, shards or [], checked,
         newly_marked=new.join(touched, on=rid, how="anti").select(rid),

@@ -9,7 +9,7 @@ from laion_assets.core import blocklists, curation, dedup, semdedup
 from laion_assets.core.config import PipelineConfig, SemanticDedupConfig, SubsetConfig
 from laion_assets.core.errors import LaionAssetsError
 from laion_assets.core.lake import Lake
-from laion_assets.core.stages.publish import SCORES, StageOutput, embeddings_table, subset_table
+from laion_assets.core.stages.publish import IMAGES, SCORES, StageOutput, embeddings_table, subset_table
 from laion_assets.core.stages.subsets import run_subset
 
 
@@ -68,6 +68,11 @@ def run_blocklists(lake: Lake, cfg: PipelineConfig) -> dict:
         _rerun(lake, cfg), reason=f"blocklist pass {result.version}",
     )
     blocked = result.blocked
+    unknown = 0
+    if lake.exists(IMAGES):  # rows published before md5/sha1 were recorded cannot match those lists
+        has = "md5" in curation.table_columns(lake, IMAGES)
+        stored = lake.scan(IMAGES).filter(pl.col("status") == "success")
+        unknown = (stored.filter(pl.col("md5").is_null()) if has else stored).select(pl.len()).collect().item()
     per_shard = blocked.group_by("shard").agg(pl.len().alias("rows_blocked")).sort("shard") if blocked.height else pl.DataFrame()
     return {
         "mode": result.mode, "blocked_version": result.version,
@@ -77,6 +82,7 @@ def run_blocklists(lake: Lake, cfg: PipelineConfig) -> dict:
         "blocked_per_shard": per_shard,
         "diff_rows": {c: int((diff["change"] == c).sum()) if diff.height else 0 for c in ("removed", "restored")},
         "diff_files": result.diff_files, "shards_checked": result.shards_checked, "subsets_updated": subsets,
+        "stored_rows_without_md5_sha1": unknown,  # re-materialize images for their shards to check them
     }
 
 
