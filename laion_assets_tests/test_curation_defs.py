@@ -67,7 +67,7 @@ def test_lake_wide_assets_sit_between_the_shard_stages_and_the_subsets(setup):
 
 
 def test_passes_through_dagster_show_figures_and_update_subsets(setup):
-    lake, lists, resources, defs, instance = setup
+    _, lists, resources, defs, instance = setup
     for shard in SHARDS:
         assert materialize([dedup_keys], partition_key=shard, resources=resources, instance=instance).success
     (lists / "partner.md5.txt").write_text(f"# source: test partner\n{sha('five', 'md5')}\n")
@@ -92,7 +92,7 @@ def test_passes_through_dagster_show_figures_and_update_subsets(setup):
 
 @pytest.mark.slow
 def test_shard_changes_trigger_the_passes_not_every_subset_shard(setup):
-    lake, _, resources, defs, instance = setup
+    _, _, resources, defs, instance = setup
     baseline = evaluate_automation_conditions(defs=defs, instance=instance)
     assert baseline.total_requested == 0
     assert materialize([dedup_keys], partition_key="b", resources=resources, instance=instance).success
