@@ -70,13 +70,12 @@ def run_pipeline(inputs: list[str], lake: str, config: str | None, select: str |
 
     Bad input (a file that cannot be read or has no URL column, an unknown asset) raises
     LaionAssetsError before anything is registered; files skipped in a folder are listed."""
-    from dagster import DagsterEventType
 
     from laion_assets.core import registry
     from laion_assets.core.errors import LaionAssetsError
     from laion_assets.core.ingest import SUPPORTED, check_shard_file, scan_inputs, shard_key
     from laion_assets.core.lake import Lake
-    from laion_assets.defs.definitions import SHARD_JOB, build_defs
+    from laion_assets.defs.definitions import LAKE_JOB, SHARD_JOB, build_defs
     from laion_assets.defs.partitions import shards
     from laion_assets.defs.resources import Settings
     from laion_assets.defs.runs import run_shard
@@ -86,9 +85,10 @@ def run_pipeline(inputs: list[str], lake: str, config: str | None, select: str |
     lk = Lake(lake)
     lk.ensure_writable()
     graph = defs.resolve_asset_graph()
-    # the UI's own job, with an asset selection: runs started here re-execute from the UI
-    job = defs.resolve_job_def(SHARD_JOB)
-    all_keys = set(job.asset_layer.executable_asset_keys)
+    # the UI's own jobs, with an asset selection: runs started here re-execute from the UI
+    job, lake_job = defs.resolve_job_def(SHARD_JOB), defs.resolve_job_def(LAKE_JOB)
+    shard_keys, lake_keys = set(job.asset_layer.executable_asset_keys), set(lake_job.asset_layer.executable_asset_keys)
+    all_keys = shard_keys | lake_keys
     chosen, missing = set(all_keys), []
     if select:  # a key, or a prefix of keys: `embeddings` is every embeddings/<space>
         chosen = set()
@@ -116,37 +116,56 @@ def run_pipeline(inputs: list[str], lake: str, config: str | None, select: str |
     if new:
         instance.add_dynamic_partitions(shards.name, new)
 
-    order = [k for k in graph.toposorted_asset_keys if k in chosen]
+    order = [k for k in graph.toposorted_asset_keys if k in chosen and k in shard_keys]
+    lake_order = [k for k in graph.toposorted_asset_keys if k in chosen and k in lake_keys]
 
     summary = RunSummary()
     run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     if retry_failures:
         run_config["ops"] = {"images": {"config": {"retry_failures": True}}}
     for key in dict.fromkeys(keys):
+        if not order:
+            break
         print(f"shard {key}: running {', '.join(k.to_user_string() for k in order)}", flush=True)
-        result = run_shard(instance, job, key, order, run_config)
-        materialized, failed = {}, {}
-        for event in result.all_events:
-            if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
-                mat = event.event_specific_data.materialization
-                materialized[mat.asset_key] = mat.metadata
-            elif event.event_type == DagsterEventType.STEP_FAILURE:
-                err = event.event_specific_data.error
-                msg = event.event_specific_data.user_failure_data.description if event.event_specific_data.user_failure_data else (err.message if err else "")
-                failed[event.step_key] = (msg or "").strip().splitlines()[0] if msg else "failed"
-        for asset_key in order:
-            name = asset_key.to_user_string()
-            step = graph.get(asset_key).assets_def.node_def.name
-            if asset_key in materialized:
-                md = materialized[asset_key]
-                rows = md.get("dagster/partition_row_count")
-                version = md.get("delta_version")
-                summary.lines.append(StageLine(key, name, "materialized", getattr(rows, "value", rows), getattr(version, "value", version), "gate passed"))
-            elif step in failed:
-                summary.lines.append(StageLine(key, name, "FAILED", detail=failed[step]))
-            else:
-                summary.lines.append(StageLine(key, name, "skipped", detail="upstream failed or its gate did not pass"))
+        _summarize(summary, key, order, graph, run_shard(instance, job, key, order, run_config))
+    # Lake-wide assets read every shard: once, after the shards, if one of them went through
+    # all its selected stages (or only lake-wide assets were selected).
+    failed = {line.shard for line in summary.lines if line.status != "materialized"}
+    if lake_order and (not order or set(dict.fromkeys(keys)) - failed):
+        print(f"lake: running {', '.join(k.to_user_string() for k in lake_order)}", flush=True)
+        _summarize(summary, "(lake)", lake_order, graph, run_shard(instance, lake_job, None, lake_order, run_config))
+    elif lake_order:
+        summary.lines += [StageLine("(lake)", k.to_user_string(), "skipped", detail="no shard went through") for k in lake_order]
     return summary
+
+
+def _summarize(summary: RunSummary, key: str, order, graph, result) -> None:
+    """One summary line per selected asset of a finished run: materialized, failed, skipped."""
+    from dagster import DagsterEventType
+
+    materialized, failed = {}, {}
+    for event in result.all_events:
+        if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
+            mat = event.event_specific_data.materialization
+            materialized[mat.asset_key] = mat.metadata
+        elif event.event_type == DagsterEventType.STEP_FAILURE:
+            err = event.event_specific_data.error
+            msg = event.event_specific_data.user_failure_data.description if event.event_specific_data.user_failure_data else (err.message if err else "")
+            failed[event.step_key] = (msg or "").strip().splitlines()[0] if msg else "failed"
+    for asset_key in order:
+        name = asset_key.to_user_string()
+        node = graph.get(asset_key)
+        step = node.assets_def.node_def.name
+        if asset_key in materialized:
+            md = materialized[asset_key]
+            rows = md.get("dagster/partition_row_count") or md.get("dagster/row_count")
+            version = md.get("delta_version")
+            detail = "gate passed" if node.check_keys else ""
+            summary.lines.append(StageLine(key, name, "materialized", getattr(rows, "value", rows), getattr(version, "value", version), detail))
+        elif step in failed:
+            summary.lines.append(StageLine(key, name, "FAILED", detail=failed[step]))
+        else:
+            summary.lines.append(StageLine(key, name, "skipped", detail="upstream failed or its gate did not pass"))
 
 
 def _print_tables(lake: str) -> None:

@@ -95,7 +95,7 @@ def test_asset_graph_snapshot(env):
 @pytest.mark.slow
 def test_end_to_end_every_stage(env, instance, site):
     summary = run(env, instance)
-    assert statuses(summary) == {s: "materialized" for s in STAGES + CURATION}, summary.lines
+    assert statuses(summary) == {s: "materialized" for s in STAGES + CURATION + ["lake_summary"]}, summary.lines
     lake = Lake(env["lake"])
 
     images = pl.read_delta(lake.table_uri("images"))
@@ -165,7 +165,7 @@ def test_failed_gate_publishes_nothing_and_stops_downstream(env, instance):
     assert statuses(summary) == {
         "raw_urls": "materialized", "images": "FAILED", "language": "materialized", "embeddings/tiny": "skipped", "scores": "skipped",
         "subsets/similar": "skipped", "subsets/pretty": "skipped",
-        **{c: "skipped" for c in CURATION},
+        **{c: "skipped" for c in CURATION}, "lake_summary": "skipped",
     }
     assert "failed validation" in next(line.detail for line in summary.lines if line.asset == "images")
     after = pl.read_delta(lake.table_uri("images")).drop("duration_s").sort("uid")

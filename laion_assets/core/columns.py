@@ -28,6 +28,9 @@ COMPUTED = {
     "width": "width of the stored image in pixels",
     "height": "height of the stored image in pixels",
     "sha256": "sha256 of the original downloaded bytes (hex)",
+    "md5": "md5 of the original downloaded bytes (hex), for hash blocklists",
+    "sha1": "sha1 of the original downloaded bytes (hex), for hash blocklists",
+    "phash": "64-bit perceptual hash (pHash, as imagehash computes it) of the decoded image, 16 hex digits",
     "image": "the stored, re-encoded image bytes (images.format); null unless status is success",
     "duration_s": "seconds spent fetching and decoding this row",
     # embeddings and scores

@@ -26,9 +26,11 @@ class LakeSummary:
 
 
 def table_files(lake: Lake, table: str) -> pl.DataFrame:
-    """One row per data file of the table's current version: shard, rows, bytes (log only)."""
+    """One row per data file of the table's current version: shard, rows, bytes (log only).
+    Lake-wide tables (the curation key index is partitioned by key bucket) have no shard."""
     files = pl.DataFrame(pa.table(lake.table(table).get_add_actions(flatten=True)))
-    return files.select(shard=pl.col("partition.shard"), rows=pl.col("num_records"), bytes=pl.col("size_bytes"))
+    shard = pl.col("partition.shard") if "partition.shard" in files.columns else pl.lit(None, pl.String)
+    return files.select(shard=shard, rows=pl.col("num_records"), bytes=pl.col("size_bytes"))
 
 
 def summarize(lake: Lake, top_domains: int = 15) -> LakeSummary:
@@ -38,7 +40,7 @@ def summarize(lake: Lake, top_domains: int = 15) -> LakeSummary:
             continue
         files = table_files(lake, table)
         rows.append({
-            "table": table, "shards": files["shard"].n_unique(), "rows": int(files["rows"].sum()),
+            "table": table, "shards": files["shard"].drop_nulls().n_unique(), "rows": int(files["rows"].sum()),
             "files": files.height, "MiB": round(files["bytes"].sum() / 2**20, 1),
         })
     tables = pl.DataFrame(rows, schema={"table": pl.String, "shards": pl.Int64, "rows": pl.Int64, "files": pl.Int64, "MiB": pl.Float64})

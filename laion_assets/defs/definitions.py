@@ -52,6 +52,7 @@ STAGES = {
     "subsets": "filter", "webdataset": "export", "knn": "export", "curation": "curate", "lake_summary": "report",
 }
 SHARD_JOB = "shard_pipeline"
+LAKE_JOB = "lake_pipeline"
 
 
 def _policies(spec):
@@ -83,6 +84,12 @@ def build_defs(settings: Settings) -> Definitions:
             define_asset_job(
                 SHARD_JOB, selection=AssetSelection.assets(*shard_assets),
                 description="Stages of one shard (all, or the selected assets).",
+            ),
+            # what spans every shard (curation passes, kNN indexes, the lake summary): one run
+            # after the shards, from `laion-assets run` too, re-executable from the UI
+            define_asset_job(
+                LAKE_JOB, selection=AssetSelection.assets(*lake_assets),
+                description="Lake-wide assets (all, or the selected ones), after the shards they read.",
             ),
             lake_maintenance,
         ],
