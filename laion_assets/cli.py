@@ -6,6 +6,8 @@ resources, runs recorded in the instance the UI reads).
     laion-assets demo              # bundled sample end to end, then where to look
     laion-assets sample-server     # serve the demo sample again (to materialize from the UI)
     laion-assets migrate-embeddings --space b32   # a lake from before embedding spaces
+    laion-assets maintain          # remove leftover staging, compact and vacuum (the nightly job)
+    laion-assets adopt             # a lake from before fingerprints: record what is published
     laion-assets search "a red car" [--image FILE] [--subset NAME] [-k N]
     laion-assets serve             # the search page on 127.0.0.1
     laion-assets train-args --subset NAME         # open_clip flags for a webdataset export
@@ -18,37 +20,12 @@ import logging
 import os
 import sys
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from laion_assets.shard_runs import INTERRUPTED, UP_TO_DATE, RunSummary, StageLine, execute_shard, remove_garbage, skip_up_to_date, summarize
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_PORT = 8765
-
-
-@dataclass
-class StageLine:
-    shard: str
-    asset: str
-    status: str  # materialized | failed | skipped
-    rows: int | None = None
-    version: int | None = None
-    detail: str = ""
-
-
-@dataclass
-class RunSummary:
-    lines: list[StageLine] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return all(line.status == "materialized" for line in self.lines)
-
-    def print(self) -> None:
-        width = max([len(line.asset) for line in self.lines] + [10])
-        for line in self.lines:
-            rows = f"{line.rows} rows" if line.rows is not None else ""
-            version = f"v{line.version}" if line.version is not None else ""
-            print(f"  {line.shard:<16} {line.asset:<{width}} {line.status:<13} {rows:>11} {version:>5}  {line.detail}")
 
 
 def _instance():
@@ -65,23 +42,31 @@ def _instance():
     return DagsterInstance.get()
 
 
-def run_pipeline(inputs: list[str], lake: str, config: str | None, select: str | None, instance=None, retry_failures: bool = False) -> RunSummary:
-    """Check and register the shard files, then materialize the selected assets per shard.
+def run_pipeline(
+    inputs: list[str], lake: str, config: str | None, select: str | None, instance=None,
+    retry_failures: bool = False, force: bool = False, summary: RunSummary | None = None,
+) -> RunSummary:
+    """Check and register the shard files, then materialize per shard the selected assets that
+    are not already published and up to date (`force`: all of them), then the lake-wide ones.
 
     Bad input (a file that cannot be read or has no URL column, an unknown asset) raises
-    LaionAssetsError before anything is registered; files skipped in a folder are listed."""
+    LaionAssetsError before anything is registered; files skipped in a folder are listed.
+    Ctrl-C or SIGTERM stops it within seconds: KeyboardInterrupt, `summary` holding what was done."""
 
     from laion_assets.core import registry
+    from laion_assets.core.config import load_config
     from laion_assets.core.errors import LaionAssetsError
     from laion_assets.core.ingest import SUPPORTED, check_shard_file, scan_inputs, shard_key
     from laion_assets.core.lake import Lake
     from laion_assets.defs.definitions import LAKE_JOB, SHARD_JOB, build_defs
     from laion_assets.defs.partitions import shards
     from laion_assets.defs.resources import Settings
+    from laion_assets.defs.recovery import Interrupts, process_tags, recover_dead_runs
     from laion_assets.defs.runs import run_shard
 
     settings = Settings(lake=lake, inputs=inputs[0] if inputs else "data/input", config=config)
     defs = build_defs(settings)  # validates the config file first
+    cfg = load_config(config)
     lk = Lake(lake)
     lk.ensure_writable()
     graph = defs.resolve_asset_graph()
@@ -111,6 +96,8 @@ def run_pipeline(inputs: list[str], lake: str, config: str | None, select: str |
     registry.register(lk, files)
     keys = [shard_key(f) for f in files]
     instance = instance or _instance()
+    summary = summary if summary is not None else RunSummary()
+    summary.notes += recover_dead_runs(instance)
     known = set(instance.get_dynamic_partitions(shards.name))
     new = [k for k in dict.fromkeys(keys) if k not in known]
     if new:
@@ -119,53 +106,31 @@ def run_pipeline(inputs: list[str], lake: str, config: str | None, select: str |
     order = [k for k in graph.toposorted_asset_keys if k in chosen and k in shard_keys]
     lake_order = [k for k in graph.toposorted_asset_keys if k in chosen and k in lake_keys]
 
-    summary = RunSummary()
     run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-    if retry_failures:
-        run_config["ops"] = {"images": {"config": {"retry_failures": True}}}
-    for key in dict.fromkeys(keys):
-        if not order:
-            break
-        print(f"shard {key}: running {', '.join(k.to_user_string() for k in order)}", flush=True)
-        _summarize(summary, key, order, graph, run_shard(instance, job, key, order, run_config))
-    # Lake-wide assets read every shard: once, after the shards, if one of them went through
-    # all its selected stages (or only lake-wide assets were selected).
-    failed = {line.shard for line in summary.lines if line.status != "materialized"}
-    if lake_order and (not order or set(dict.fromkeys(keys)) - failed):
-        print(f"lake: running {', '.join(k.to_user_string() for k in lake_order)}", flush=True)
-        _summarize(summary, "(lake)", lake_order, graph, run_shard(instance, lake_job, None, lake_order, run_config))
-    elif lake_order:
-        summary.lines += [StageLine("(lake)", k.to_user_string(), "skipped", detail="no shard went through") for k in lake_order]
+    with Interrupts() as interrupts:
+        for key in dict.fromkeys(keys):
+            if not order:
+                break
+            to_run = skip_up_to_date(lk, cfg, order, key, force, retry_failures, summary)
+            if not to_run:
+                print(f"shard {key}: every selected stage is up to date", flush=True)
+                continue
+            print(f"shard {key}: running {', '.join(k.to_user_string() for k in to_run)}", flush=True)
+            execute_shard(job, graph, instance, key, to_run, retry_failures, summary)
+            if interrupts.seen() or any(line.detail.startswith(INTERRUPTED) for line in summary.lines):
+                raise KeyboardInterrupt
+        # Lake-wide assets read every shard: once, after the shards, if one of them went through
+        # all its selected stages (or only lake-wide assets were selected).
+        failed = {line.shard for line in summary.lines if line.status not in ("materialized", UP_TO_DATE)}
+        if lake_order and (not order or set(dict.fromkeys(keys)) - failed):
+            print(f"lake: running {', '.join(k.to_user_string() for k in lake_order)}", flush=True)
+            summarize(summary, "(lake)", lake_order, graph, run_shard(instance, lake_job, None, lake_order, run_config, tags=process_tags()))
+            if interrupts.seen() or any(line.detail.startswith(INTERRUPTED) for line in summary.lines):
+                raise KeyboardInterrupt
+        elif lake_order:
+            summary.lines += [StageLine("(lake)", k.to_user_string(), "skipped", detail="no shard went through") for k in lake_order]
+    summary.notes += remove_garbage(lk, cfg, {line.asset for line in summary.lines if line.status == "materialized"})
     return summary
-
-
-def _summarize(summary: RunSummary, key: str, order, graph, result) -> None:
-    """One summary line per selected asset of a finished run: materialized, failed, skipped."""
-    from dagster import DagsterEventType
-
-    materialized, failed = {}, {}
-    for event in result.all_events:
-        if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
-            mat = event.event_specific_data.materialization
-            materialized[mat.asset_key] = mat.metadata
-        elif event.event_type == DagsterEventType.STEP_FAILURE:
-            err = event.event_specific_data.error
-            msg = event.event_specific_data.user_failure_data.description if event.event_specific_data.user_failure_data else (err.message if err else "")
-            failed[event.step_key] = (msg or "").strip().splitlines()[0] if msg else "failed"
-    for asset_key in order:
-        name = asset_key.to_user_string()
-        node = graph.get(asset_key)
-        step = node.assets_def.node_def.name
-        if asset_key in materialized:
-            md = materialized[asset_key]
-            rows = md.get("dagster/partition_row_count") or md.get("dagster/row_count")
-            version = md.get("delta_version")
-            detail = "gate passed" if node.check_keys else ""
-            summary.lines.append(StageLine(key, name, "materialized", getattr(rows, "value", rows), getattr(version, "value", version), detail))
-        elif step in failed:
-            summary.lines.append(StageLine(key, name, "FAILED", detail=failed[step]))
-        else:
-            summary.lines.append(StageLine(key, name, "skipped", detail="upstream failed or its gate did not pass"))
 
 
 def _print_tables(lake: str) -> None:
@@ -183,7 +148,14 @@ def _print_tables(lake: str) -> None:
 
 
 def cmd_run(args) -> int:
-    summary = run_pipeline(args.inputs, args.lake, args.config, args.select, retry_failures=args.retry_failures)
+    summary = RunSummary()
+    try:
+        run_pipeline(args.inputs, args.lake, args.config, args.select, retry_failures=args.retry_failures, force=args.force, summary=summary)
+    except KeyboardInterrupt:
+        print("\nper-stage summary (interrupted):")
+        summary.print()
+        print("interrupted: rerun the same command to resume (staged chunks and published stages are kept)", file=sys.stderr)
+        return 130
     print("\nper-stage summary:")
     summary.print()
     _print_tables(args.lake)
@@ -211,16 +183,21 @@ def cmd_demo(args) -> int:
 
 
 def cmd_migrate_embeddings(args) -> int:
+    from laion_assets.core import fingerprints, stages
     from laion_assets.core.config import load_config
     from laion_assets.core.errors import LaionAssetsError
     from laion_assets.core.lake import Lake
     from laion_assets.core.migrate import migrate_embeddings
 
-    spaces = load_config(args.config).embeddings.spaces
+    cfg = load_config(args.config)
+    spaces = cfg.embeddings.spaces
     if args.space not in spaces:
         raise LaionAssetsError(f"space '{args.space}' is not in embeddings.spaces of the config ({', '.join(spaces)})")
-    result = migrate_embeddings(Lake(args.lake), args.space, spaces[args.space].identity, force=args.force)
+    lake = Lake(args.lake)
+    result = migrate_embeddings(lake, args.space, spaces[args.space].identity, force=args.force)
     print(f"moved the embeddings table to {result['table']} ({result['rows']} rows)" if result["moved"] else result["reason"])
+    if result["moved"]:  # moved, not made: recorded as up to date, so `run` does not embed them again
+        fingerprints.adopt(lake, cfg, stages.embeddings_table(args.space))
     return 0
 
 
@@ -238,6 +215,30 @@ def cmd_remove_shard(args) -> int:
         rows = ", ".join(f"{name} {n}" for name, n in deleted.items()) or "no rows"
         print(f"shard {key} removed (rows per table, files per export folder): {rows}; partition deleted")
     return 0
+
+
+def cmd_adopt(args) -> int:
+    """Record a lake's published shards as made from the current config and code."""
+    from laion_assets.core import fingerprints
+    from laion_assets.core.config import load_config
+    from laion_assets.core.lake import Lake
+
+    cfg, lake = load_config(args.config), Lake(args.lake)
+    tables = [t for t in lake.tables() if not t.startswith("_") and fingerprints.stage_of(t) in fingerprints.CODE_VERSIONS]
+    for table in tables:
+        print(f"  {table:<28} {fingerprints.adopt(lake, cfg, table):>6} shards recorded as up to date")
+    return 0
+
+
+def cmd_maintain(args) -> int:
+    """The lake_maintenance job, through Dagster (recorded in the instance like the schedule's)."""
+    from laion_assets.defs.definitions import build_defs
+    from laion_assets.defs.resources import Settings
+
+    defs = build_defs(Settings(lake=args.lake, config=args.config))
+    result = defs.resolve_job_def("lake_maintenance").execute_in_process(instance=_instance(), raise_on_error=False)
+    print("lake maintained: staging leftovers removed, tables compacted and vacuumed" if result.success else "maintenance failed (see the run's logs)")
+    return 0 if result.success else 1
 
 
 def cmd_sample_server(args) -> int:
@@ -334,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--select", help="comma-separated asset keys, e.g. raw_urls,images (default: all)")
     run.add_argument("--config", default=env_config, help="pipeline config YAML (default: built-in)")
     run.add_argument("--retry-failures", action="store_true", help="images: re-fetch only retryable failures")
+    run.add_argument("--force", action="store_true", help="redo the selected stages even when published and up to date")
     run.set_defaults(fn=cmd_run)
 
     demo = sub.add_parser("demo", help="build the bundled sample, serve it on 127.0.0.1 and run every stage")
@@ -352,6 +354,18 @@ def main(argv: list[str] | None = None) -> int:
     migrate.add_argument("--force", action="store_true", help="move even if the vectors' model differs from the space's")
     migrate.set_defaults(fn=cmd_migrate_embeddings)
 
+    adopt = sub.add_parser(
+        "adopt", help="record the published shards as made from the current config (a lake from before fingerprints): nothing is recomputed",
+    )
+    adopt.add_argument("--lake", default=env_lake)
+    adopt.add_argument("--config", default=env_config)
+    adopt.set_defaults(fn=cmd_adopt)
+
+    maintain = sub.add_parser("maintain", help="remove leftover staging, compact and vacuum every table (honours the retention)")
+    maintain.add_argument("--lake", default=env_lake)
+    maintain.add_argument("--config", default=env_config, help="pipeline config YAML (maintenance: retention, file size)")
+    maintain.set_defaults(fn=cmd_maintain)
+
     remove = sub.add_parser("remove-shard", help="delete shards from the lake, the registry and the UI's partitions")
     remove.add_argument("shards", nargs="+", help="shard keys (input file names without extensions)")
     remove.add_argument("--lake", default=env_lake, help="lake root: folder or s3://bucket/prefix (default %(default)s)")
@@ -368,12 +382,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore")
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-    from laion_assets.core.errors import LaionAssetsError
+    from laion_assets.core.errors import LaionAssetsError, explain
 
     try:
         return args.fn(args)
     except LaionAssetsError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        err = explain(e)  # disk full, permissions, missing files, object store: one line
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
         return 2
 
 

@@ -36,6 +36,7 @@ from laion_assets.core.config import DownloadConfig, ImageConfig
 from laion_assets.core.errors import LaionAssetsError
 from laion_assets.core.fetch import Fetched, Fetcher
 from laion_assets.core.imaging import WORKER_CMD, ImageProcessor, ImageResult, process_and_hash
+from laion_assets.core.signals import run_until_signal
 
 IMAGES_SCHEMA = pa.schema(
     [
@@ -59,6 +60,7 @@ IMAGES_SCHEMA = pa.schema(
         ("md5", pa.string()),  # of the original bytes, like sha256 (Re-LAION-style blocklists)
         ("sha1", pa.string()),
         ("phash", pa.string()),  # 64-bit pHash of the decoded image (imagehash), 16 hex digits
+        ("image_sha256", pa.string()),  # of the stored bytes, taken when they were encoded
     ]
 )
 
@@ -84,6 +86,11 @@ DECODE_TIMEOUT_S = 60.0  # CPU time one image may take before its worker is kill
 
 def default_concurrency() -> int:
     return min(512, 64 * (os.cpu_count() or 1))
+
+
+def max_unstaged(dcfg: DownloadConfig) -> int:
+    """Rows fetched but not yet staged, at most: what a kill can cost a rerun (README, Resume)."""
+    return (dcfg.concurrency or default_concurrency()) + 2 * dcfg.chunk_rows
 
 
 def load_blocklist(path: str | None) -> frozenset[str]:
@@ -268,12 +275,15 @@ class ShardDownloader:
         on_progress: Callable[[Progress], None] | None = None,
         progress_every_s: float = 10.0,
     ) -> Progress:
-        return asyncio.run(self._run(rows, total, on_chunk, on_progress, progress_every_s))
+        return run_until_signal(self._run(rows, total, on_chunk, on_progress, progress_every_s))
 
     async def _run(self, rows, total, on_chunk, on_progress, every) -> Progress:
         progress = Progress(total)
         pending: list[dict] = []
         sem = asyncio.Semaphore(self.dcfg.concurrency)
+        # A row holds one of these from its request until its chunk is staged, so a kill loses
+        # (and a rerun fetches again) at most concurrency + 2 * chunk_rows rows.
+        unstaged = asyncio.Semaphore(max_unstaged(self.dcfg))
         budget = ByteBudget(self.dcfg.max_pending_mb * 2**20)
         cpu = _CpuPool(self.icfg, self.workers, self.decode)
         writer = ThreadPoolExecutor(1, thread_name_prefix="stage-writer")
@@ -288,6 +298,8 @@ class ShardDownloader:
                     del pending[:n]
                     table = pa.Table.from_pylist(batch, schema=IMAGES_SCHEMA)
                     await loop.run_in_executor(writer, on_chunk, table)
+                    for _ in batch:
+                        unstaged.release()
 
         async def one(uid: int, url: str, fetcher: Fetcher) -> None:
             start = time.monotonic()
@@ -328,6 +340,7 @@ class ShardDownloader:
             await cpu.start()
             async with Fetcher(self.dcfg, resolver=self.resolver) as fetcher:
                 for uid, url in rows:
+                    await unstaged.acquire()
                     await sem.acquire()
                     task = asyncio.create_task(one(uid, url, fetcher))
                     tasks.add(task)
@@ -368,6 +381,7 @@ class ShardDownloader:
             status=res.status, error=res.error, sha256=sha,
             original_width=res.original_width, original_height=res.original_height,
             width=res.width, height=res.height, image=res.image,
+            image_sha256=hashlib.sha256(res.image).hexdigest() if res.image is not None else None,
         )
         row.update(md5=res.md5, sha1=res.sha1, phash=res.phash)
         return row

@@ -17,9 +17,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.fs as pafs
 from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
-from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
-from laion_assets.core.errors import LaionAssetsError
+from laion_assets.core.errors import LaionAssetsError, explain
 
 # Row groups of at most this many rows: image rows are ~20 KB, so a reader (and the writer's
 # buffer) holds a few tens of MB at a time instead of a whole shard.
@@ -29,6 +29,10 @@ TARGET_FILE_BYTES = 128 * 2**20
 # Streaming reads pull column data in pieces of this size instead of whole column chunks
 # (one row group of images is ~20-40 MB): memory stays near one record batch.
 READ_BUFFER_BYTES = 4 * 2**20
+
+# Untracked files (a publish killed before its commit) younger than this may belong to a
+# publish in progress, so vacuum leaves them.
+ORPHAN_MIN_AGE_HOURS = 1
 
 SHARD_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -164,7 +168,7 @@ class Lake:
                 batch = batch.drop_columns(["shard"])
             if writer is None:
                 path = f"{root}/shard={shard}/part-{uuid.uuid4()}.zstd.parquet"
-                writer = pq.ParquetWriter(path, schema, filesystem=fs, compression="zstd")
+                writer = pq.ParquetWriter(path, schema, filesystem=fs, compression="zstd", write_page_checksum=True)
                 rows = size = 0
             writer.write_batch(batch, row_group_size=ROW_GROUP_ROWS)
             rows += batch.num_rows
@@ -223,6 +227,50 @@ class Lake:
         if self.exists(name):
             self.table(name).delete(predicate)
 
+    def drop_shard(self, name: str, shard: str) -> None:
+        """Remove a shard's files now, without waiting for a vacuum, then its rows: for staging,
+        which nobody reads at an older version. Files first: a kill in between leaves rows
+        whose files are missing, which the next run finds unreadable and drops, never files
+        that nothing lists. A table whose log cannot be read any more is removed whole (staging
+        is disposable)."""
+        check_shard_key(shard)
+        if not name.startswith("_staging/"):
+            raise ValueError(f"drop_shard is for staging tables, not '{name}'")
+        fs, root = self._filesystem(name)
+        fs.delete_dir_contents(f"{root}/shard={shard}", missing_dir_ok=True)
+        for attempt in range(5):
+            try:
+                self.delete_shard(name, shard)
+                return
+            except CommitFailedError:
+                time.sleep(0.2 * (attempt + 1))
+            except DeltaError as e:
+                infra = explain(e)
+                if infra is not None and infra.kind not in ("corrupt", "missing"):
+                    raise infra from e  # the store, not the log: keep the other shards' staging
+                fs.delete_dir(root)
+                return
+        raise LaionAssetsError(f"could not drop shard '{shard}' from '{name}': too many concurrent writers")
+
+    def put(self, path: str, data: bytes) -> None:
+        """Write a small file under the lake root in one piece (a rename locally, one PUT on
+        object stores), so a reader sees the old content or the new one."""
+        fs, full = self._filesystem(path)
+        fs.create_dir(full.rsplit("/", 1)[0], recursive=True)
+        target = f"{full}.tmp-{os.getpid()}" if self.is_local else full
+        with fs.open_output_stream(target) as out:
+            out.write(data)
+        if target != full:
+            fs.move(target, full)
+
+    def get(self, path: str) -> bytes | None:
+        fs, full = self._filesystem(path)
+        try:
+            with fs.open_input_stream(full, compression=None) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
     def _filesystem(self, name: str) -> tuple[pafs.FileSystem, str]:
         """pyarrow's native filesystem for a table (credentials and endpoint from the usual AWS
         environment on object stores) and the table's root path in it."""
@@ -251,7 +299,7 @@ class Lake:
         for uri in self.shard_files(name, shard):
             path = uri if self.is_local else uri.split("://", 1)[1]
             with fs.open_input_file(path) as f:
-                pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
+                pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=READ_BUFFER_BYTES, page_checksum_verification=True)
                 present = [c for c in columns if c in pf.schema_arrow.names]
                 for batch in pf.iter_batches(batch_size=256, columns=present):
                     if wanted is not None:
@@ -308,22 +356,32 @@ class Lake:
         return sorted(found)
 
     def maintain(self, name: str, retention_hours: int, target_size_mb: int) -> dict:
-        """Compact small files, then vacuum for real (deltalake's vacuum is a dry run by default).
+        """Compact small files, then vacuum (see `vacuum`)."""
+        dt = self.table(name)
+        compact = dt.optimize.compact(target_size=target_size_mb * 2**20)
+        return {
+            "files_added": compact.get("numFilesAdded", 0),
+            "files_removed_by_compaction": compact.get("numFilesRemoved", 0),
+            "files_vacuumed": len(self.vacuum(name, retention_hours)),
+            "version": self.table(name).version(),
+        }
+
+    def vacuum(self, name: str, retention_hours: int) -> list[str]:
+        """Remove for real (deltalake's vacuum is a dry run by default) the files that no
+        version younger than `retention_hours` reads, and the untracked files a killed publish
+        left, once older than max(retention, ORPHAN_MIN_AGE_HOURS) so that a publish still in
+        progress is never touched.
 
         The retention comes from config and is honoured as given; below Delta's 7-day default,
         readers time-travelling (or still reading) older versions may lose their files.
         """
         dt = self.table(name)
-        compact = dt.optimize.compact(target_size=target_size_mb * 2**20)
-        removed = dt.vacuum(
-            retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False
+        removed = dt.vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False)
+        removed += dt.vacuum(
+            retention_hours=max(retention_hours, ORPHAN_MIN_AGE_HOURS), dry_run=False,
+            enforce_retention_duration=False, full=True,
         )
-        return {
-            "files_added": compact.get("numFilesAdded", 0),
-            "files_removed_by_compaction": compact.get("numFilesRemoved", 0),
-            "files_vacuumed": len(removed),
-            "version": dt.version(),
-        }
+        return removed
 
 
 def _with_shard(table: pa.Table, shard: str) -> pa.Table:

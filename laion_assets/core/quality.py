@@ -151,6 +151,8 @@ def images_suite(expected_rows: int, statuses: tuple[str, ...], min_success_rate
         ),
         Expectation("ExpectColumnValuesToBeInSet", {"column": "has_image_iff_success", "value_set": [True]}),
         Expectation("ExpectColumnValuesToBeBetween", {"column": "width", "min_value": 1}),
+        # stored bytes equal to the sha256 taken when they were encoded
+        Expectation("ExpectColumnValuesToBeInSet", {"column": "image_intact", "value_set": [True]}),
     ]
 
 
@@ -159,6 +161,7 @@ def embeddings_suite(expected_rows: int, tolerance: float) -> list[Expectation]:
         Expectation("ExpectTableRowCountToEqual", {"value": expected_rows}),
         Expectation("ExpectColumnValuesToBeUnique", {"column": "uid"}),
         Expectation("ExpectColumnValuesToBeBetween", {"column": "similarity", "min_value": -1.0, "max_value": 1.0}),
+        Expectation("ExpectColumnValuesToBeInSet", {"column": "shape_ok", "value_set": [True]}),  # the model's dimension
         Expectation("ExpectColumnValuesToBeBetween", {"column": "image_norm", "min_value": 1 - tolerance, "max_value": 1 + tolerance}),
         Expectation("ExpectColumnValuesToBeBetween", {"column": "text_norm", "min_value": 1 - tolerance, "max_value": 1 + tolerance}),
     ]

@@ -34,6 +34,7 @@ from laion_assets.defs.images import images
 from laion_assets.defs.knn import knn_assets
 from laion_assets.defs.language import language
 from laion_assets.defs.raw_urls import raw_urls
+from laion_assets.defs.recovery import dead_runs, fix_slot_wait
 from laion_assets.defs.resources import InputsResource, LakeResource, PipelineResource, Settings
 from laion_assets.defs.schedules import lake_maintenance, nightly_maintenance
 from laion_assets.defs.scores import scores_asset
@@ -53,6 +54,7 @@ STAGES = {
 }
 SHARD_JOB = "shard_pipeline"
 LAKE_JOB = "lake_pipeline"
+fix_slot_wait()  # runs waiting for a pool slot sleep (and hear Ctrl-C) instead of spinning
 
 
 def _policies(spec):
@@ -97,7 +99,7 @@ def build_defs(settings: Settings) -> Definitions:
         # interpreter (5-10 s of imports each) and keeps the model loaded, as `laion-assets
         # run` does; scale-out is many runs at once (run queue, launchers), not steps.
         executor=in_process_executor,
-        sensors=[shard_files, automation, blocklist_files],
+        sensors=[shard_files, automation, blocklist_files, dead_runs],
         schedules=[nightly_maintenance],
         resources={
             "lake": LakeResource(uri=settings.lake, s3=s3),

@@ -32,11 +32,11 @@ def origin(job_name: str) -> RemoteJobOrigin:
 
 def run_shard(
     instance: DagsterInstance, job: JobDefinition, shard: str | None, assets: Sequence[AssetKey],
-    run_config: Mapping | None = None,
+    run_config: Mapping | None = None, tags: Mapping[str, str] | None = None,
 ):
     """Materialize `assets` of one shard (None: of the lake-wide, unpartitioned job) with
     `job`, in this process; returns the result (its events, as for any run)."""
-    tags = merge_run_tags(job, shard, None, list(assets), instance, run_config)
+    tags = merge_run_tags(job, shard, tags, list(assets), instance, run_config)
     run = instance.create_run_for_job(
         job_def=job, run_config=run_config, tags=tags, asset_selection=frozenset(assets),
         remote_job_origin=origin(job.name),

@@ -3,20 +3,29 @@ recorded on its asset (an observation in its event history) and on the run, not 
 
 from dagster import AssetKey, AssetObservation, OpExecutionContext, Output, ScheduleDefinition, job, op
 
+from laion_assets.core import staging
 from laion_assets.defs.gate import markdown_table
 from laion_assets.defs.resources import LakeResource, PipelineResource
 
 
 @op
 def maintain_lake(context: OpExecutionContext, lake: LakeResource, pipeline: PipelineResource):
-    """Compaction, then a real vacuum (dry_run=False) keeping `vacuum_retention_hours`."""
+    """Staging left by a kill after its shard was published is removed; then compaction (not
+    of staging, which running shards append to) and a real vacuum (dry_run=False) keeping
+    `vacuum_retention_hours`, which also removes the files of publishes killed before their
+    commit once they are older than the retention (and at least an hour)."""
     import polars as pl
 
     lk = lake.lake()
     cfg = pipeline.config().maintenance
+    for name in staging.sweep(lk):
+        context.log.info(f"{name}: leftover staging of a published shard removed")
     rows = []
     for name in lk.tables():
-        stats = lk.maintain(name, cfg.vacuum_retention_hours, cfg.target_file_size_mb)
+        if name.startswith("_staging/"):
+            stats = {"files_vacuumed": len(lk.vacuum(name, cfg.vacuum_retention_hours))}
+        else:
+            stats = lk.maintain(name, cfg.vacuum_retention_hours, cfg.target_file_size_mb)
         context.log.info(f"{name}: {stats}")
         rows.append({"table": name, **stats})
         if not name.startswith("_"):  # internal tables (registry, staging) are not assets

@@ -3,7 +3,6 @@ configured space, all spaces computed in one streamed pass that decodes each ima
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -11,20 +10,21 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from laion_assets.core import quality, vectors
+from laion_assets.core import fingerprints, quality, staging, vectors
 from laion_assets.core.config import PipelineConfig
-from laion_assets.core.errors import ValidationFailed
+from laion_assets.core.errors import StagingUnusable, ValidationFailed, explained
 from laion_assets.core.lake import Lake
 from laion_assets.core.stages import watermark as watermark_stage
 from laion_assets.core.stages.publish import (
-    IMAGES, RAW_URLS, StageOutput, chunked, embeddings_table, gate, publish_stream, recipe_hash,
-    staging_embeddings, uids,
+    IMAGES, RAW_URLS, WATERMARK, StageOutput, chunked, embeddings_table, gate, publish_stream, staging_embeddings, uids,
 )
 
 log = logging.getLogger(__name__)
 
 
+@explained
 def run_embeddings(
     lake: Lake, cfg: PipelineConfig, shard: str, encoder_factory: Callable[[Sequence[str]], object],
     spaces: Sequence[str] | None = None, watermark: bool = False,
@@ -35,35 +35,41 @@ def run_embeddings(
     decoded once), each chunk staged per space as soon as it is done (a killed run resumes after
     the last staged chunk); each space is then audited on its staged vectors and, if it passes,
     published as a stream in one Delta commit. Returns per space its output or its failed gate.
+    A tower whose staging cannot be read back is dropped and computed once more.
 
     `encoder_factory(spaces)` returns an Encoder whose towers are those spaces' models, in order.
     With `watermark`, the watermark classifier is one more tower (named "watermark", last): its
     pwatermark is staged and published the same way, as the `watermark` table.
     """
+    spaces = list(cfg.embeddings.spaces if spaces is None else spaces)
+    try:
+        return _run_embeddings(lake, cfg, shard, encoder_factory, spaces, watermark)
+    except _TowerUnusable as e:
+        redo_watermark = e.tower == "watermark"
+        staging.drop(lake, staging.table_for(WATERMARK if redo_watermark else embeddings_table(e.tower)), shard, str(e.error))
+        again = _run_embeddings(lake, cfg, shard, encoder_factory, [] if redo_watermark else [e.tower], redo_watermark)
+        return {**e.done, **again}
+
+
+class _TowerUnusable(Exception):
+    def __init__(self, tower: str, error: StagingUnusable, done: dict):
+        self.tower, self.error, self.done = tower, error, done
+
+
+def _run_embeddings(lake, cfg, shard, encoder_factory, spaces, watermark) -> dict[str, StageOutput | ValidationFailed]:
     ecfg = cfg.embeddings
-    spaces = list(ecfg.spaces if spaces is None else spaces)
-    # Staged chunks are reused only for the same model config and the same published images:
-    # any republish of the images shard writes new files, so its file list identifies the bytes.
-    images_files = "\n".join(lake.shard_files(IMAGES, shard))
-    keys = {}
-    for space in spaces:
-        recipe = recipe_hash(ecfg.spaces[space], ecfg.model_copy(update={"spaces": {}}))
-        keys[space] = hashlib.sha256(f"{recipe}\n{images_files}".encode()).hexdigest()[:16]
-        lake.delete_where(staging_embeddings(space), f"shard = '{shard}' AND recipe <> '{keys[space]}'")
-    if watermark:
-        wm_key = watermark_stage.staging_key(cfg, images_files)
-        lake.delete_where(watermark_stage.STAGING, f"shard = '{shard}' AND recipe <> '{wm_key}'")
+    # Staged chunks are reused only for the same fingerprint: the same model config and the same
+    # published images (a republish of the images shard writes new files).
+    tables = {space: embeddings_table(space) for space in spaces} | ({"watermark": WATERMARK} if watermark else {})
+    recipes = {tower: fingerprints.current(lake, cfg, table, shard, gate=False) for tower, table in tables.items()}
+    staged = {tower: staging.usable(lake, staging.table_for(table), shard, recipes[tower])["uid"] for tower, table in tables.items()}
     success = uids(lake, IMAGES, shard, pl.col("status") == "success")
-    staged = {space: uids(lake, staging_embeddings(space), shard) for space in spaces}
-    if watermark:
-        staged_wm = uids(lake, watermark_stage.STAGING, shard)
-    sets = [set(s.to_list()) for s in staged.values()] + ([set(staged_wm.to_list())] if watermark else [])
-    everywhere = pl.Series("uid", sorted(set.intersection(*sets)), pl.Int64)
+    everywhere = pl.Series("uid", sorted(set.intersection(*(set(s.to_list()) for s in staged.values()))), pl.Int64)
     total = success.len() - everywhere.len()
     if everywhere.len():
         log.info("shard %s: %d images resumed in every space, %d to compute", shard, everywhere.len(), total)
     captions = lake.read_shard(RAW_URLS, shard, ["uid", "caption"])
-    encoder = encoder_factory(spaces + (["watermark"] if watermark else []))
+    encoder = encoder_factory(list(tables))
     todo = (
         pl.from_arrow(b).filter((pl.col("status") == "success") & ~pl.col("uid").is_in(everywhere.implode()))
         for b in lake.batches(IMAGES, shard, ["uid", "status", "image"])
@@ -83,45 +89,43 @@ def run_embeddings(
                 "image_embedding": vectors.to_column(img, ecfg.dtype),
                 "text_embedding": vectors.to_column(txt, ecfg.dtype),
                 "similarity": pa.array((img * txt).sum(axis=1).astype(np.float32)),
-                "recipe": pa.array([keys[space]] * part.height, pa.string()),
+                "recipe": pa.array([recipes[space]] * part.height, pa.string()),
             }), shard=shard)
         if watermark:
-            missing = ~chunk["uid"].is_in(staged_wm.implode()).to_numpy()
+            missing = ~chunk["uid"].is_in(staged["watermark"].implode()).to_numpy()
             if missing.any():
-                watermark_stage.stage(lake, shard, chunk["uid"].filter(pl.Series(missing)), vecs[len(spaces)][missing, 0], wm_key)
+                watermark_stage.stage(lake, shard, chunk["uid"].filter(pl.Series(missing)), vecs[len(spaces)][missing, 0], recipes["watermark"])
         done += chunk.height
         rate = done / max(time.monotonic() - started, 1e-9)
         log.info("shard %s: embedded %d/%d in %d space(s) (%.1f images/s)", shard, done, total, len(spaces), rate)
     elapsed = time.monotonic() - started
     run_stats = {"duration_s": round(elapsed, 2), "images_per_s": round(done / max(elapsed, 1e-9), 1), "spaces_in_pass": spaces}
     out: dict[str, StageOutput | ValidationFailed] = {}
-    for k, space in enumerate(spaces):
+    for k, tower in enumerate(tables):
         try:
-            out[space] = _audit_and_publish(lake, cfg, shard, space, encoder.towers[k], success.len(), staged[space].len(), run_stats)
+            if tower == "watermark":
+                out[tower] = watermark_stage.publish(lake, cfg, shard, encoder.towers[k], success.len(), staged[tower].len(), run_stats, recipes[tower])
+            else:
+                out[tower] = _audit_and_publish(lake, cfg, shard, tower, encoder.towers[k], success.len(), staged[tower].len(), run_stats, recipes[tower])
         except ValidationFailed as e:
-            out[space] = e
-    if watermark:
-        try:
-            out["watermark"] = watermark_stage.publish(lake, shard, encoder.towers[len(spaces)], success.len(), staged_wm.len(), run_stats)
-        except ValidationFailed as e:
-            out["watermark"] = e
+            staging.drop(lake, staging.table_for(tables[tower]), shard, "the shard failed its gate")
+            out[tower] = e
+        except StagingUnusable as e:
+            raise _TowerUnusable(tower, e, out) from e
     return out
 
 
-def _audit_and_publish(lake: Lake, cfg: PipelineConfig, shard: str, space: str, model, expected: int, resumed: int, run_stats: dict) -> StageOutput:
-    """Gate one space's staged vectors (count, uniqueness, norms, similarity range), then
-    publish them as `embeddings/<space>` with the space's identity on every row."""
-    ecfg, staging = cfg.embeddings, staging_embeddings(space)
+def _audit_and_publish(
+    lake: Lake, cfg: PipelineConfig, shard: str, space: str, model, expected: int, resumed: int, run_stats: dict, recipe: str,
+) -> StageOutput:
+    """Gate one space's staged vectors (count, uniqueness, shapes, norms, similarity range),
+    then publish them as `embeddings/<space>` with the space's identity on every row."""
+    ecfg, staged = cfg.embeddings, staging_embeddings(space)
     columns = ["uid", "image_embedding", "text_embedding", "similarity"]
-    audit = [
-        pl.from_arrow(b).select(
-            "uid", "similarity",
-            image_norm=pl.lit(np.linalg.norm(vectors.from_arrow(b["image_embedding"], model.dim), axis=1)),
-            text_norm=pl.lit(np.linalg.norm(vectors.from_arrow(b["text_embedding"], model.dim), axis=1)),
-        )
-        for b in lake.batches(staging, shard, columns)
-    ]
-    audit = pl.concat(audit) if audit else pl.DataFrame(schema={"uid": pl.Int64, "similarity": pl.Float32, "image_norm": pl.Float32, "text_norm": pl.Float32})
+    audit = [_audit_batch(b, model.dim, ecfg.dtype) for b in staging.guarded(lake.batches(staged, shard, columns), staged, shard)]
+    audit = pl.concat(audit) if audit else pl.DataFrame(schema={
+        "uid": pl.Int64, "similarity": pl.Float32, "shape_ok": pl.Boolean, "image_norm": pl.Float64, "text_norm": pl.Float64,
+    })
     table = embeddings_table(space)
     stats = {
         "space": space, **model.describe(), "dtype": ecfg.dtype, "images": expected, "resumed_rows": resumed,
@@ -135,9 +139,28 @@ def _audit_and_publish(lake: Lake, cfg: PipelineConfig, shard: str, space: str, 
                         ("similarity", pa.float32()), ("embedding_space", pa.string())])
     published = (
         b.append_column("embedding_space", pa.array([model.space] * b.num_rows, pa.string()))
-        for b in lake.batches(staging, shard, columns)
+        for b in staging.guarded(lake.batches(staged, shard, columns), staged, shard)
     )
     return publish_stream(
         lake, table, shard, schema, published, audit.height, report, stats,
-        {"space": space, "embedding_space": model.space, "recipe": recipe_hash(ecfg.spaces[space])}, staging,
+        {"space": space, "embedding_space": model.space, "recipe": recipe}, staged,
+        fingerprints.current(lake, cfg, table, shard),
     )
+
+
+def _audit_batch(b: pa.RecordBatch, dim: int, dtype: str) -> pl.DataFrame:
+    """uid, similarity, whether both vectors have the model's dimension, and their norms (NaN
+    where the shape is wrong)."""
+    def lengths(col: pa.Array) -> np.ndarray:
+        n = pc.binary_length(col) if dtype == "float16" else pc.list_value_length(col)
+        return pc.fill_null(n, 0).to_numpy(zero_copy_only=False)
+
+    want = 2 * dim if dtype == "float16" else dim
+    ok = (lengths(b["image_embedding"]) == want) & (lengths(b["text_embedding"]) == want)
+    norms = {}
+    for col in ("image_embedding", "text_embedding"):
+        norm = np.full(b.num_rows, np.nan)
+        if ok.any():
+            norm[ok] = np.linalg.norm(vectors.from_arrow(b[col].filter(pa.array(ok)), dim), axis=1)
+        norms[col.replace("embedding", "norm")] = norm
+    return pl.from_arrow(b.select(["uid", "similarity"])).with_columns(shape_ok=pl.Series(ok), **{k: pl.Series(v) for k, v in norms.items()})

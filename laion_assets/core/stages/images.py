@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from laion_assets.core import quality
+from laion_assets.core import fingerprints, quality, staging
 from laion_assets.core.config import PipelineConfig
 from laion_assets.core.download import IMAGES_SCHEMA, STATUSES, Progress, ShardDownloader
-from laion_assets.core.errors import LaionAssetsError
+from laion_assets.core.errors import StagingUnusable, ValidationFailed, explained
 from laion_assets.core.lake import Lake
-from laion_assets.core.stages.publish import (
-    IMAGES, RAW_URLS, STAGING_IMAGES, StageOutput, gate, publish_stream, recipe_hash,
-)
+from laion_assets.core.stages.publish import IMAGES, RAW_URLS, STAGING_IMAGES, StageOutput, gate, publish_stream
 
 log = logging.getLogger(__name__)
 
 
+@explained
 def run_images(
     lake: Lake, cfg: PipelineConfig, shard: str, *, retry_failures: bool = False,
     on_progress: Callable[[Progress], None] | None = None, resolver=None,
@@ -29,20 +30,35 @@ def run_images(
     stopped; `retry_failures` re-fetches only the published rows whose failure is retryable.
 
     Memory stays bounded: image bytes go from the downloader to staging chunk by chunk, the
-    gate reads only metadata columns, and the publish streams record batches to Delta.
+    gate reads the staged rows back batch by batch, and the publish streams them to Delta.
+    Staging that cannot be read back intact (a truncated file, bytes that no longer match
+    their checksum) is dropped and the shard downloaded once more.
     """
+    try:
+        return _run_images(lake, cfg, shard, retry_failures, on_progress, resolver)
+    except StagingUnusable as e:
+        staging.drop(lake, STAGING_IMAGES, shard, str(e))
+        return _run_images(lake, cfg, shard, retry_failures, on_progress, resolver)
+
+
+def _run_images(lake: Lake, cfg: PipelineConfig, shard: str, retry_failures: bool, on_progress, resolver) -> StageOutput:
     raw = lake.read_shard(RAW_URLS, shard, ["uid", "url"])
-    recipe = recipe_hash(cfg.images)
-    # Staged rows from another image recipe, and retryable failures, are fetched again: drop
-    # them first, so every uid is staged at most once.
-    lake.delete_where(STAGING_IMAGES, f"shard = '{shard}' AND (recipe <> '{recipe}' OR retryable = true)")
+    recipe = fingerprints.current(lake, cfg, IMAGES, shard, gate=False)
+    staged = staging.usable(lake, STAGING_IMAGES, shard, recipe, {"uid": pl.Int64, "retryable": pl.Boolean})
+    if staged["retryable"].fill_null(False).any():  # fetched again: dropped first, so a uid is staged once
+        with staging.readable(STAGING_IMAGES, shard):
+            lake.delete_where(STAGING_IMAGES, f"shard = '{shard}' AND retryable = true")
+        staged = staged.filter(~pl.col("retryable").fill_null(False))
     kept = pl.DataFrame(schema={"uid": pl.Int64})
-    if retry_failures:
-        if not lake.exists(IMAGES) or lake.shard_row_count(IMAGES, shard) == 0:
-            raise LaionAssetsError(f"shard '{shard}' has no published images to retry: materialize images first")
-        kept = lake.read_shard(IMAGES, shard, ["uid", "retryable"]).filter(~pl.col("retryable").fill_null(False)).select("uid")
-    staged = lake.read_shard(STAGING_IMAGES, shard, ["uid"]) if lake.exists(STAGING_IMAGES) else kept.clear()
-    done = pl.concat([kept, staged])["uid"]
+    if retry_failures and lake.exists(IMAGES) and lake.shard_row_count(IMAGES, shard):
+        kept = (
+            lake.read_shard(IMAGES, shard, ["uid", "retryable"])
+            .filter(~pl.col("retryable").fill_null(False) & pl.col("uid").is_in(raw["uid"].implode()) & ~pl.col("uid").is_in(staged["uid"].implode()))
+            .select("uid")
+        )
+    elif retry_failures:
+        log.info("shard %s: nothing published yet to retry: a plain download (staged rows resume)", shard)
+    done = pl.concat([kept["uid"], staged["uid"]])
     todo = raw.filter(~pl.col("uid").is_in(done.implode()))
     if done.len():
         log.info("shard %s: %d rows already done (kept or resumed), %d to fetch", shard, done.len(), todo.height)
@@ -56,17 +72,12 @@ def run_images(
     )
     elapsed = time.monotonic() - started
 
-    meta = ["uid", "status", "error", "width", "bytes_downloaded"]
-    sources = [(STAGING_IMAGES, None)] + ([(IMAGES, kept["uid"])] if retry_failures else [])
-    audit_parts = []
-    for table, uids in sources:
-        lf = lake.scan(table).filter(pl.col("shard") == shard)
-        if uids is not None:
-            lf = lf.filter(pl.col("uid").is_in(uids.implode()))
-        audit_parts.append(lf.select(*meta, stored=pl.col("image").bin.size()).collect(engine="streaming"))
-    rows = pl.concat(audit_parts)
+    rows = _audit_rows(lake, shard, kept["uid"] if retry_failures else None)
+    broken = rows.filter(pl.col("from_staging") & ~pl.col("image_intact")).height
+    if broken:
+        raise StagingUnusable(f"{broken} staged images of shard '{shard}' do not match the checksum taken when they were encoded", STAGING_IMAGES)
     audit = rows.select(
-        "uid", "status", pl.col("width").fill_null(1),
+        "uid", "status", "image_intact", pl.col("width").fill_null(1),
         is_success=pl.col("status") == "success",
         has_image_iff_success=(pl.col("status") == "success") == pl.col("stored").is_not_null(),
     )
@@ -78,13 +89,17 @@ def run_images(
         "bytes_stored": int(rows["stored"].fill_null(0).sum()),
         "duration_s": round(elapsed, 2), "images_per_s": round(progress.done / max(elapsed, 1e-9), 1),
     }
-    report = gate(IMAGES, shard, audit, quality.images_suite(raw.height, STATUSES, cfg.download.min_success_rate), stats)
-    batches = [lake.batches(STAGING_IMAGES, shard, IMAGES_SCHEMA.names)]
+    try:
+        report = gate(IMAGES, shard, audit, quality.images_suite(raw.height, STATUSES, cfg.download.min_success_rate), stats)
+    except ValidationFailed as e:
+        staging.drop(lake, STAGING_IMAGES, shard, "the shard failed its gate")
+        raise e from None
+    batches = [staging.guarded(lake.batches(STAGING_IMAGES, shard, IMAGES_SCHEMA.names), STAGING_IMAGES, shard)]
     if retry_failures:
         batches.append(lake.batches(IMAGES, shard, IMAGES_SCHEMA.names, uids=kept["uid"].to_list()))
     return publish_stream(
         lake, IMAGES, shard, IMAGES_SCHEMA, (b for part in batches for b in part), rows.height,
-        report, stats, {"recipe": recipe}, STAGING_IMAGES,
+        report, stats, {"recipe": recipe}, STAGING_IMAGES, fingerprints.current(lake, cfg, IMAGES, shard),
     )
 
 
@@ -99,3 +114,26 @@ def top_errors(rows: pl.DataFrame, raw: pl.DataFrame, n: int = 10) -> dict[str, 
         .head(n)
     )
     return {r.pop("error"): r for r in top.iter_rows(named=True)}
+
+
+AUDIT_COLUMNS = ["uid", "status", "error", "width", "bytes_downloaded", "image", "image_sha256"]
+
+
+def _audit_rows(lake: Lake, shard: str, kept: pl.Series | None) -> pl.DataFrame:
+    """The rows to publish without their bytes (staged ones, and the kept published ones on a
+    retry), read batch by batch; each stored image is checked against its checksum."""
+    parts = []
+    sources = [(STAGING_IMAGES, None)] + ([(IMAGES, kept.to_list())] if kept is not None else [])
+    for table, uids in sources:
+        batches = lake.batches(table, shard, AUDIT_COLUMNS, uids=uids)
+        for b in staging.guarded(batches, table, shard) if table == STAGING_IMAGES else batches:
+            images, sums = b["image"].to_pylist(), b["image_sha256"].to_pylist()
+            intact = [img is None or want is None or hashlib.sha256(img).hexdigest() == want for img, want in zip(images, sums)]
+            parts.append(pl.from_arrow(b.drop_columns(["image", "image_sha256"])).with_columns(
+                stored=pl.from_arrow(pc.binary_length(b["image"])), image_intact=pl.Series(intact),
+                from_staging=pl.lit(table == STAGING_IMAGES),
+            ))
+    if not parts:
+        return pl.DataFrame(schema={"uid": pl.Int64, "status": pl.String, "error": pl.String, "width": pl.Int32,
+                                    "bytes_downloaded": pl.Int64, "stored": pl.Int32, "image_intact": pl.Boolean, "from_staging": pl.Boolean})
+    return pl.concat(parts)

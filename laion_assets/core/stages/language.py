@@ -7,18 +7,21 @@ import time
 
 import polars as pl
 
-from laion_assets.core import language, quality
+from laion_assets.core import fingerprints, language, quality
 from laion_assets.core.config import PipelineConfig
+from laion_assets.core.errors import explained
 from laion_assets.core.lake import Lake
 from laion_assets.core.stages.publish import LANGUAGE, RAW_URLS, StageOutput, gate, publish
 
 log = logging.getLogger(__name__)
 
 
+@explained
 def run_language(lake: Lake, cfg: PipelineConfig, shard: str) -> StageOutput:
     """One row per raw_urls row: `language` (a code where CLD3 is reliable, else nolang, as
     LAION split LAION-5B), CLD3's `language_guess` and its `language_confidence`, and the
     cleaned caption's length `caption_chars` (LAION's alt-text length filter)."""
+    fingerprint = fingerprints.current(lake, cfg, LANGUAGE, shard)
     raw = lake.read_shard(RAW_URLS, shard, ["uid", "caption"])
     started = time.monotonic()
     found = [language.detect(c) for c in raw["caption"].to_list()]
@@ -42,4 +45,4 @@ def run_language(lake: Lake, cfg: PipelineConfig, shard: str) -> StageOutput:
     }
     report = gate(LANGUAGE, shard, rows.select("uid", "language", "language_confidence"), quality.language_suite(raw.height), stats)
     log.info("shard %s: %d captions, languages %s", shard, rows.height, stats["languages"])
-    return publish(lake, LANGUAGE, shard, rows, report, stats, {"detector": detector})
+    return publish(lake, LANGUAGE, shard, rows, report, stats, {"detector": detector}, fingerprint)

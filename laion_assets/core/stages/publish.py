@@ -6,8 +6,6 @@ figures) and is never published."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -15,7 +13,7 @@ import polars as pl
 import pyarrow as pa
 
 from laion_assets import __version__
-from laion_assets.core import quality
+from laion_assets.core import fingerprints, quality
 from laion_assets.core.errors import ValidationFailed
 from laion_assets.core.lake import Lake
 
@@ -55,31 +53,36 @@ def gate(stage: str, shard: str, df: pl.DataFrame, suite: list[quality.Expectati
     return report
 
 
-def publish(lake: Lake, table: str, shard: str, df: pl.DataFrame, report, stats, meta=None) -> StageOutput:
+def publish(lake: Lake, table: str, shard: str, df: pl.DataFrame, report, stats, meta=None, fingerprint: str | None = None) -> StageOutput:
+    """Replace the shard in one commit, then record what it was made from (`fingerprint`)."""
     df = df.drop("shard", strict=False)
-    version = lake.publish_shard(table, shard, df, metadata={"stage": table, "code_version": __version__, **(meta or {})})
+    version = lake.publish_shard(table, shard, df, metadata=_commit_meta(table, meta, fingerprint))
+    fingerprints.record(lake, table, shard, fingerprint, version)
     return StageOutput(df.height, version, df.to_arrow().schema, report, stats, preview(df))
 
 
 def publish_stream(
     lake: Lake, table: str, shard: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch],
-    rows: int, report, stats, meta: dict, staging: str,
+    rows: int, report, stats, meta: dict, staging: str, fingerprint: str | None = None,
 ) -> StageOutput:
-    """`publish` for a stream of staged batches (bounded memory); the shard's staging goes after."""
+    """`publish` for a stream of staged batches (bounded memory). Then, in this order, the
+    fingerprint is recorded and the shard's staging removed: a kill in between leaves staging
+    that the next run drops as garbage, never a published shard without its record."""
     reader = pa.RecordBatchReader.from_batches(schema, (b.cast(schema) for b in batches))
-    version = lake.publish_stream(table, shard, reader, metadata={"stage": table, "code_version": __version__, **meta})
-    lake.delete_shard(staging, shard)
+    version = lake.publish_stream(table, shard, reader, metadata=_commit_meta(table, meta, fingerprint))
+    fingerprints.record(lake, table, shard, fingerprint, version, meta.get("recipe"))
+    lake.drop_shard(staging, shard)
     return StageOutput(rows, version, schema, report, stats, preview(lake.scan(table).filter(pl.col("shard") == shard).head(5).collect()))
+
+
+def _commit_meta(table: str, meta: dict | None, fingerprint: str | None) -> dict:
+    return {"stage": table, "code_version": __version__, **(meta or {}), **({"fingerprint": fingerprint} if fingerprint else {})}
 
 
 def preview(df: pl.DataFrame, rows: int = 5) -> pl.DataFrame:
     """The first rows without bytes or vectors, long strings cut: for a look in the UI."""
     cols = [c for c, t in df.schema.items() if t not in (pl.Binary,) and not isinstance(t, (pl.List, pl.Array))]
     return df.head(rows).select(cols).with_columns(pl.col(pl.String).str.slice(0, 80))
-
-
-def recipe_hash(*parts) -> str:
-    return hashlib.sha256(json.dumps([p.model_dump(mode="json") for p in parts], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def chunked(frames: Iterable[pl.DataFrame], rows: int) -> Iterator[pl.DataFrame]:

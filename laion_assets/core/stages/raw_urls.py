@@ -12,9 +12,9 @@ import logging
 
 import polars as pl
 
-from laion_assets.core import quality, registry
+from laion_assets.core import fingerprints, quality, registry
 from laion_assets.core.config import PipelineConfig
-from laion_assets.core.errors import LaionAssetsError, ValidationFailed
+from laion_assets.core.errors import LaionAssetsError, ValidationFailed, explained
 from laion_assets.core.ingest import REASONS, IngestResult, normalize, read_shard_file
 from laion_assets.core.lake import Lake
 from laion_assets.core.stages.publish import IMAGES, RAW_URLS, StageOutput, gate, publish
@@ -50,7 +50,9 @@ def why_kept_out(res: IngestResult) -> str:
     return "kept out: " + ", ".join(parts)
 
 
+@explained
 def run_raw_urls(lake: Lake, cfg: PipelineConfig, shard: str) -> StageOutput:
+    fingerprint = fingerprints.current(lake, cfg, RAW_URLS, shard)
     source = registry.source_of(lake, shard)
     try:
         res = normalize(read_shard_file(source), source)
@@ -71,7 +73,7 @@ def run_raw_urls(lake: Lake, cfg: PipelineConfig, shard: str) -> StageOutput:
             log.warning("shard %s: %d of %d rows kept out: %s (see %s)", shard, n, res.input_rows, reason, RAW_URLS_REJECTED)
     # Kept-out rows first: once raw_urls shows the shard, its rejected rows are there too.
     lake.publish_shard(RAW_URLS_REJECTED, shard, res.rejected, metadata={"stage": RAW_URLS, "source": source})
-    return publish(lake, RAW_URLS, shard, res.rows, report, stats, {"source": source})
+    return publish(lake, RAW_URLS, shard, res.rows, report, stats, {"source": source}, fingerprint)
 
 
 def input_row_fates(lake: Lake, shard: str) -> pl.DataFrame:

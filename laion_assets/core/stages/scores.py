@@ -6,17 +6,20 @@ import json
 
 import polars as pl
 
-from laion_assets.core import quality, vectors
+from laion_assets.core import fingerprints, quality, vectors
 from laion_assets.core.config import PipelineConfig
+from laion_assets.core.errors import explained
 from laion_assets.core.heads import check_compatible, load_head
 from laion_assets.core.lake import Lake
 from laion_assets.core.stages.publish import IMAGES, SCORES, StageOutput, embeddings_table, gate, publish, uids
 
 
+@explained
 def run_scores(lake: Lake, cfg: PipelineConfig, shard: str) -> StageOutput:
     """One column per configured head, for every successful image: each head reads the
     embeddings of its own space (record batch by record batch: memory bounded for any shard
     size) and is refused if they are not the space it was trained on (unless allowed)."""
+    fingerprint = fingerprints.current(lake, cfg, SCORES, shard)
     rows = pl.DataFrame({"uid": uids(lake, IMAGES, shard, pl.col("status") == "success")})
     heads, ranges = {}, {}
     for name, hcfg in cfg.scores.heads.items():
@@ -39,4 +42,4 @@ def run_scores(lake: Lake, cfg: PipelineConfig, shard: str) -> StageOutput:
     report = gate(SCORES, shard, rows, quality.scores_suite(rows.height, ranges), stats)
     # which head file made each column, on every row: a subset checks it against its recipe
     rows = rows.with_columns(head_files=pl.lit(json.dumps({n: h["sha256"] for n, h in heads.items()}, sort_keys=True)))
-    return publish(lake, SCORES, shard, rows, report, stats, {"heads": json.dumps(heads, sort_keys=True)})
+    return publish(lake, SCORES, shard, rows, report, stats, {"heads": json.dumps(heads, sort_keys=True)}, fingerprint)

@@ -8,9 +8,9 @@ import json
 import polars as pl
 
 from laion_assets import __version__
-from laion_assets.core import curation, language, quality
+from laion_assets.core import curation, fingerprints, language, quality
 from laion_assets.core.config import PipelineConfig
-from laion_assets.core.errors import LaionAssetsError
+from laion_assets.core.errors import LaionAssetsError, explained
 from laion_assets.core.heads import file_sha256
 from laion_assets.core.lake import Lake
 from laion_assets.core.stages.publish import (
@@ -81,11 +81,13 @@ def _check_provenance(pool: pl.DataFrame, body: dict, shard: str) -> None:
         raise LaionAssetsError(f"shard {shard}: " + "; ".join(wrong) + ": re-materialize them for this config")
 
 
+@explained
 def run_subset(lake: Lake, cfg: PipelineConfig, sub: SubsetConfig, shard: str) -> StageOutput:
     """The shard's rows that pass `sub`, with every source column, the caption language, our
     similarity (in the subset's similarity space), scores and pwatermark, and the recipe id;
     the metadata counts how many rows each rule dropped."""
     space = cfg.similarity_space(sub)
+    fingerprint = fingerprints.current(lake, cfg, subset_table(sub.name), shard)
     body = recipe(cfg, sub)
     raw = lake.read_shard(RAW_URLS, shard).drop("shard")
     images = lake.read_shard(IMAGES, shard, IMAGE_COLUMNS)
@@ -114,4 +116,4 @@ def run_subset(lake: Lake, cfg: PipelineConfig, sub: SubsetConfig, shard: str) -
     if sub.min_similarity is not None and sub.similarity_model and body["similarity"]["model"] != sub.similarity_model:
         stats["WARNING"] = f"similarity threshold published for {sub.similarity_model} applied to {body['similarity']['model']}"
     report = gate(subset_table(sub.name), shard, rows.select("uid", "url"), quality.subset_suite(raw.height), stats)
-    return publish(lake, subset_table(sub.name), shard, rows, report, stats, {"recipe": json.dumps(body, sort_keys=True, default=str)})
+    return publish(lake, subset_table(sub.name), shard, rows, report, stats, {"recipe": json.dumps(body, sort_keys=True, default=str)}, fingerprint)

@@ -8,20 +8,13 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from laion_assets.core import quality
+from laion_assets.core import fingerprints, quality, staging
 from laion_assets.core.config import PipelineConfig
 from laion_assets.core.lake import Lake
-from laion_assets.core.stages.publish import WATERMARK, StageOutput, gate, publish_stream, recipe_hash
+from laion_assets.core.stages.publish import WATERMARK, StageOutput, gate, publish_stream
 
 STAGING = "_staging/watermark"
 SCHEMA = pa.schema([("uid", pa.int64()), ("pwatermark", pa.float32()), ("watermark_model", pa.string())])
-
-
-def staging_key(cfg: PipelineConfig, images_files: str) -> str:
-    """Staged rows count only for the same model config and the same published images."""
-    import hashlib
-
-    return hashlib.sha256(f"{recipe_hash(cfg.watermark)}\n{images_files}".encode()).hexdigest()[:16]
 
 
 def stage(lake: Lake, shard: str, uids: pl.Series, pwatermark: np.ndarray, key: str) -> None:
@@ -31,10 +24,11 @@ def stage(lake: Lake, shard: str, uids: pl.Series, pwatermark: np.ndarray, key: 
     }), shard=shard)
 
 
-def publish(lake: Lake, shard: str, model, expected: int, resumed: int, run_stats: dict) -> StageOutput:
+def publish(lake: Lake, cfg: PipelineConfig, shard: str, model, expected: int, resumed: int, run_stats: dict, recipe: str) -> StageOutput:
     """Gate the staged scores (one per successful image, in [0, 1]) and publish them with the
-    model's identity on every row; an untrained model is said so in the metadata."""
-    audit = lake.read_shard(STAGING, shard, ["uid", "pwatermark"])
+    model's identity on every row; an untrained model is said so in the metadata. Staged rows
+    are `recipe`'s (the watermark's fingerprint without its gate: staging.usable saw to it)."""
+    audit = staging.read(lake, STAGING, shard, {"uid": pl.Int64, "pwatermark": pl.Float32})
     stats = {
         **model.describe(), "images": expected, "resumed_rows": resumed, **run_stats,
         "mean_pwatermark": round(float(audit["pwatermark"].mean() or 0), 4),
@@ -43,7 +37,13 @@ def publish(lake: Lake, shard: str, model, expected: int, resumed: int, run_stat
     report = gate(WATERMARK, shard, audit, quality.watermark_suite(expected), stats)
     batches = (
         b.select(["uid", "pwatermark"]).append_column("watermark_model", pa.array([model.identity] * b.num_rows, pa.string()))
-        for b in lake.batches(STAGING, shard, ["uid", "pwatermark"])
+        for b in staging.guarded(lake.batches(STAGING, shard, ["uid", "pwatermark"]), STAGING, shard)
     )
-    meta = {"watermark_model": model.identity, "checkpoint": model.checkpoint or "", "sha256": model.sha256 or "", "trained": str(model.trained)}
-    return publish_stream(lake, WATERMARK, shard, SCHEMA, batches, audit.height, report, stats, meta, STAGING)
+    meta = {
+        "watermark_model": model.identity, "checkpoint": model.checkpoint or "", "sha256": model.sha256 or "",
+        "trained": str(model.trained), "recipe": recipe,
+    }
+    return publish_stream(
+        lake, WATERMARK, shard, SCHEMA, batches, audit.height, report, stats, meta, STAGING,
+        fingerprints.current(lake, cfg, WATERMARK, shard),
+    )

@@ -1,0 +1,119 @@
+"""How `laion-assets run` runs a shard: the stages already published and up to date are
+skipped (and their leftover staging removed), one Dagster run materializes the others, each
+stage gets a summary line, and the files the run superseded are removed afterwards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StageLine:
+    shard: str
+    asset: str
+    status: str  # materialized | failed | skipped
+    rows: int | None = None
+    version: int | None = None
+    detail: str = ""
+
+
+@dataclass
+class RunSummary:
+    lines: list[StageLine] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # dead runs recovered, garbage removed
+
+    @property
+    def ok(self) -> bool:
+        return all(line.status in ("materialized", UP_TO_DATE) for line in self.lines)
+
+    def print(self) -> None:
+        width = max([len(line.asset) for line in self.lines] + [10])
+        for line in self.lines:
+            rows = f"{line.rows} rows" if line.rows is not None else ""
+            version = f"v{line.version}" if line.version is not None else ""
+            print(f"  {line.shard:<16} {line.asset:<{width}} {line.status:<13} {rows:>11} {version:>5}  {line.detail}")
+        for note in self.notes:
+            print(f"  note: {note}")
+
+
+UP_TO_DATE = "up to date"
+
+
+def skip_up_to_date(lk, cfg, order, shard, force, retry_failures, summary) -> list:
+    """The selected asset keys to run for a shard; the others are up to date and get a line
+    saying so (their leftover staging, if a kill left some, is removed)."""
+    from laion_assets.core import fingerprints, staging
+
+    tables = [k.to_user_string() for k in order]
+    redo = set(tables) if force else ({"images"} & set(tables) if retry_failures else set())
+    plan = fingerprints.plan(lk, cfg, tables, shard, redo)
+    to_run = []
+    for key, table in zip(order, tables):
+        rec = plan[table]
+        if rec is None:
+            to_run.append(key)
+            continue
+        if staging.leftover(lk, table, shard):
+            lk.drop_shard(staging.table_for(table), shard)
+        summary.lines.append(StageLine(shard, table, UP_TO_DATE, version=rec.version, detail="published from the same inputs, config and code; --force redoes it"))
+    return to_run
+
+
+INTERRUPTED = "interrupted"
+
+
+def execute_shard(job, graph, instance, shard, keys, retry_failures, summary) -> None:
+    """One Dagster run materializing `keys` for a shard; a line per asset in `summary`."""
+    from laion_assets.defs.recovery import process_tags
+    from laion_assets.defs.runs import run_shard
+
+    run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    if retry_failures and any(k.to_user_string() == "images" for k in keys):
+        run_config["ops"] = {"images": {"config": {"retry_failures": True}}}
+    summarize(summary, shard, keys, graph, run_shard(instance, job, shard, keys, run_config, tags=process_tags()))
+
+
+def summarize(summary: RunSummary, key: str, order, graph, result) -> None:
+    """One summary line per selected asset of a finished run: materialized, failed (a step
+    stopped by Ctrl-C or SIGTERM says so), skipped."""
+    from dagster import DagsterEventType
+
+    materialized, failed = {}, {}
+    for event in result.all_events:
+        if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
+            mat = event.event_specific_data.materialization
+            materialized[mat.asset_key] = mat.metadata
+        elif event.event_type == DagsterEventType.STEP_FAILURE:
+            err = event.event_specific_data.error
+            msg = event.event_specific_data.user_failure_data.description if event.event_specific_data.user_failure_data else (err.message if err else "")
+            failed[event.step_key] = (msg or "").strip().splitlines()[0] if msg else "failed"
+            if err is not None and err.cls_name in ("DagsterExecutionInterruptedError", "KeyboardInterrupt"):
+                failed[event.step_key] = f"{INTERRUPTED} (Ctrl-C or SIGTERM): rerun to resume"
+        elif event.event_type == DagsterEventType.RUN_FAILURE and "interrupted" in (event.message or "").lower() and not failed:
+            failed[None] = f"{INTERRUPTED} (Ctrl-C or SIGTERM) while waiting for a pool slot: rerun to resume"
+    for asset_key in order:
+        name = asset_key.to_user_string()
+        node = graph.get(asset_key)
+        step = node.assets_def.node_def.name
+        if asset_key in materialized:
+            md = materialized[asset_key]
+            rows = md.get("dagster/partition_row_count") or md.get("dagster/row_count")
+            version = md.get("delta_version")
+            detail = "gate passed" if node.check_keys else ""
+            summary.lines.append(StageLine(key, name, "materialized", getattr(rows, "value", rows), getattr(version, "value", version), detail))
+        elif step in failed or None in failed:
+            summary.lines.append(StageLine(key, name, "FAILED", detail=failed.get(step) or failed[None]))
+        else:
+            summary.lines.append(StageLine(key, name, "skipped", detail="upstream failed or its gate did not pass"))
+
+
+def remove_garbage(lk, cfg, tables: set[str]) -> list[str]:
+    """After a run: remove the files that the tables it published (and their staging) no
+    longer need, keeping what `maintenance.vacuum_retention_hours` protects."""
+    from laion_assets.core import staging
+
+    removed = 0
+    for table in sorted(tables | {t for t in (staging.table_for(x) for x in tables) if t}):
+        if lk.exists(table):
+            removed += len(lk.vacuum(table, cfg.maintenance.vacuum_retention_hours))
+    return [f"removed {removed} files no version within the retention ({cfg.maintenance.vacuum_retention_hours} h) reads"] if removed else []
