@@ -70,5 +70,9 @@ def test_cli_migrate_embeddings(tmp_path, capsys):
     cfg = write_config(tmp_path / "c.yaml", make_config())
     assert main(["migrate-embeddings", "--space", "tiny", "--lake", lake.uri, "--config", str(cfg)]) == 0
     assert "moved the embeddings table to" in capsys.readouterr().out
+    from laion_assets.core import fingerprints  # moved, not made: a later run does not embed them again
+
+    config = make_config()
+    assert fingerprints.plan(lake, config, ["embeddings/tiny"], "s1")["embeddings/tiny"] is not None
     assert main(["migrate-embeddings", "--space", "tiny", "--lake", str(tmp_path / "empty"), "--config", str(cfg)]) == 2
     assert "nothing to migrate" in capsys.readouterr().err

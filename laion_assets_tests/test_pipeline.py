@@ -47,8 +47,8 @@ def env(tmp_path, shard_rows):
     return {"inputs": inputs, "lake": str(tmp_path / "lake"), "config": str(config), "tmp": tmp_path}
 
 
-def run(env, instance: DagsterInstance, inputs=None, config=None, select=None):
-    return run_pipeline([str(inputs or env["inputs"])], env["lake"], config or env["config"], select, instance=instance)
+def run(env, instance: DagsterInstance, inputs=None, config=None, select=None, force=False):
+    return run_pipeline([str(inputs or env["inputs"])], env["lake"], config or env["config"], select, instance=instance, force=force)
 
 
 def statuses(summary) -> dict[str, str]:
@@ -146,7 +146,7 @@ def test_rematerializing_a_shard_replaces_it(env, instance):
     run(env, instance, select="raw_urls,images")
     lake = Lake(env["lake"])
     first = pl.read_delta(lake.table_uri("images")).drop("duration_s").sort("uid")
-    summary = run(env, instance, select="raw_urls,images")
+    summary = run(env, instance, select="raw_urls,images", force=True)
     assert statuses(summary) == {"raw_urls": "materialized", "images": "materialized"}
     again = pl.read_delta(lake.table_uri("images")).drop("duration_s").sort("uid")
     assert again.equals(first)  # same rows, no duplicates
@@ -163,7 +163,7 @@ def test_failed_gate_publishes_nothing_and_stops_downstream(env, instance):
     summary = run(env, instance, config=str(strict))
 
     assert statuses(summary) == {
-        "raw_urls": "materialized", "images": "FAILED", "language": "materialized", "embeddings/tiny": "skipped", "scores": "skipped",
+        "raw_urls": "up to date", "images": "FAILED", "language": "materialized", "embeddings/tiny": "skipped", "scores": "skipped",
         "subsets/similar": "skipped", "subsets/pretty": "skipped",
         **{c: "skipped" for c in CURATION}, "lake_summary": "skipped",
     }

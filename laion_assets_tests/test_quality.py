@@ -27,7 +27,7 @@ def test_failing_expectations_are_named_with_what_they_saw():
 
 
 def test_embedding_suite_checks_norms_and_similarity_range():
-    good = pl.DataFrame({"uid": [1, 2], "similarity": [0.3, -0.1], "image_norm": [1.0, 0.999], "text_norm": [1.0, 1.0]})
+    good = pl.DataFrame({"uid": [1, 2], "similarity": [0.3, -0.1], "shape_ok": [True, True], "image_norm": [1.0, 0.999], "text_norm": [1.0, 1.0]})
     assert quality.validate("embeddings", "s", good, quality.embeddings_suite(2, 0.01)).success
     bad = good.with_columns(similarity=pl.Series([1.5, 0.0]), image_norm=pl.Series([0.5, 1.0]))
     report = quality.validate("embeddings", "s", bad, quality.embeddings_suite(2, 0.01))
@@ -39,7 +39,7 @@ def test_embedding_suite_checks_norms_and_similarity_range():
 def test_success_rate_floor():
     df = pl.DataFrame({
         "uid": [1, 2, 3, 4], "status": ["success"] * 3 + ["http_error"], "width": [1] * 4,
-        "is_success": [True] * 3 + [False], "has_image_iff_success": [True] * 4,
+        "is_success": [True] * 3 + [False], "has_image_iff_success": [True] * 4, "image_intact": [True] * 4,
     })
     statuses = ("success", "http_error")
     assert quality.validate("images", "s", df, quality.images_suite(4, statuses, 0.75)).success
