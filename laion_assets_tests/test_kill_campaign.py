@@ -26,7 +26,7 @@ import pytest
 from dagster import DagsterInstance, DagsterRunStatus, instance_for_test
 
 from laion_assets.cli import run_pipeline
-from laion_assets.core.config import EmbeddingConfig, SpaceConfig, WatermarkConfig
+from laion_assets.core.config import EmbeddingConfig, ExportConfig, SpaceConfig, WatermarkConfig
 from laion_assets.core.download import max_unstaged
 from laion_assets.core.lake import Lake
 from laion_assets_tests.conftest import REPO, make_config, write_config
@@ -136,6 +136,7 @@ def test_kill_anywhere_then_rerun_gives_the_uninterrupted_tables(tmp_path, slow_
         download=dcfg(concurrency=4, per_host=4, chunk_rows=8, min_success_rate=0.5),
         embeddings=EmbeddingConfig(spaces={"tiny": SpaceConfig(model="tiny")}, batch_size=8, chunk_rows=16, workers=1),
         watermark=WatermarkConfig(model="tiny"),  # one more tower of the embeddings pass, staged alike
+        export=ExportConfig(subsets=()),  # exports keep their own fingerprint (test_export)
     )
     config = write_config(tmp_path / "config.yaml", cfg)
     bound = max_unstaged(cfg.download)

@@ -16,14 +16,14 @@ import psutil
 import pytest
 from dagster import DagsterInstance, DagsterRunStatus, build_sensor_context
 
-from laion_assets.defs.runs import dead_runs, recover_dead_runs
+from laion_assets.defs.recovery import dead_runs, recover_dead_runs
 from laion_assets_tests.conftest import REPO
 
 HOLDER = textwrap.dedent(
     """
     import sys, time
     from dagster import DagsterInstance, job, op
-    from laion_assets.defs.runs import fix_slot_wait, process_tags
+    from laion_assets.defs.recovery import fix_slot_wait, process_tags
     fix_slot_wait()
 
     @op(pool="download")

@@ -34,7 +34,9 @@ CODE_VERSIONS = {"raw_urls": 1, "language": 1, "images": 2, "embeddings": 1, "wa
 SECTIONS = {
     "ingest": "raw_urls", "download": "images", "images": "images", "embeddings": "embeddings",
     "watermark": "watermark", "scores": "scores", "subsets": "subsets", "quality": "embeddings",
-    "maintenance": None,
+    # exports keep their own fingerprint (stats.json) and are always run (an unchanged shard
+    # writes nothing); the kNN index is not per shard; the UI's settings decide no row
+    "export": None, "knn": None, "maintenance": None, "ui": None,
 }
 # Keys that change speed or memory, never a row (gate thresholds are in GATES).
 NOT_ROWS = {
@@ -201,10 +203,11 @@ def adopt(lake: Lake, cfg: PipelineConfig, table: str) -> int:
 def plan(lake: Lake, cfg: PipelineConfig, tables: list[str], shard: str, redo: set[str] = frozenset()) -> dict[str, Record | None]:
     """For each of `tables` (in the asset graph's order): the record of its publish when it is
     up to date for `shard` and can be skipped, else None (it runs). A stage runs when it is in
-    `redo` (--force), was never published, its inputs, config or code changed, or a stage it
-    reads runs before it in this plan."""
+    `redo` (--force), keeps no fingerprint (the webdataset export), was never published, its
+    inputs, config or code changed, or a stage it reads runs before it in this plan."""
     out: dict[str, Record | None] = {}
     for table in tables:
         runs_before = any(out.get(up, "absent") is None for up in upstream(cfg, table))
-        out[table] = None if table in redo or runs_before else up_to_date(lake, table, shard, current(lake, cfg, table, shard))
+        known = stage_of(table) in CODE_VERSIONS  # a stage without a fingerprint always runs
+        out[table] = None if table in redo or runs_before or not known else up_to_date(lake, table, shard, current(lake, cfg, table, shard))
     return out
