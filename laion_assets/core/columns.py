@@ -32,6 +32,7 @@ COMPUTED = {
     "sha1": "sha1 of the original downloaded bytes (hex), for hash blocklists",
     "phash": "64-bit perceptual hash (pHash, as imagehash computes it) of the decoded image, 16 hex digits",
     "image": "the stored, re-encoded image bytes (images.format); null unless status is success",
+    "image_sha256": "sha256 of the stored image bytes, taken when they were encoded: the gate checks every image against it",
     "duration_s": "seconds spent fetching and decoding this row",
     # embeddings and scores
     "image_embedding": "L2-normalised CLIP image embedding (float16: 2*dim-byte binary cell; float32: list)",

@@ -35,8 +35,9 @@ SECTIONS = {
     "ingest": "raw_urls", "download": "images", "images": "images", "embeddings": "embeddings",
     "watermark": "watermark", "scores": "scores", "subsets": "subsets", "quality": "embeddings",
     # exports keep their own fingerprint (stats.json) and are always run (an unchanged shard
-    # writes nothing); the kNN index is not per shard; the UI's settings decide no row
-    "export": None, "knn": None, "maintenance": None, "ui": None,
+    # writes nothing); the kNN index and the curation passes are lake-wide (a subset reads the
+    # passes' marks of its shard, which are its inputs); the UI's settings decide no row
+    "export": None, "knn": None, "curation": None, "maintenance": None, "ui": None,
 }
 # Keys that change speed or memory, never a row (gate thresholds are in GATES).
 NOT_ROWS = {
