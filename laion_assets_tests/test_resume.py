@@ -307,6 +307,42 @@ def test_fingerprints_follow_inputs_config_and_code(tmp_path):
     assert changed(cfg) == {"raw_urls", "images", "embeddings/tiny", "scores", "subsets/similar", "subsets/pretty"} - {"embeddings/tiny"}
 
 
+def test_a_subset_follows_its_shards_curation_marks(tmp_path):
+    """A subset reads the curation marks of its shard: marks that change stale it (a pass killed
+    before it took the marked rows out of the subset is redone by the next run), a pass that
+    rewrites its table without touching the shard does not, and a pass that took the rows out
+    itself leaves the subset up to date, unless something else it reads changed meanwhile."""
+    from laion_assets.core import curation
+
+    lake, _ = registered_shard(tmp_path)
+    cfg = make_config()
+    stages.run_raw_urls(lake, cfg, "s")
+    for table in (stages.IMAGES, "embeddings/tiny", stages.SCORES, "subsets/similar"):
+        lake.publish_shard(table, "s", pl.DataFrame({"uid": [1, 2]}))
+    table = "subsets/similar"
+    fp, base = fingerprints.current(lake, cfg, table, "s"), fingerprints.current(lake, cfg, table, "s", marks=False)
+    fingerprints.record(lake, table, "s", fp, lake.table(table).version(), base=base)
+    assert fingerprints.up_to_date(lake, table, "s", fp)
+
+    def marks(*rows):
+        data = pa.table({"shard": [r[0] for r in rows], "kind": ["url"] * len(rows), "uid": [r[1] for r in rows]})
+        curation.write(lake, curation.DUPLICATES, data, mode="overwrite", partition_by=["shard"])
+
+    def up_to_date() -> bool:
+        return fingerprints.up_to_date(lake, table, "s", fingerprints.current(lake, cfg, table, "s")) is not None
+
+    marks(("other", 7))  # the table is rewritten, this shard has no marks still
+    assert up_to_date()
+    marks(("other", 7), ("s", 2))  # uid 2 marked, the subset not updated yet
+    assert not up_to_date()
+    lake.publish_shard(table, "s", pl.DataFrame({"uid": [1]}))  # the pass takes it out
+    assert fingerprints.after_pass(lake, cfg, table, ["s"]) == 1 and up_to_date()
+
+    marks(("s", 1), ("s", 2))
+    lake.publish_shard(stages.SCORES, "s", pl.DataFrame({"uid": [1, 2]}))  # new scores meanwhile
+    assert fingerprints.after_pass(lake, cfg, table, ["s"]) == 0 and not up_to_date()
+
+
 def test_plan_skips_what_is_up_to_date_and_redoes_downstream_of_a_redo(tmp_path):
     lake, _ = registered_shard(tmp_path)
     cfg = make_config()

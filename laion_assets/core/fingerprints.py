@@ -3,7 +3,9 @@
 A stage's fingerprint for a shard hashes what decides its rows: the stage's code version, the
 config keys that change its rows or its gate (not speed or memory knobs) and its inputs: the
 upstream shards' data files (a republish always writes new files) or, for raw_urls, the source
-file's size and modification time. Publishing a shard records its
+file's size and modification time; the curation marks a subset reads, by their content (the
+lake-wide passes rewrite their tables, and a pass that marks nothing new in a shard leaves its
+subset as it was). Publishing a shard records its
 fingerprint beside the lake's tables (`_fingerprints/<table>/<shard>.json`, with the names of
 the files it published); a later run skips the stage when the recorded fingerprint equals the
 current one and the shard still holds those files. Staged chunks carry the same fingerprint
@@ -27,7 +29,9 @@ from laion_assets.core.lake import Lake
 
 # Bump a stage's number when a code change alters the rows it publishes: its published shards
 # (and their staging) are then redone by the next run.
-CODE_VERSIONS = {"raw_urls": 1, "language": 1, "images": 2, "embeddings": 1, "watermark": 1, "scores": 1, "subsets": 1}
+CODE_VERSIONS = {"raw_urls": 1, "language": 1, "images": 2, "embeddings": 1, "watermark": 1, "scores": 1, "dedup_keys": 1, "subsets": 1}
+DEDUP_KEYS = "curation/dedup_keys"  # the per-shard key index: partitioned by bucket, not by shard
+MARKS = {"curation/blocked": ["uid"], "curation/duplicates": ["kind", "uid"]}  # what a subset reads of them
 
 # Config sections by the stage whose rows or gate they decide (None: neither). A new section
 # must be placed here (a test fails until it is).
@@ -54,7 +58,7 @@ GATES = {
 
 def stage_of(table: str) -> str:
     """`embeddings/b32` -> `embeddings`, `subsets/laion5b` -> `subsets`."""
-    return table.split("/", 1)[0]
+    return "dedup_keys" if table == DEDUP_KEYS else table.split("/", 1)[0]
 
 
 def upstream(cfg: PipelineConfig, table: str) -> list[str]:
@@ -62,14 +66,14 @@ def upstream(cfg: PipelineConfig, table: str) -> list[str]:
     stage = stage_of(table)
     if stage in ("images", "language"):
         return ["raw_urls"]
-    if stage in ("embeddings", "watermark"):
+    if stage in ("embeddings", "watermark", "dedup_keys"):
         return ["images"]
     if stage == "scores":
         return ["images", *sorted({f"embeddings/{cfg.head_space(h)}" for h in cfg.scores.heads})]
     if stage == "subsets":
         sub = _subset(cfg, table)
         marks = ["watermark"] if cfg.watermark else []
-        curation = ["curation/blocked", "curation/duplicates"]  # the lake-wide passes' marks of the shard
+        curation = list(MARKS)  # the lake-wide passes' marks of the shard
         return ["raw_urls", "images", "language", f"embeddings/{cfg.similarity_space(sub)}", "scores", *marks, *curation]
     return []
 
@@ -98,6 +102,8 @@ def config_of(cfg: PipelineConfig, table: str) -> dict:
     if stage == "scores":
         heads = {h: {**c.model_dump(mode="json"), "file": _file_id(c.path), "fed": cfg.head_space(h)} for h, c in cfg.scores.heads.items()}
         return {"heads": heads, "allow_embedding_space_mismatch": cfg.scores.allow_embedding_space_mismatch}
+    if stage == "dedup_keys":
+        return {"dedup": cfg.curation.dedup.model_dump(mode="json")}
     if stage == "subsets":
         sub = _subset(cfg, table)
         return {"subset": sub.model_dump(mode="json", exclude={"description"}), "similarity_space": cfg.similarity_space(sub)}
@@ -109,9 +115,10 @@ def gate_of(cfg: PipelineConfig, table: str) -> dict:
     return {k: getattr(getattr(cfg, section), k) for k in keys}
 
 
-def current(lake: Lake, cfg: PipelineConfig, table: str, shard: str, gate: bool = True) -> str | None:
+def current(lake: Lake, cfg: PipelineConfig, table: str, shard: str, gate: bool = True, marks: bool = True) -> str | None:
     """The fingerprint a publish of `table`'s shard made now would carry (`gate=False`: without
-    the gate's thresholds, the recipe of staged rows); None for a shard not registered."""
+    the gate's thresholds, the recipe of staged rows; `marks=False`: without the curation marks,
+    a subset's `base`); None for a shard not registered."""
     stage = stage_of(table)
     if stage == "subsets" and _subset(cfg, table) is None:
         return None  # a rule that is not in the config (rebuilt from a recipe): nothing to skip
@@ -121,17 +128,32 @@ def current(lake: Lake, cfg: PipelineConfig, table: str, shard: str, gate: bool 
             return None
         inputs = {"source": source, "file": _file_id(source)}
     else:  # an input not materialized yet counts too: its first publish changes the fingerprint
-        inputs = {up: files_id(lake, up, shard) if lake.exists(up) else None for up in upstream(cfg, table)}
+        ups = [up for up in upstream(cfg, table) if marks or up not in MARKS]
+        inputs = {up: marks_id(lake, up, shard) if up in MARKS else files_id(lake, up, shard) if lake.exists(up) else None for up in ups}
     body = {"stage": stage, "code": [__version__, CODE_VERSIONS[stage]], "config": config_of(cfg, table), "inputs": inputs}
     if gate:
         body["gate"] = gate_of(cfg, table)
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def files_id(lake: Lake, table: str, shard: str) -> str:
-    """Names the data a shard holds now: the hash of its data files' names."""
+def files_id(lake: Lake, table: str, shard: str) -> str | None:
+    """Names the data a shard holds now: the hash of its data files' names (None for the key
+    index, not partitioned by shard: only its own stage or remove-shard write a shard's keys)."""
+    if table == DEDUP_KEYS:
+        return None
     names = sorted(uri.rsplit("/", 1)[-1] for uri in lake.shard_files(table, shard))
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:24]
+
+
+def marks_id(lake: Lake, table: str, shard: str) -> str:
+    """Names the curation marks of a shard by content (no table yet: no marks)."""
+    rows = b""
+    if lake.exists(table):
+        import polars as pl
+
+        marks = lake.scan(table).filter(pl.col("shard") == shard).select(MARKS[table]).unique().sort(MARKS[table]).collect()
+        rows = marks.write_csv().encode() if marks.height else b""
+    return hashlib.sha256(rows).hexdigest()[:24]
 
 
 @dataclass(frozen=True)
@@ -141,17 +163,18 @@ class Record:
     version: int
     recorded_at: float
     recipe: str | None = None  # of the staged rows it was published from
+    base: str | None = None  # a subset's fingerprint without the curation marks
 
 
 def _path(table: str, shard: str) -> str:
     return f"_fingerprints/{table}/{shard}.json"
 
 
-def record(lake: Lake, table: str, shard: str, fingerprint: str | None, version: int, recipe: str | None = None) -> None:
+def record(lake: Lake, table: str, shard: str, fingerprint: str | None, version: int, recipe: str | None = None, base: str | None = None) -> None:
     """After a publish: what the shard was made from and which files hold it."""
     if fingerprint is None:
         return
-    rec = Record(fingerprint, files_id(lake, table, shard), version, time.time(), recipe)
+    rec = Record(fingerprint, files_id(lake, table, shard), version, time.time(), recipe, base)
     lake.put(_path(table, shard), json.dumps(rec.__dict__).encode())
 
 
@@ -176,6 +199,30 @@ def up_to_date(lake: Lake, table: str, shard: str, fingerprint: str | None) -> R
     return rec
 
 
+def after_pass(lake: Lake, cfg: PipelineConfig, table: str, shards: list[str]) -> int:
+    """After a curation pass changed the marks of `shards` and took the marked rows out of the
+    subset `table` itself: record those subset shards as up to date with the new marks, when
+    they were made from everything else as it is now (their `base`). Otherwise the next run
+    would redo every subset a pass touched. Returns how many were recorded."""
+    if not lake.exists(table):
+        return 0
+    version, done = lake.table(table).version(), 0
+    for shard in shards:
+        rec = recorded(lake, table, shard)
+        if rec is not None and rec.base is not None and rec.base == current(lake, cfg, table, shard, marks=False):
+            record(lake, table, shard, current(lake, cfg, table, shard), version, rec.recipe, rec.base)
+            done += 1
+    return done
+
+
+def _shards(lake: Lake, table: str) -> list[str]:
+    if table == DEDUP_KEYS:  # partitioned by bucket
+        import polars as pl
+
+        return sorted(lake.scan(table).select("shard").unique().collect()["shard"].to_list())
+    return sorted({p["shard"] for p in lake.table(table).partitions()})
+
+
 def _subset(cfg: PipelineConfig, table: str):
     return next((s for s in cfg.subsets if f"subsets/{s.name}" == table), None)
 
@@ -191,7 +238,7 @@ def _file_id(path: str) -> list:
 def adopt(lake: Lake, cfg: PipelineConfig, table: str) -> int:
     """Record every published shard of `table` as made from the current fingerprint, without
     recomputing it: for tables moved rather than made (migrate-embeddings). Returns the shards."""
-    shards = sorted({p["shard"] for p in lake.table(table).partitions()}) if lake.exists(table) else []
+    shards = _shards(lake, table) if lake.exists(table) else []
     version = lake.table(table).version() if shards else 0
     recorded_n = 0
     for shard in shards:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from laion_assets.core import blocklists, curation, dedup, semdedup
+from laion_assets.core import blocklists, curation, dedup, fingerprints, semdedup
 from laion_assets.core.config import PipelineConfig, SemanticDedupConfig, SubsetConfig
 from laion_assets.core.errors import LaionAssetsError
 from laion_assets.core.lake import Lake
@@ -14,7 +14,20 @@ from laion_assets.core.stages.subsets import run_subset
 
 
 def run_dedup_keys(lake: Lake, cfg: PipelineConfig, shard: str) -> dict:
-    return dedup.update_index(lake, shard, cfg.curation.dedup)
+    """The shard's keys, recorded with its fingerprint so an up-to-date shard is skipped."""
+    fingerprint = fingerprints.current(lake, cfg, dedup.INDEX, shard)
+    report = dedup.update_index(lake, shard, cfg.curation.dedup)
+    fingerprints.record(lake, dedup.INDEX, shard, fingerprint, report["index_version"])
+    return report
+
+
+def _up_to_date_after(lake: Lake, cfg: PipelineConfig, changed: pl.DataFrame, subsets: dict) -> None:
+    """Subset shards whose marks a pass changed (and took out of the subset): up to date again."""
+    shards = sorted(changed["shard"].unique().to_list()) if changed.height else []
+    for sub in cfg.subsets:
+        n = fingerprints.after_pass(lake, cfg, subset_table(sub.name), shards)
+        if n and sub.name in subsets:
+            subsets[sub.name]["shards_up_to_date"] = n
 
 
 def run_curated_subset(lake: Lake, cfg: PipelineConfig, sub: SubsetConfig, shard: str, tries: int = 5) -> StageOutput:
@@ -46,6 +59,7 @@ def run_duplicates(lake: Lake, cfg: PipelineConfig) -> dict:
         lambda sub: pl.col("kind").is_in(list(sub.exclude_duplicates)) if sub.exclude_duplicates else None,
         _rerun(lake, cfg), reason=f"duplicates pass (index v{result.index_version})",
     )
+    _up_to_date_after(lake, cfg, pl.concat([result.newly_marked.select("shard"), result.unmarked.select("shard")]), subsets)
     per_shard, totals = dedup.lake_figures(lake)
     new_per_kind = dict(result.newly_marked.group_by("kind").len().sort("kind").iter_rows())
     return {
@@ -67,6 +81,7 @@ def run_blocklists(lake: Lake, cfg: PipelineConfig) -> dict:
         lake, cfg.subsets, subset_table, removed, restored, lambda sub: pl.lit(True),
         _rerun(lake, cfg), reason=f"blocklist pass {result.version}",
     )
+    _up_to_date_after(lake, cfg, diff.select("shard") if diff.height else diff, subsets)
     blocked = result.blocked
     unknown = 0
     if lake.exists(IMAGES):  # rows published before md5/sha1 were recorded cannot match those lists

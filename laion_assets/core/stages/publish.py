@@ -53,11 +53,13 @@ def gate(stage: str, shard: str, df: pl.DataFrame, suite: list[quality.Expectati
     return report
 
 
-def publish(lake: Lake, table: str, shard: str, df: pl.DataFrame, report, stats, meta=None, fingerprint: str | None = None) -> StageOutput:
-    """Replace the shard in one commit, then record what it was made from (`fingerprint`)."""
+def publish(lake: Lake, table: str, shard: str, df: pl.DataFrame, report, stats, meta=None, fingerprint: str | None = None,
+            base: str | None = None) -> StageOutput:
+    """Replace the shard in one commit, then record what it was made from (`fingerprint`; a
+    subset's `base` too: see fingerprints.after_pass)."""
     df = df.drop("shard", strict=False)
     version = lake.publish_shard(table, shard, df, metadata=_commit_meta(table, meta, fingerprint))
-    fingerprints.record(lake, table, shard, fingerprint, version)
+    fingerprints.record(lake, table, shard, fingerprint, version, base=base)
     return StageOutput(df.height, version, df.to_arrow().schema, report, stats, preview(df))
 
 

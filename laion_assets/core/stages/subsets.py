@@ -88,6 +88,7 @@ def run_subset(lake: Lake, cfg: PipelineConfig, sub: SubsetConfig, shard: str) -
     the metadata counts how many rows each rule dropped."""
     space = cfg.similarity_space(sub)
     fingerprint = fingerprints.current(lake, cfg, subset_table(sub.name), shard)
+    base = fingerprints.current(lake, cfg, subset_table(sub.name), shard, marks=False)
     body = recipe(cfg, sub)
     raw = lake.read_shard(RAW_URLS, shard).drop("shard")
     images = lake.read_shard(IMAGES, shard, IMAGE_COLUMNS)
@@ -116,4 +117,4 @@ def run_subset(lake: Lake, cfg: PipelineConfig, sub: SubsetConfig, shard: str) -
     if sub.min_similarity is not None and sub.similarity_model and body["similarity"]["model"] != sub.similarity_model:
         stats["WARNING"] = f"similarity threshold published for {sub.similarity_model} applied to {body['similarity']['model']}"
     report = gate(subset_table(sub.name), shard, rows.select("uid", "url"), quality.subset_suite(raw.height), stats)
-    return publish(lake, subset_table(sub.name), shard, rows, report, stats, {"recipe": json.dumps(body, sort_keys=True, default=str)}, fingerprint)
+    return publish(lake, subset_table(sub.name), shard, rows, report, stats, {"recipe": json.dumps(body, sort_keys=True, default=str)}, fingerprint, base)
