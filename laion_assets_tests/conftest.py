@@ -14,7 +14,10 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 from laion_assets.core.config import DownloadConfig, EmbeddingConfig, ExportConfig, HeadConfig, KnnConfig, PipelineConfig, ScoresConfig, SpaceConfig, SubsetConfig  # noqa: E402
 from laion_assets.core.lake import Lake  # noqa: E402
 from laion_assets.core.sample import SampleServer, build_site, sample_rows  # noqa: E402
-from laion_assets_tests.faultsite import testsite  # noqa: E402, F401  (fixture: the hostile HTTP server)
+
+# session fixtures of their own modules: `testsite` (the hostile HTTP server), `planted` (a lake
+# with planted neighbours)
+pytest_plugins = ["laion_assets_tests.faultsite", "laion_assets_tests.synthetic"]
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("LAION_ASSETS_SHARED", REPO.parent / "shared"))

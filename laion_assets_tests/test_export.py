@@ -15,7 +15,7 @@ from laion_assets.core.export import export_shard, sample_key, train_shards
 from laion_assets.core.lake import Lake
 from laion_assets.core.stages import IMAGES, subset_table
 from laion_assets_tests.conftest import make_config
-from laion_assets_tests.synthetic import copy_lake, planted, publish_shard  # noqa: F401 (fixture)
+from laion_assets_tests.synthetic import copy_lake, publish_shard
 
 
 def members(tar_path: Path) -> dict[str, bytes]:

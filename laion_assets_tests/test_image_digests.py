@@ -14,7 +14,6 @@ from PIL import Image
 from laion_assets.core.config import ImageConfig
 from laion_assets.core.sample import _photo
 from laion_assets_tests.test_download import download
-from laion_assets_tests.test_fetch import testsite  # noqa: F401  (fixture)
 
 
 @pytest.mark.parametrize("decode", ["process", "thread"])

@@ -15,7 +15,7 @@ from laion_assets.core.knn import nlist_for, sync_index
 from laion_assets.core.search import SubsetIndex
 from laion_assets.core.stages import subset_table
 from laion_assets_tests.conftest import make_config, write_config
-from laion_assets_tests.synthetic import TEXT_QUERY, copy_lake, planted, publish_shard  # noqa: F401 (fixture)
+from laion_assets_tests.synthetic import TEXT_QUERY, copy_lake, publish_shard
 
 
 def test_exact_index_finds_the_planted_neighbour(planted, tmp_path):

@@ -13,7 +13,6 @@ import pytest
 from dagster import (
     AssetCheckKey,
     AssetKey,
-    AssetSelection,
     DagsterInstance,
     SensorResult,
     SkipReason,

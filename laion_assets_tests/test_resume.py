@@ -25,7 +25,6 @@ from laion_assets.core.errors import ValidationFailed
 from laion_assets.core.lake import Lake
 from laion_assets_tests.conftest import make_config
 from laion_assets_tests.test_download import _shard, dcfg
-from laion_assets_tests.faultsite import testsite  # noqa: F401  (fixture)
 
 STAGING = stages.STAGING_IMAGES
 

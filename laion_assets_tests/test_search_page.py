@@ -14,7 +14,7 @@ import uvicorn
 from laion_assets.core.knn import sync_index
 from laion_assets.core.search import Searcher
 from laion_assets.core.serve import search_app
-from laion_assets_tests.synthetic import TEXT_QUERY, copy_lake, planted  # noqa: F401 (fixture)
+from laion_assets_tests.synthetic import TEXT_QUERY, copy_lake
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -217,8 +217,6 @@ def after_pass(lake: Lake, cfg: PipelineConfig, table: str, shards: list[str]) -
 
 def _shards(lake: Lake, table: str) -> list[str]:
     if table == DEDUP_KEYS:  # partitioned by bucket
-        import polars as pl
-
         return sorted(lake.scan(table).select("shard").unique().collect()["shard"].to_list())
     return sorted({p["shard"] for p in lake.table(table).partitions()})
 
