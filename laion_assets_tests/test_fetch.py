@@ -229,7 +229,7 @@ def test_per_host_limit_and_connection_reuse(testsite):
     for the host does not count against the total timeout (30 x 0.1 s / 3 = 1 s > 0.8 s)."""
     site, base = testsite
     with site.lock:
-        site.max_inflight = 0
+        site.max_sleeping = 0  # the site is shared by the whole session
         site.peers.clear()
     urls = [f"{base}/sleep/100/reuse{i}/p0.jpg" for i in range(30)]
     got = fetch_all(cfg(per_host=3, total_timeout_s=0.8), urls)
