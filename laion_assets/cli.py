@@ -2,6 +2,7 @@
 resources, runs recorded in the instance the UI reads).
 
     laion-assets run <input files or folders> [--lake URI] [--select ASSETS] [--config FILE]
+    laion-assets backfill <inputs> # register shards and queue them for dagster-daemon
     laion-assets remove-shard KEY  # delete a shard from the lake and the UI's partitions
     laion-assets demo              # bundled sample end to end, then where to look
     laion-assets sample-server     # serve the demo sample again (to materialize from the UI)
@@ -53,13 +54,10 @@ def run_pipeline(
     LaionAssetsError before anything is registered; files skipped in a folder are listed.
     Ctrl-C or SIGTERM stops it within seconds: KeyboardInterrupt, `summary` holding what was done."""
 
-    from laion_assets.core import registry
     from laion_assets.core.config import load_config
-    from laion_assets.core.errors import LaionAssetsError
-    from laion_assets.core.ingest import SUPPORTED, check_shard_file, scan_inputs, shard_key
     from laion_assets.core.lake import Lake
+    from laion_assets.defs.backfills import ensure_pools, register_shards, select_assets
     from laion_assets.defs.definitions import LAKE_JOB, SHARD_JOB, build_defs
-    from laion_assets.defs.partitions import shards
     from laion_assets.defs.resources import Settings
     from laion_assets.defs.recovery import Interrupts, process_tags, recover_dead_runs
     from laion_assets.defs.runs import run_shard
@@ -73,42 +71,19 @@ def run_pipeline(
     # the UI's own jobs, with an asset selection: runs started here re-execute from the UI
     job, lake_job = defs.resolve_job_def(SHARD_JOB), defs.resolve_job_def(LAKE_JOB)
     shard_keys, lake_keys = set(job.asset_layer.executable_asset_keys), set(lake_job.asset_layer.executable_asset_keys)
-    all_keys = shard_keys | lake_keys
-    chosen, missing = set(all_keys), []
-    if select:  # a key, or a prefix of keys: `embeddings` is every embeddings/<space>
-        chosen = set()
-        for item in (s.strip() for s in select.split(",") if s.strip()):
-            path = item.split("/")
-            hits = {k for k in all_keys if k.path[: len(path)] == path}
-            chosen |= hits
-            missing += [] if hits else [item]
-    if missing:
-        raise LaionAssetsError(f"unknown asset(s) {', '.join(missing)}; known: {', '.join(sorted(k.to_user_string() for k in all_keys))}")
-
-    scans = [scan_inputs(location) for location in inputs]
-    for path, why in (skip for scan in scans for skip in scan.skipped):
-        print(f"skipped {path}: {why}", flush=True)
-    files = [f for scan in scans for f in scan.files]
-    if not files:
-        raise LaionAssetsError(f"no shard files ({SUPPORTED}) in {', '.join(inputs)}")
-    for f in files:
-        check_shard_file(f)  # refused before anything is registered
-    registry.register(lk, files)
-    keys = [shard_key(f) for f in files]
+    chosen = select_assets(shard_keys | lake_keys, select)
     instance = instance or _instance()
+    keys = register_shards(lk, inputs, instance)
+    ensure_pools(defs, instance)
     summary = summary if summary is not None else RunSummary()
     summary.notes += recover_dead_runs(instance)
-    known = set(instance.get_dynamic_partitions(shards.name))
-    new = [k for k in dict.fromkeys(keys) if k not in known]
-    if new:
-        instance.add_dynamic_partitions(shards.name, new)
 
     order = [k for k in graph.toposorted_asset_keys if k in chosen and k in shard_keys]
     lake_order = [k for k in graph.toposorted_asset_keys if k in chosen and k in lake_keys]
 
     run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     with Interrupts() as interrupts:
-        for key in dict.fromkeys(keys):
+        for key in keys:
             if not order:
                 break
             to_run = skip_up_to_date(lk, cfg, order, key, force, retry_failures, summary)
@@ -122,7 +97,7 @@ def run_pipeline(
         # Lake-wide assets read every shard: once, after the shards, if one of them went through
         # all its selected stages (or only lake-wide assets were selected).
         failed = {line.shard for line in summary.lines if line.status not in ("materialized", UP_TO_DATE)}
-        if lake_order and (not order or set(dict.fromkeys(keys)) - failed):
+        if lake_order and (not order or set(keys) - failed):
             print(f"lake: running {', '.join(k.to_user_string() for k in lake_order)}", flush=True)
             summarize(summary, "(lake)", lake_order, graph, run_shard(instance, lake_job, None, lake_order, run_config, tags=process_tags()))
             if interrupts.seen() or any(line.detail.startswith(INTERRUPTED) for line in summary.lines):
@@ -160,6 +135,16 @@ def cmd_run(args) -> int:
     summary.print()
     _print_tables(args.lake)
     return 0 if summary.ok else 1
+
+
+def cmd_backfill(args) -> int:
+    """Register shard files and queue one backfill of their shard stages for the daemon."""
+    from laion_assets.defs.backfills import backfill_shards
+
+    backfill_id, keys = backfill_shards(args.inputs, args.lake, args.config, args.select, _instance())
+    print(f"backfill {backfill_id}: {len(keys)} shards queued for the daemon")
+    print("follow it in the UI (Overview > Backfills); lake-wide assets follow by their own automation")
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -337,6 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--retry-failures", action="store_true", help="images: re-fetch only retryable failures")
     run.add_argument("--force", action="store_true", help="redo the selected stages even when published and up to date")
     run.set_defaults(fn=cmd_run)
+
+    backfill = sub.add_parser("backfill", help="register shard files and queue them as one backfill for the daemon")
+    backfill.add_argument("inputs", nargs="+", help="shard files or folders (as for run)")
+    backfill.add_argument("--lake", default=env_lake, help="lake root (must be the one the code location uses)")
+    backfill.add_argument("--select", help="comma-separated shard asset keys or prefixes (default: all)")
+    backfill.add_argument("--config", default=env_config, help="pipeline config YAML (to check the selection)")
+    backfill.set_defaults(fn=cmd_backfill)
 
     demo = sub.add_parser("demo", help="build the bundled sample, serve it on 127.0.0.1 and run every stage")
     demo.add_argument("--lake", default=env_lake)

@@ -93,3 +93,23 @@ def write_config(path: Path, cfg: PipelineConfig) -> Path:
 
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True)))
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server on 127.0.0.1 for the whole session; tests create their own database."""
+    from laion_assets_tests.servers import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis():
+    """A Redis server on 127.0.0.1 (and a unix socket) for the whole session."""
+    from laion_assets_tests.servers import RedisServer
+
+    server = RedisServer().start()
+    yield server
+    server.stop()

@@ -20,7 +20,6 @@ from dagster import (
     Definitions,
     FreshnessPolicy,
     define_asset_job,
-    in_process_executor,
     map_asset_specs,
     with_source_code_references,
 )
@@ -30,6 +29,7 @@ from laion_assets import __version__
 from laion_assets.core.config import load_config
 from laion_assets.defs.curation import after_lake_wide, blocklist_files, dedup_keys, lake_wide_assets
 from laion_assets.defs.embeddings import embeddings_assets
+from laion_assets.defs.executors import executor_for
 from laion_assets.defs.images import images
 from laion_assets.defs.knn import knn_assets
 from laion_assets.defs.language import language
@@ -95,10 +95,11 @@ def build_defs(settings: Settings) -> Definitions:
             ),
             lake_maintenance,
         ],
-        # A shard's stages are a chain: one process per run starts each stage without a new
-        # interpreter (5-10 s of imports each) and keeps the model loaded, as `laion-assets
-        # run` does; scale-out is many runs at once (run queue, launchers), not steps.
-        executor=in_process_executor,
+        # A shard's stages are a chain: by default one process per run starts each stage
+        # without a new interpreter (5-10 s of imports each) and keeps the model loaded, as
+        # `laion-assets run` does; scale-out is many runs at once (run queue, launchers). A
+        # deployment may send steps elsewhere instead (LAION_ASSETS_EXECUTOR: celery, k8s).
+        executor=executor_for(settings.executor, settings.celery_config),
         sensors=[shard_files, automation, blocklist_files, dead_runs],
         schedules=[nightly_maintenance],
         resources={

@@ -9,7 +9,7 @@ from laion_assets.core import stages, views
 from laion_assets.core.config import PipelineConfig
 from laion_assets.defs.gate import gate_spec, run_stages
 from laion_assets.defs.images import images
-from laion_assets.defs.partitions import shards, shard_backfill
+from laion_assets.defs.partitions import pool_op_tags, shard_backfill, shards
 from laion_assets.defs.resources import LakeResource, PipelineResource
 
 
@@ -71,7 +71,7 @@ def embeddings_assets(cfg: PipelineConfig) -> AssetsDefinition:
 
     @multi_asset(
         name="embeddings", specs=specs, check_specs=[gate_spec(s.key) for s in specs],
-        can_subset=True, partitions_def=shards, backfill_policy=shard_backfill, pool="gpu",
+        can_subset=True, partitions_def=shards, backfill_policy=shard_backfill, pool="gpu", op_tags=pool_op_tags("gpu"),
     )
     def _embeddings(context: AssetExecutionContext, lake: LakeResource, pipeline: PipelineResource):
         lk = lake.lake()

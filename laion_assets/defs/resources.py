@@ -17,11 +17,14 @@ from laion_assets.core.lake import Lake
 
 @dataclass(frozen=True)
 class Settings:
-    """Deployment settings; `from_env` reads LAION_ASSETS_LAKE / _INPUT / _CONFIG."""
+    """Deployment settings; `from_env` reads LAION_ASSETS_LAKE / _INPUT / _CONFIG, and
+    LAION_ASSETS_EXECUTOR / _CELERY_CONFIG for where steps run (defs/executors.py)."""
 
     lake: str = "data/lake"
     inputs: str = "data/input"
     config: str | None = None
+    executor: str = "in_process"
+    celery_config: str | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -29,6 +32,8 @@ class Settings:
             lake=os.environ.get("LAION_ASSETS_LAKE", cls.lake),
             inputs=os.environ.get("LAION_ASSETS_INPUT", cls.inputs),
             config=os.environ.get("LAION_ASSETS_CONFIG") or None,
+            executor=os.environ.get("LAION_ASSETS_EXECUTOR") or cls.executor,
+            celery_config=os.environ.get("LAION_ASSETS_CELERY_CONFIG") or None,
         )
 
 
