@@ -113,3 +113,18 @@ def redis():
     server = RedisServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def moto_s3(monkeypatch):
+    """A moto S3 server on 127.0.0.1 with a bucket `laion`; the AWS_* variables point at it."""
+    import boto3
+
+    from laion_assets_tests.servers import MotoServer
+
+    server = MotoServer().start()
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    boto3.client("s3", endpoint_url=server.endpoint).create_bucket(Bucket="laion")
+    yield server
+    server.stop()

@@ -176,19 +176,26 @@ class RedisServer:
 
 class MotoServer:
     """moto's S3 server in its own process (a server thread in the test process deadlocks
-    deltalake, whose requests hold the GIL)."""
+    deltalake, whose requests hold the GIL).
+
+    moto 5.2.5 honours `If-None-Match: *` on PutObject, but checks and stores without a lock in
+    its threaded server: two simultaneous creates of one key can both succeed, which S3 never
+    allows. So requests are served one at a time (connections still on threads), and each
+    conditional write to a `_delta_log/` is recorded (`commits()`).
+    """
 
     def __init__(self):
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.journal = Path(tempfile.mkdtemp(prefix="laion-moto-")) / "log-puts.jsonl"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> MotoServer:
-        exe = Path(sys.executable).with_name("moto_server")
         self.proc = subprocess.Popen(
-            [str(exe), "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [sys.executable, "-m", "laion_assets_tests.servers", "moto", str(self.port), str(self.journal)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        wait_for(lambda: urllib.request.urlopen(self.endpoint, timeout=1) is not None, "moto_server", proc=self.proc)
+        wait_for(lambda: urllib.request.urlopen(self.endpoint, timeout=1) is not None, "moto server", proc=self.proc)
         return self
 
     def env(self) -> dict[str, str]:
@@ -197,7 +204,50 @@ class MotoServer:
             "AWS_ENDPOINT_URL": self.endpoint, "AWS_ALLOW_HTTP": "true",
         }
 
+    def commits(self) -> list[dict]:
+        """Every PUT to a `_delta_log/` key: key, If-None-Match header, HTTP status."""
+        import json
+
+        if not self.journal.exists():
+            return []
+        return [json.loads(line) for line in self.journal.read_text().splitlines()]
+
     def stop(self) -> None:
         if self.proc:
             self.proc.kill()
             self.proc.wait()
+        shutil.rmtree(self.journal.parent, ignore_errors=True)
+
+
+def _serve_moto(port: int, journal: str) -> None:
+    import json
+    import threading
+
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import run_simple
+
+    app = DomainDispatcherApplication(create_backend_app)
+    lock = threading.Lock()
+    out = open(journal, "a", buffering=1)
+
+    def serial(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        log_put = environ["REQUEST_METHOD"] == "PUT" and "/_delta_log/" in path
+        status = []
+
+        def recording_start(code, headers, *exc):
+            status.append(code)
+            return start_response(code, headers, *exc)
+
+        with lock:
+            body = b"".join(app(environ, recording_start))
+            if log_put:
+                out.write(json.dumps({"key": path, "if_none_match": environ.get("HTTP_IF_NONE_MATCH"), "status": status[0][:3]}) + "\n")
+        return [body]
+
+    run_simple("127.0.0.1", port, serial, threaded=True, request_handler=MotoRequestHandler)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "moto":
+        _serve_moto(int(sys.argv[2]), sys.argv[3])

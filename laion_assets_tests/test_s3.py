@@ -2,12 +2,6 @@
 requests hold the GIL, so an in-process server thread could not answer them)."""
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import polars as pl
 import pytest
@@ -19,31 +13,10 @@ from laion_assets_tests.conftest import make_config, write_config
 
 
 @pytest.fixture
-def s3(monkeypatch, tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true",
-    }.items():
-        monkeypatch.setenv(key, value)
+def s3(moto_s3):
     import boto3
 
-    client = boto3.client("s3", endpoint_url=endpoint)
-    client.create_bucket(Bucket="laion")
-    yield client
-    proc.kill()
-    proc.wait()
+    return boto3.client("s3", endpoint_url=moto_s3.endpoint)
 
 
 @pytest.mark.slow

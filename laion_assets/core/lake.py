@@ -6,10 +6,12 @@ a validated shard in one commit, read shards back, and keep tables healthy.
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -33,6 +35,13 @@ READ_BUFFER_BYTES = 4 * 2**20
 # Untracked files (a publish killed before its commit) younger than this may belong to a
 # publish in progress, so vacuum leaves them.
 ORPHAN_MIN_AGE_HOURS = 1
+
+# A commit that conflicts with concurrent writers is tried again this many times in all.
+# deltalake already rebases a commit over others that do not touch what it read (appends,
+# other shards); CommitFailedError means a real conflict, e.g. two runs replacing one shard.
+COMMIT_ATTEMPTS = 8
+
+log = logging.getLogger(__name__)
 
 SHARD_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -63,6 +72,7 @@ class Lake:
         self.uri = normalize_uri(uri)
         self.storage_options = storage_options or None
         self.is_local = "://" not in self.uri
+        self.commit_retries = 0
 
     def __repr__(self) -> str:
         return f"Lake({self.uri!r})"
@@ -111,26 +121,24 @@ class Lake:
         table = _with_shard(table, shard)
         self.ensure_writable()
         props = CommitProperties(custom_metadata={k: str(v) for k, v in (metadata or {}).items()})
-        for attempt in range(5):
-            try:
-                if self.exists(name):
-                    write_deltalake(
-                        self.table_uri(name), table, mode="overwrite",
-                        predicate=f"shard = '{shard}'", partition_by=["shard"],
-                        schema_mode="merge", storage_options=self.storage_options,
-                        commit_properties=props, writer_properties=WRITER, target_file_size=TARGET_FILE_BYTES,
-                    )
-                else:
-                    write_deltalake(
-                        self.table_uri(name), table, mode="append", partition_by=["shard"],
-                        storage_options=self.storage_options, commit_properties=props,
-                        writer_properties=WRITER, target_file_size=TARGET_FILE_BYTES,
-                    )
-                return self.table(name).version()
-            except CommitFailedError:
-                # Another shard's run committed to the same table first; retry on top of it.
-                time.sleep(0.2 * (attempt + 1))
-        raise LaionAssetsError(f"could not commit shard '{shard}' to '{name}': too many concurrent writers")
+
+        def commit() -> None:
+            if self.exists(name):
+                write_deltalake(
+                    self.table_uri(name), table, mode="overwrite",
+                    predicate=f"shard = '{shard}'", partition_by=["shard"],
+                    schema_mode="merge", storage_options=self.storage_options,
+                    commit_properties=props, writer_properties=WRITER, target_file_size=TARGET_FILE_BYTES,
+                )
+            else:
+                write_deltalake(
+                    self.table_uri(name), table, mode="append", partition_by=["shard"],
+                    storage_options=self.storage_options, commit_properties=props,
+                    writer_properties=WRITER, target_file_size=TARGET_FILE_BYTES,
+                )
+
+        self._commit(f"shard '{shard}' to '{name}'", commit)
+        return self.table(name).version()
 
     def publish_stream(
         self, name: str, shard: str, reader: pa.RecordBatchReader, metadata: dict | None = None
@@ -180,23 +188,20 @@ class Lake:
             close()
         full = Schema.from_arrow(schema.append(pa.field("shard", pa.string())))
         props = CommitProperties(custom_metadata={k: str(v) for k, v in (metadata or {}).items()})
-        for attempt in range(5):  # the files are written: only the commit is retried
-            try:
-                if self.exists(name):
-                    self.table(name).create_write_transaction(
-                        adds, mode="overwrite", schema=full, partition_by=["shard"],
-                        partition_filters=[("shard", "=", shard)], commit_properties=props,
-                    )
-                else:
-                    create_table_with_add_actions(
-                        self.table_uri(name), full, adds, mode="append", partition_by=["shard"],
-                        storage_options=self.storage_options, commit_properties=props,
-                    )
-                break
-            except CommitFailedError:
-                time.sleep(0.2 * (attempt + 1))
-        else:
-            raise LaionAssetsError(f"could not commit shard '{shard}' to '{name}': too many concurrent writers")
+
+        def commit() -> None:  # the files are written: only the commit is tried again
+            if self.exists(name):
+                self.table(name).create_write_transaction(
+                    adds, mode="overwrite", schema=full, partition_by=["shard"],
+                    partition_filters=[("shard", "=", shard)], commit_properties=props,
+                )
+            else:
+                create_table_with_add_actions(
+                    self.table_uri(name), full, adds, mode="append", partition_by=["shard"],
+                    storage_options=self.storage_options, commit_properties=props,
+                )
+
+        self._commit(f"shard '{shard}' to '{name}'", commit)
         return self.table(name).version()
 
     def append(self, name: str, data: pa.Table | pl.DataFrame, shard: str | None = None) -> None:
@@ -208,17 +213,27 @@ class Lake:
         if shard is not None:
             table = _with_shard(table, check_shard_key(shard))
         self.ensure_writable()
-        for attempt in range(5):
+        self._commit(f"rows to '{name}'", lambda: write_deltalake(
+            self.table_uri(name), table, mode="append", partition_by=["shard"], schema_mode="merge",
+            storage_options=self.storage_options,
+        ))
+
+    def _commit(self, what: str, commit: Callable[[], None]) -> None:
+        """Run one Delta commit; on a conflict with a concurrent writer, run it again on top of
+        the new table version after a jittered, growing pause (writers that collided do not
+        collide again in step). `commit_retries` counts the retries of this Lake."""
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
             try:
-                write_deltalake(
-                    self.table_uri(name), table, mode="append",
-                    partition_by=["shard"], schema_mode="merge",
-                    storage_options=self.storage_options,
-                )
-                return
-            except CommitFailedError:
-                time.sleep(0.2 * (attempt + 1))
-        raise LaionAssetsError(f"could not append to '{name}': too many concurrent writers")
+                return commit()
+            except CommitFailedError as e:
+                if attempt == COMMIT_ATTEMPTS:
+                    raise LaionAssetsError(
+                        f"could not commit {what}: {attempt} attempts conflicted with concurrent writers ({e})"
+                    ) from None
+                self.commit_retries += 1
+                pause = random.uniform(0.05, min(5.0, 0.1 * 2**attempt))
+                log.info("commit of %s conflicted with a concurrent writer (%s); retry %d in %.2f s", what, e, attempt, pause)
+                time.sleep(pause)
 
     def delete_shard(self, name: str, shard: str) -> None:
         self.delete_where(name, f"shard = '{check_shard_key(shard)}'")
@@ -238,19 +253,13 @@ class Lake:
             raise ValueError(f"drop_shard is for staging tables, not '{name}'")
         fs, root = self._filesystem(name)
         fs.delete_dir_contents(f"{root}/shard={shard}", missing_dir_ok=True)
-        for attempt in range(5):
-            try:
-                self.delete_shard(name, shard)
-                return
-            except CommitFailedError:
-                time.sleep(0.2 * (attempt + 1))
-            except DeltaError as e:
-                infra = explain(e)
-                if infra is not None and infra.kind not in ("corrupt", "missing"):
-                    raise infra from e  # the store, not the log: keep the other shards' staging
-                fs.delete_dir(root)
-                return
-        raise LaionAssetsError(f"could not drop shard '{shard}' from '{name}': too many concurrent writers")
+        try:
+            self._commit(f"the drop of shard '{shard}' from '{name}'", lambda: self.delete_shard(name, shard))
+        except DeltaError as e:
+            infra = explain(e)
+            if infra is not None and infra.kind not in ("corrupt", "missing"):
+                raise infra from e  # the store, not the log: keep the other shards' staging
+            fs.delete_dir(root)
 
     def put(self, path: str, data: bytes) -> None:
         """Write a small file under the lake root in one piece (a rename locally, one PUT on
