@@ -3,6 +3,7 @@ resources, runs recorded in the instance the UI reads).
 
     laion-assets run <input files or folders> [--lake URI] [--select ASSETS] [--config FILE]
     laion-assets backfill <inputs> # register shards and queue them for dagster-daemon
+    laion-assets check-store       # is the lake's object store safe for concurrent writers?
     laion-assets remove-shard KEY  # delete a shard from the lake and the UI's partitions
     laion-assets demo              # bundled sample end to end, then where to look
     laion-assets sample-server     # serve the demo sample again (to materialize from the UI)
@@ -144,6 +145,14 @@ def cmd_backfill(args) -> int:
     backfill_id, keys = backfill_shards(args.inputs, args.lake, args.config, args.select, _instance())
     print(f"backfill {backfill_id}: {len(keys)} shards queued for the daemon")
     print("follow it in the UI (Overview > Backfills); lake-wide assets follow by their own automation")
+    return 0
+
+
+def cmd_check_store(args) -> int:
+    """Probe the lake's object store for the conditional writes Delta commits rely on."""
+    from laion_assets.core.lake import Lake
+
+    print(Lake(args.lake).check_conditional_writes())
     return 0
 
 
@@ -329,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     backfill.add_argument("--select", help="comma-separated shard asset keys or prefixes (default: all)")
     backfill.add_argument("--config", default=env_config, help="pipeline config YAML (to check the selection)")
     backfill.set_defaults(fn=cmd_backfill)
+
+    store = sub.add_parser("check-store", help="check that the lake's object store is safe for concurrent writers")
+    store.add_argument("--lake", default=env_lake, help="lake root, e.g. s3://bucket/prefix")
+    store.set_defaults(fn=cmd_check_store)
 
     demo = sub.add_parser("demo", help="build the bundled sample, serve it on 127.0.0.1 and run every stage")
     demo.add_argument("--lake", default=env_lake)

@@ -86,13 +86,19 @@ class Daemon:
         )
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL for what is left of its group (code servers wait for their
+        runs on SIGTERM, run workers outlive them)."""
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
         self.log.close()
 
 

@@ -184,15 +184,16 @@ class MotoServer:
     conditional write to a `_delta_log/` is recorded (`commits()`).
     """
 
-    def __init__(self):
+    def __init__(self, honour_conditional_writes: bool = True):
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.journal = Path(tempfile.mkdtemp(prefix="laion-moto-")) / "log-puts.jsonl"
+        self.honour = honour_conditional_writes  # False: a store that ignores If-None-Match
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> MotoServer:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "laion_assets_tests.servers", "moto", str(self.port), str(self.journal)],
+            [sys.executable, "-m", "laion_assets_tests.servers", "moto", str(self.port), str(self.journal), str(int(self.honour))],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_for(lambda: urllib.request.urlopen(self.endpoint, timeout=1) is not None, "moto server", proc=self.proc)
@@ -219,7 +220,7 @@ class MotoServer:
         shutil.rmtree(self.journal.parent, ignore_errors=True)
 
 
-def _serve_moto(port: int, journal: str) -> None:
+def _serve_moto(port: int, journal: str, honour: bool) -> None:
     import json
     import threading
 
@@ -239,6 +240,8 @@ def _serve_moto(port: int, journal: str) -> None:
             status.append(code)
             return start_response(code, headers, *exc)
 
+        if not honour:
+            environ.pop("HTTP_IF_NONE_MATCH", None)
         with lock:
             body = b"".join(app(environ, recording_start))
             if log_put:
@@ -250,4 +253,4 @@ def _serve_moto(port: int, journal: str) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "moto":
-        _serve_moto(int(sys.argv[2]), sys.argv[3])
+        _serve_moto(int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1")

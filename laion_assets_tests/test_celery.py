@@ -57,6 +57,13 @@ class Workers:
     def __init__(self, env: dict, tmp, postgres, redis, site, port: int, names=("w1", "w2")):
         self.why_not_hosts = netns.unavailable()
         self.hosts, self.procs, self.logs = [], {}, {}
+        try:
+            self._start(env, tmp, postgres, redis, site, port, names)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, env, tmp, postgres, redis, site, port, names) -> None:
         for name in names:
             self.logs[name] = tmp / f"{name}.log"
             args = [str(BIN / "dagster-celery"), "worker", "start", "-A", "dagster_celery.app", "-y", env["LAION_ASSETS_CELERY_CONFIG"],

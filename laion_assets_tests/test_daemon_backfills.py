@@ -35,9 +35,10 @@ OVERRIDES = {
     "concurrency": {"runs": {"max_concurrent_runs": RUNS_IN_FLIGHT}},
     "run_coordinator": {"config": {"dequeue_interval_seconds": 1}},
     "run_monitoring": {"poll_interval_seconds": 2, "free_slots_after_run_end_seconds": 2},
-    # The stage_automation sensor would start runs of its own for the same shards; this test is
-    # about backfills. The shard_files sensor runs (over an empty folder).
-    "auto_materialize": {"enabled": False},
+    # No asset daemon: stage_automation would start runs of its own for shards whose backfill
+    # run was killed (racing the retry). This test is about backfills; the shard_files sensor
+    # runs (over an empty folder).
+    "auto_materialize": {"enabled": False, "use_sensors": False},
 }
 
 

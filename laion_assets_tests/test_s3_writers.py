@@ -17,11 +17,13 @@ import pytest
 from botocore.exceptions import ClientError
 from deltalake import DeltaTable
 
+from laion_assets.core.errors import LaionAssetsError
 from laion_assets.core.lake import Lake
 
 WRITER = r"""
 import json, sys, time
 import polars as pl, pyarrow as pa
+from laion_assets.core.errors import LaionAssetsError
 from laion_assets.core.lake import Lake
 
 writer, shard, start = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
@@ -56,6 +58,23 @@ def test_the_test_s3_server_refuses_a_second_create_and_deltalake_asks_for_it(mo
     assert [(c["key"].rsplit("/", 1)[1], c["if_none_match"], c["status"]) for c in moto_s3.commits()] == [
         ("00000000000000000000.json", "*", "200"), ("00000000000000000001.json", "*", "200"),
     ]
+
+
+def test_check_store_accepts_a_store_that_refuses_second_creates_and_refuses_one_that_does_not(moto_s3, capsys):
+    from laion_assets.cli import main
+    from laion_assets_tests.servers import MotoServer
+
+    assert main(["check-store", "--lake", "s3://laion/lake"]) == 0
+    assert "concurrent writers are safe" in capsys.readouterr().out
+    careless = MotoServer(honour_conditional_writes=False).start()
+    try:
+        client = boto3.client("s3", endpoint_url=careless.endpoint)
+        client.create_bucket(Bucket="laion")
+        with pytest.raises(LaionAssetsError, match="ignores If-None-Match"):
+            Lake("s3://laion/lake", {"AWS_ENDPOINT_URL": careless.endpoint}).check_conditional_writes()
+        assert client.list_objects_v2(Bucket="laion").get("KeyCount") == 0  # the probe cleans up
+    finally:
+        careless.stop()
 
 
 @pytest.mark.slow

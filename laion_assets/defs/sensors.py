@@ -11,6 +11,7 @@ from dagster import (
     SkipReason,
     sensor,
 )
+from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
 
 from laion_assets.core import registry
 from laion_assets.core.errors import LaionAssetsError
@@ -19,9 +20,18 @@ from laion_assets.defs.partitions import shards
 from laion_assets.defs.raw_urls import raw_urls
 from laion_assets.defs.resources import InputsResource, LakeResource
 
+# A drop of more new shard files than this is registered in one bulk insert and handed over as
+# one backfill of raw_urls (the backfill daemon paces the runs; one item with progress in the
+# UI). Below it, the tick asks for the partitions and one run each, as usual. At scale the
+# usual way strains: the sensor daemon checks every requested partition key with two queries
+# and creates requested runs one by one inside the tick, ~1 s each on a busy 2-core box
+# (benchmarks/bench_partitions.py: 60,000 keys held the tick for over 5 minutes before any
+# partition was added).
+BACKFILL_ABOVE = 100
+
 
 @sensor(
-    target=[raw_urls],
+    asset_selection=[raw_urls],
     minimum_interval_seconds=30,
     default_status=DefaultSensorStatus.RUNNING,
     description=(
@@ -54,23 +64,29 @@ def shard_files(context: SensorEvaluationContext, inputs: InputsResource, lake: 
         f"`laion-assets remove-shard {' '.join(kept[:10])}`)" if kept else ""
     )
     requests = []
+    bulk = len(new) > BACKFILL_ABOVE
     if new:
         context.log.info(f"registering {len(new)} new shards: {new[:10]}{skipped}")
-        requests.append(shards.build_add_request(new))
+        if bulk:
+            context.instance.add_dynamic_partitions(shards.name, new)  # `new` is already a diff: one insert
+        else:
+            requests.append(shards.build_add_request(new))
     removed = sorted(set(unpublished) & partitions)
     if removed:
         context.log.info(f"removing {len(removed)} unpublished shards whose file is gone: {removed[:10]}")
         requests.append(shards.build_delete_request(removed))
-    if not requests:
+    if not new and not requests:
         return SkipReason(f"no new shard files in {inputs.location} ({len(files)} known){skipped}{note}")
     if note:
         context.log.warning(note[2:])
-    when = registry.registered_at(lk)
-    return SensorResult(
-        dynamic_partitions_requests=requests,
+    if bulk:
+        subset = AssetGraphSubset(partitions_subsets_by_asset_key={raw_urls.key: shards.empty_subset().with_partition_keys(new)})
+        runs = [RunRequest.for_asset_graph_subset(subset, tags={"laion_assets/launched_by": "shard_files"})]
+    else:
+        when = registry.registered_at(lk)
         # keyed by registration time: a shard removed and added again runs again
-        run_requests=[RunRequest(partition_key=k, run_key=f"raw_urls:{k}:{when.get(k, '')}") for k in new],
-    )
+        runs = [RunRequest(partition_key=k, run_key=f"raw_urls:{k}:{when.get(k, '')}") for k in new]
+    return SensorResult(dynamic_partitions_requests=requests, run_requests=runs)
 
 
 automation = AutomationConditionSensorDefinition(
