@@ -224,7 +224,11 @@ def _serve_moto(port: int, journal: str, honour: bool) -> None:
     import json
     import threading
 
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
     from werkzeug.serving import run_simple
 
     app = DomainDispatcherApplication(create_backend_app)

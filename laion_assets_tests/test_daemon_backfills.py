@@ -9,7 +9,6 @@ import os
 import random
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
@@ -29,7 +28,7 @@ from laion_assets_tests.deployment import (
 
 pytestmark = pytest.mark.slow
 
-SHARDS, ROWS, RUNS_IN_FLIGHT = 16, 5, 4
+SHARDS, ROWS, RUNS_IN_FLIGHT, KILLS = 16, 5, 4, 3
 POOLS = {"download": 2, "gpu": 1}
 OVERRIDES = {
     "concurrency": {"runs": {"max_concurrent_runs": RUNS_IN_FLIGHT}},
@@ -69,24 +68,28 @@ def backfill(d: dict, prefix: str) -> tuple[list[str], str]:
 
 
 def wait_done(instance: DagsterInstance, backfill_id: str, shards: list[str], timeout: float, on_tick=None) -> list:
-    """Until every stage of every shard is materialized and no run of the backfill is queued,
-    running or about to be retried; returns the backfill's run records."""
+    """Until no run of the backfill is queued, running or waiting for its retry; returns the
+    backfill's run records (retries carry the backfill's tag)."""
     from laion_assets_tests.deployment import STAGES
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         records = instance.get_run_records(RunsFilter(tags={"dagster/backfill": backfill_id}))
-        busy = [r for r in records if not r.dagster_run.is_finished or r.dagster_run.tags.get("dagster/will_retry") == "true"]
-        if records and not busy:
-            done = all(set(shards) <= instance.get_materialized_partitions(_key(s)) for s in STAGES)
-            retried = {r.dagster_run.tags.get("dagster/parent_run_id") for r in records}
-            waiting = [r for r in records if r.dagster_run.status == DagsterRunStatus.FAILURE and r.dagster_run.run_id not in retried]
-            if done or not waiting:
-                return records
+        retried = {r.dagster_run.parent_run_id for r in records}
+        busy = [
+            r for r in records
+            if not r.dagster_run.is_finished
+            or (r.dagster_run.tags.get("dagster/will_retry") == "true" and r.dagster_run.run_id not in retried)
+        ]
+        launched = {r.dagster_run.tags.get("dagster/partition") for r in records}
+        if launched >= set(shards) and not busy:
+            return records
         if on_tick:
             on_tick(records)
         time.sleep(1)
-    raise TimeoutError(f"backfill {backfill_id} not done after {timeout} s")
+    statuses = sorted(r.dagster_run.status.value for r in records)
+    missing = {s: sorted(set(shards) - instance.get_materialized_partitions(_key(s)))[:5] for s in STAGES}
+    raise TimeoutError(f"backfill {backfill_id} not done after {timeout} s: runs {statuses}, not materialized {missing}")
 
 
 def _key(stage: str):
@@ -104,7 +107,8 @@ def run_worker_pid(instance: DagsterInstance, run_id: str) -> int | None:
 
 
 class Killer:
-    """Kills the run worker (SIGKILL) of a random started run at random moments, `wanted` times."""
+    """Kills the run worker (SIGKILL) of a random run in the middle of a step, at random moments,
+    `wanted` times."""
 
     def __init__(self, instance: DagsterInstance, wanted: int, seed: int = 14):
         self.instance, self.wanted, self.rng = instance, wanted, random.Random(seed)
@@ -117,40 +121,41 @@ class Killer:
         running = [r.dagster_run.run_id for r in records if r.dagster_run.status == DagsterRunStatus.STARTED]
         for run_id in self.rng.sample(running, len(running)):
             pid = run_worker_pid(self.instance, run_id)
-            if pid and run_id not in self.killed:
-                steps = [e.dagster_event.step_key for e in self.instance.all_logs(run_id, of_type=DagsterEventType.STEP_START)]
+            steps = [e.dagster_event.step_key for e in self.instance.all_logs(run_id, of_type=DagsterEventType.STEP_START)]
+            if pid and steps and run_id not in self.killed:  # mid-step
                 os.kill(pid, signal.SIGKILL)
-                self.killed[run_id] = steps[-1] if steps else "(no step yet)"
+                self.killed[run_id] = steps[-1]
                 self.next_at = time.monotonic() + self.rng.uniform(2, 8)
                 return
 
 
+@pytest.mark.timeout(900)  # ~3 minutes on an idle 2-core box; much more when it is shared
 def test_backfill_of_16_shards_with_run_workers_killed_at_random(deployment):
-    """16 shards, 4 runs in flight, pools `download`=2 and `gpu`=1; 4 run workers killed with
-    SIGKILL at random moments. The runs not killed succeed at once; each killed run is marked
+    """16 shards, 4 runs in flight, pools `download`=2 and `gpu`=1; 3 run workers killed with
+    SIGKILL in the middle of a step at random moments. The runs not killed succeed at once; each killed run is marked
     failed (its code server sees the process gone) and retried by the daemon from the step that
     died; at the end every shard's rows are in every table once and every gate passed."""
     d = deployment
     shards, backfill_id = backfill(d, "shard")
-    killer = Killer(d["instance"], wanted=4)
+    killer = Killer(d["instance"], wanted=KILLS)
     daemon = Daemon(d["env"], d["tmp"] / "daemon.log")
     try:
         started = time.monotonic()
-        records = wait_done(d["instance"], backfill_id, shards, timeout=480, on_tick=killer)
+        records = wait_done(d["instance"], backfill_id, shards, timeout=780, on_tick=killer)
         elapsed = time.monotonic() - started
     finally:
         daemon.stop()
     runs = {r.dagster_run.run_id: r.dagster_run for r in records}
     assert len(killer.killed) == killer.wanted, killer.killed
-    first_tries = [r for r in runs.values() if "dagster/parent_run_id" not in r.tags]
+    first_tries = [r for r in runs.values() if r.parent_run_id is None]
     assert len(first_tries) == SHARDS  # one run per shard, then retries
     for run in runs.values():
         if run.run_id in killer.killed:
             assert run.status == DagsterRunStatus.FAILURE
-        elif not run.tags.get("dagster/will_retry") == "true":
+        elif run.tags.get("dagster/will_retry") != "true":
             assert run.status == DagsterRunStatus.SUCCESS, (run.run_id, run.status)
-    retries = [r for r in runs.values() if r.tags.get("dagster/parent_run_id") in killer.killed]
-    assert {r.tags["dagster/parent_run_id"] for r in retries} == set(killer.killed)
+    retries = [r for r in runs.values() if r.parent_run_id in killer.killed]
+    assert {r.parent_run_id for r in retries} == set(killer.killed)
 
     logs = RunLogs(d["instance"], list(runs))
     assert_every_gate_passed(logs, shards)
