@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # System packages the tests start for real on 127.0.0.1: Debian's chromium (driven by
 # Playwright with executable_path=/usr/bin/chromium, never a browser download), PostgreSQL,
-# Redis and nginx. Installed with apt when missing (root, or sudo without a password);
+# Redis and nginx, and iproute2 (`ip netns`: the Celery test puts each worker on a host of its
+# own). Installed with apt when missing (root, or sudo without a password);
 # otherwise the missing ones are named and the command fails.
 set -euo pipefail
 declare -A need=(
   [/usr/bin/chromium]=chromium
   [/usr/bin/redis-server]=redis-server
   [/usr/sbin/nginx]=nginx
+  [/usr/sbin/ip]=iproute2
 )
 missing=()
 for bin in "${!need[@]}"; do
