@@ -18,7 +18,10 @@ import yaml
 
 from laion_assets_tests.conftest import REPO, make_config, write_config
 
-STAGES = ["raw_urls", "images", "embeddings", "scores", "subsets/similar", "subsets/pretty"]
+# The shard assets of make_config (one tiny embedding space) and their tables; every one but
+# curation/dedup_keys has a quality_gate.
+STAGES = ["raw_urls", "images", "language", "curation/dedup_keys", "embeddings/tiny", "scores", "subsets/similar", "subsets/pretty"]
+GATED = [s for s in STAGES if s != "curation/dedup_keys"]
 BIN = Path(sys.executable).parent
 
 
@@ -116,6 +119,12 @@ def wait_backfill(instance, backfill_id: str, timeout: float, on_tick=None):
     raise TimeoutError(f"backfill {backfill_id} still {instance.get_backfill(backfill_id).status} after {timeout} s")
 
 
+def shard_of(run) -> str | None:
+    """The shard of a one-shard run: `dagster/partition`, or the range a backfill run carries
+    (BackfillPolicy.multi_run(1): a range of one)."""
+    return run.tags.get("dagster/partition") or run.tags.get("dagster/asset_partition_range_start")
+
+
 def max_overlap(intervals: list[tuple[float, float]]) -> int:
     points = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
     level = peak = 0
@@ -137,7 +146,7 @@ class RunLogs:
         self.materialized: set[tuple[str, str]] = set()
         runs = sorted((instance.get_run_record_by_id(r) for r in run_ids), key=lambda r: r.create_timestamp)
         for record in runs:
-            shard = record.dagster_run.tags.get("dagster/partition")
+            shard = shard_of(record.dagster_run)
             started = {}  # a step whose run died holds its pool slot until the run ends
             for rec in instance.all_logs(record.dagster_run.run_id):
                 ev = rec.dagster_event
@@ -166,15 +175,20 @@ def assert_every_shard_once(lake_uri: str, shards: list[str], rows: int) -> dict
     lake = Lake(lake_uri)
     counts = {}
     for table in STAGES:
-        df = lake.scan(table).select("shard", "uid").collect()
-        assert df.filter(pl.col("uid").is_duplicated()).is_empty(), f"{table}: doubled rows"
+        # a row is a uid, except in the dedup key index (several keys per image)
+        row = ["uid", "kind", "key", "bucket"] if table == "curation/dedup_keys" else ["uid"]
+        df = lake.scan(table).select("shard", *row).collect()
+        assert not df.select(row).is_duplicated().any(), f"{table}: doubled rows"
         per_shard = dict(df.group_by("shard").len().iter_rows())
-        if table in ("raw_urls", "images"):
+        if table in ("raw_urls", "images", "language"):
             assert per_shard == {s: rows for s in shards}, f"{table}: {per_shard}"
-        elif table in ("embeddings", "scores"):  # every image but the 404
+        elif table in ("embeddings/tiny", "scores"):  # every image but the 404
             assert per_shard == {s: rows - 1 for s in shards}, f"{table}: {per_shard}"
+        elif table == "curation/dedup_keys":  # the keys of every image but the 404
+            images = lake.scan(table).group_by("shard").agg(pl.col("uid").n_unique()).collect()
+            assert dict(images.iter_rows()) == {s: rows - 1 for s in shards}, f"{table}: {images}"
         counts[table] = df.height
-    emb = lake.scan("embeddings").select("uid").collect()["uid"].sort()
+    emb = lake.scan("embeddings/tiny").select("uid").collect()["uid"].sort()
     assert emb.equals(lake.scan("scores").select("uid").collect()["uid"].sort())
     return counts
 
@@ -183,5 +197,5 @@ def assert_every_gate_passed(logs: RunLogs, shards: list[str]) -> None:
     """Each stage of each shard was materialized and its latest quality_gate passed."""
     want = {(stage, shard) for stage in STAGES for shard in shards}
     assert want <= logs.materialized, f"not materialized: {sorted(want - logs.materialized)[:10]}"
-    failing = sorted(k for k in want if logs.gates.get(k) is not True)
+    failing = sorted((stage, shard) for stage in GATED for shard in shards if logs.gates.get((stage, shard)) is not True)
     assert not failing, f"gate missing or failed: {failing[:10]}"

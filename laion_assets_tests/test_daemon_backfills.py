@@ -16,6 +16,7 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFil
 
 from laion_assets_tests.deployment import (
     BIN,
+    STAGES,
     Daemon,
     RunLogs,
     assert_every_gate_passed,
@@ -23,6 +24,7 @@ from laion_assets_tests.deployment import (
     dagster_home,
     max_overlap,
     pipeline_env,
+    shard_of,
     write_shards,
 )
 
@@ -70,8 +72,6 @@ def backfill(d: dict, prefix: str) -> tuple[list[str], str]:
 def wait_done(instance: DagsterInstance, backfill_id: str, shards: list[str], timeout: float, on_tick=None) -> list:
     """Until no run of the backfill is queued, running or waiting for its retry; returns the
     backfill's run records (retries carry the backfill's tag)."""
-    from laion_assets_tests.deployment import STAGES
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         records = instance.get_run_records(RunsFilter(tags={"dagster/backfill": backfill_id}))
@@ -81,7 +81,7 @@ def wait_done(instance: DagsterInstance, backfill_id: str, shards: list[str], ti
             if not r.dagster_run.is_finished
             or (r.dagster_run.tags.get("dagster/will_retry") == "true" and r.dagster_run.run_id not in retried)
         ]
-        launched = {r.dagster_run.tags.get("dagster/partition") for r in records}
+        launched = {shard_of(r.dagster_run) for r in records}
         if launched >= set(shards) and not busy:
             return records
         if on_tick:
@@ -108,7 +108,7 @@ def run_worker_pid(instance: DagsterInstance, run_id: str) -> int | None:
 
 class Killer:
     """Kills the run worker (SIGKILL) of a random run in the middle of a step, at random moments,
-    `wanted` times."""
+    `wanted` times, each time in a step it has not killed yet."""
 
     def __init__(self, instance: DagsterInstance, wanted: int, seed: int = 14):
         self.instance, self.wanted, self.rng = instance, wanted, random.Random(seed)
@@ -121,8 +121,11 @@ class Killer:
         running = [r.dagster_run.run_id for r in records if r.dagster_run.status == DagsterRunStatus.STARTED]
         for run_id in self.rng.sample(running, len(running)):
             pid = run_worker_pid(self.instance, run_id)
-            steps = [e.dagster_event.step_key for e in self.instance.all_logs(run_id, of_type=DagsterEventType.STEP_START)]
-            if pid and steps and run_id not in self.killed:  # mid-step
+            logs = self.instance.all_logs(run_id, of_type={DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS})
+            steps = [e.dagster_event.step_key for e in logs if e.dagster_event.event_type == DagsterEventType.STEP_START]
+            done = {e.dagster_event.step_key for e in logs if e.dagster_event.event_type == DagsterEventType.STEP_SUCCESS}
+            mid_step = steps and steps[-1] not in done and steps[-1] not in self.killed.values()
+            if pid and mid_step and run_id not in self.killed:
                 os.kill(pid, signal.SIGKILL)
                 self.killed[run_id] = steps[-1]
                 self.next_at = time.monotonic() + self.rng.uniform(2, 8)
@@ -156,6 +159,9 @@ def test_backfill_of_16_shards_with_run_workers_killed_at_random(deployment):
             assert run.status == DagsterRunStatus.SUCCESS, (run.run_id, run.status)
     retries = [r for r in runs.values() if r.parent_run_id in killer.killed]
     assert {r.parent_run_id for r in retries} == set(killer.killed)
+    for retry in retries:  # from the step that died: the steps done before it are not redone
+        started = d["instance"].all_logs(retry.run_id, of_type=DagsterEventType.STEP_START)
+        assert started[0].dagster_event.step_key == killer.killed[retry.parent_run_id]
 
     logs = RunLogs(d["instance"], list(runs))
     assert_every_gate_passed(logs, shards)
