@@ -16,7 +16,7 @@ $(BIN)/laion-assets: pyproject.toml
 
 install: $(BIN)/laion-assets
 
-# chromium, PostgreSQL, Redis, nginx: the tests start them on 127.0.0.1 (apt, when missing)
+# chromium, PostgreSQL, Redis, nginx (the tests start them on 127.0.0.1) and iproute2 (apt, when missing)
 system-packages:
 	bash scripts/system-packages.sh
 
