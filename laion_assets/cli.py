@@ -116,11 +116,11 @@ def _print_tables(lake: str) -> None:
 
     lk = Lake(lake)
     print("\nDelta tables (read them with pl.read_delta(path) or duckdb's delta_scan(path)):")
-    for name in lk.tables():
-        if name.startswith("_"):
-            continue
+    names = [name for name in lk.tables() if not name.startswith("_")]
+    width = max([len(name) for name in names] + [28])
+    for name in names:
         rows = lk.scan(name).select(pl.len()).collect().item()
-        print(f"  {name:<28} {rows:>7} rows  {lk.table_uri(name)}")
+        print(f"  {name:<{width}} {rows:>7} rows  {lk.table_uri(name)}")
 
 
 def cmd_run(args) -> int:
