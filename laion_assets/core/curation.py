@@ -9,16 +9,13 @@ state is never out of step with the data it describes.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterable
 
 import polars as pl
 import pyarrow as pa
 from deltalake import CommitProperties, write_deltalake
-from deltalake.exceptions import CommitFailedError
 
 from laion_assets import __version__
-from laion_assets.core.errors import LaionAssetsError
 from laion_assets.core.lake import Lake
 
 BLOCKED, DUPLICATES = "curation/blocked", "curation/duplicates"
@@ -27,27 +24,26 @@ STATE_KEY = "curation_state"
 
 
 def write(lake: Lake, name: str, data: pa.Table, *, mode: str, partition_by: list[str], predicate: str | None = None,
-          state: dict | None = None, metadata: dict | None = None, description: str | None = None, tries: int = 8) -> int:
+          state: dict | None = None, metadata: dict | None = None, description: str | None = None) -> int:
     """One Delta commit (append, or overwrite of the rows matching `predicate`), retried when
     another writer committed first; `state` goes into the commit. Returns the new version."""
     lake.ensure_writable()
     meta = {"code_version": __version__, **(metadata or {}), **({STATE_KEY: json.dumps(state, sort_keys=True)} if state else {})}
-    for attempt in range(tries):
-        try:
-            if not lake.exists(name):  # created empty first: two first writers then both overwrite
-                write_deltalake(
-                    lake.table_uri(name), data.schema.empty_table(), mode="append", partition_by=partition_by,
-                    storage_options=lake.storage_options, description=description,
-                )
+
+    def commit() -> None:
+        if not lake.exists(name):  # created empty first: two first writers then both overwrite
             write_deltalake(
-                lake.table_uri(name), data, mode=mode, partition_by=partition_by, predicate=predicate,
-                schema_mode="merge", storage_options=lake.storage_options,
-                commit_properties=CommitProperties(custom_metadata=meta),
+                lake.table_uri(name), data.schema.empty_table(), mode="append", partition_by=partition_by,
+                storage_options=lake.storage_options, description=description,
             )
-            return lake.table(name).version()
-        except CommitFailedError:
-            time.sleep(0.1 * (attempt + 1))  # another shard's run committed first: again on top of it
-    raise LaionAssetsError(f"could not commit to '{name}': too many concurrent writers")
+        write_deltalake(
+            lake.table_uri(name), data, mode=mode, partition_by=partition_by, predicate=predicate,
+            schema_mode="merge", storage_options=lake.storage_options,
+            commit_properties=CommitProperties(custom_metadata=meta),
+        )
+
+    lake.retry_commit(f"'{name}'", commit)  # another run committed first: again on top of it
+    return lake.table(name).version()
 
 
 def last_state(lake: Lake, name: str) -> dict | None:
@@ -105,17 +101,10 @@ def remove_from_subset(lake: Lake, table: str, rows: pl.DataFrame, reason: str) 
     )
     if present.is_empty():
         return None
-    for attempt in range(8):
-        try:
-            lake.table(table).merge(
-                present.to_arrow(), predicate="t.shard = s.shard AND t.uid = s.uid", source_alias="s", target_alias="t",
-                commit_properties=CommitProperties(custom_metadata={"stage": "curation", "reason": reason}),
-            ).when_matched_delete().execute()
-            break
-        except CommitFailedError:
-            time.sleep(0.1 * (attempt + 1))
-    else:
-        raise LaionAssetsError(f"could not remove rows from '{table}': too many concurrent writers")
+    lake.retry_commit(f"the removal of rows from '{table}'", lambda: lake.table(table).merge(
+        present.to_arrow(), predicate="t.shard = s.shard AND t.uid = s.uid", source_alias="s", target_alias="t",
+        commit_properties=CommitProperties(custom_metadata={"stage": "curation", "reason": reason}),
+    ).when_matched_delete().execute())
     per_shard = dict(present.group_by("shard").len().sort("shard").iter_rows())
     return {"version": lake.table(table).version(), "rows_removed": present.height, "per_shard": per_shard}
 

@@ -137,7 +137,7 @@ class Lake:
                     writer_properties=WRITER, target_file_size=TARGET_FILE_BYTES,
                 )
 
-        self._commit(f"shard '{shard}' to '{name}'", commit)
+        self.retry_commit(f"shard '{shard}' to '{name}'", commit)
         return self.table(name).version()
 
     def publish_stream(
@@ -201,7 +201,7 @@ class Lake:
                     storage_options=self.storage_options, commit_properties=props,
                 )
 
-        self._commit(f"shard '{shard}' to '{name}'", commit)
+        self.retry_commit(f"shard '{shard}' to '{name}'", commit)
         return self.table(name).version()
 
     def append(self, name: str, data: pa.Table | pl.DataFrame, shard: str | None = None) -> None:
@@ -213,12 +213,12 @@ class Lake:
         if shard is not None:
             table = _with_shard(table, check_shard_key(shard))
         self.ensure_writable()
-        self._commit(f"rows to '{name}'", lambda: write_deltalake(
+        self.retry_commit(f"rows to '{name}'", lambda: write_deltalake(
             self.table_uri(name), table, mode="append", partition_by=["shard"], schema_mode="merge",
             storage_options=self.storage_options,
         ))
 
-    def _commit(self, what: str, commit: Callable[[], None]) -> None:
+    def retry_commit(self, what: str, commit: Callable[[], None]) -> None:
         """Run one Delta commit; on a conflict with a concurrent writer, run it again on top of
         the new table version after a jittered, growing pause (writers that collided do not
         collide again in step). `commit_retries` counts the retries of this Lake."""
@@ -288,7 +288,7 @@ class Lake:
         fs, root = self._filesystem(name)
         fs.delete_dir_contents(f"{root}/shard={shard}", missing_dir_ok=True)
         try:
-            self._commit(f"the drop of shard '{shard}' from '{name}'", lambda: self.delete_shard(name, shard))
+            self.retry_commit(f"the drop of shard '{shard}' from '{name}'", lambda: self.delete_shard(name, shard))
         except DeltaError as e:
             infra = explain(e)
             if infra is not None and infra.kind not in ("corrupt", "missing"):
