@@ -19,6 +19,7 @@ from laion_assets import __version__
 from laion_assets.core.lake import Lake
 
 BLOCKED, DUPLICATES = "curation/blocked", "curation/duplicates"
+DEDUP_KEYS = "curation/dedup_keys"  # the per-shard key index, partitioned by bucket
 MARK_COLUMNS = ("duplicate_url", "duplicate_sha256", "duplicate_phash")
 STATE_KEY = "curation_state"
 

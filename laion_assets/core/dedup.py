@@ -31,7 +31,7 @@ from laion_assets.core.errors import LaionAssetsError
 from laion_assets.core.lake import Lake, check_shard_key
 from laion_assets.core.stages.publish import IMAGES
 
-INDEX, DUPLICATES = "curation/dedup_keys", curation.DUPLICATES
+INDEX, DUPLICATES = curation.DEDUP_KEYS, curation.DUPLICATES
 KINDS = ("url", "sha256", "phash")
 INDEX_SCHEMA = pa.schema([
     ("bucket", pa.int32()), ("kind", pa.string()), ("key", pa.binary()), ("uid", pa.int64()),

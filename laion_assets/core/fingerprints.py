@@ -20,18 +20,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import polars as pl
 import pyarrow.fs as pafs
 
 from laion_assets import __version__
 from laion_assets.core import registry
 from laion_assets.core.config import PipelineConfig
+from laion_assets.core.curation import BLOCKED, DEDUP_KEYS, DUPLICATES
 from laion_assets.core.lake import Lake
 
 # Bump a stage's number when a code change alters the rows it publishes: its published shards
 # (and their staging) are then redone by the next run.
 CODE_VERSIONS = {"raw_urls": 1, "language": 1, "images": 2, "embeddings": 1, "watermark": 1, "scores": 1, "dedup_keys": 1, "subsets": 1}
-DEDUP_KEYS = "curation/dedup_keys"  # the per-shard key index: partitioned by bucket, not by shard
-MARKS = {"curation/blocked": ["uid"], "curation/duplicates": ["kind", "uid"]}  # what a subset reads of them
+MARKS = {BLOCKED: ["uid"], DUPLICATES: ["kind", "uid"]}  # what a subset reads of the curation passes' marks
 
 # Config sections by the stage whose rows or gate they decide (None: neither). A new section
 # must be placed here (a test fails until it is).
@@ -149,8 +150,6 @@ def marks_id(lake: Lake, table: str, shard: str) -> str:
     """Names the curation marks of a shard by content (no table yet: no marks)."""
     rows = b""
     if lake.exists(table):
-        import polars as pl
-
         marks = lake.scan(table).filter(pl.col("shard") == shard).select(MARKS[table]).unique().sort(MARKS[table]).collect()
         rows = marks.write_csv().encode() if marks.height else b""
     return hashlib.sha256(rows).hexdigest()[:24]
