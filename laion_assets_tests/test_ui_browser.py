@@ -170,12 +170,35 @@ def launch(page, base: str, shards: list[str], button: str) -> None:
     if not pick.is_visible():
         expect(dialog).to_contain_text("curation / duplicates")
         dialog.get_by_role("button", name="Confirm").click()
-    pick.click()
-    for shard in shards:
-        page.locator(".dagster-popover span", has_text=shard).first.click()
-    page.keyboard.press("Escape")  # closes the partition list, not the dialog
+    pick_partitions(page, dialog, shards)
     dialog.get_by_role("button", name=button).click()
     dialog.wait_for(state="detached")
+
+
+def pick_partitions(page, dialog, shards: list[str]) -> None:
+    """Tick `shards` in the dialog's partition list. The dialog may reset its selection (and
+    close the list) when the partitions' status arrives after it opened, so the ticks are
+    checked against the dialog's partition count and made again until they hold."""
+    from playwright.sync_api import TimeoutError, expect
+
+    picker = dialog.locator('[aria-haspopup="dialog"]')  # the selected tags and the list's toggle
+    counted = dialog.get_by_text(f"{len(shards)} partition{'s' if len(shards) > 1 else ''}", exact=True)
+    for _ in range(5):
+        try:
+            for shard in shards:
+                if picker.get_by_title(shard, exact=True).count():
+                    continue
+                if picker.get_attribute("aria-expanded") != "true":
+                    picker.click()
+                page.locator(".dagster-popover span", has_text=shard).first.click(timeout=5_000)
+            if picker.get_attribute("aria-expanded") == "true":
+                page.keyboard.press("Escape")  # closes the partition list, not the dialog
+            expect(counted).to_be_visible(timeout=5_000)
+            if all(picker.get_by_title(shard, exact=True).count() for shard in shards):
+                return
+        except (TimeoutError, AssertionError):
+            pass
+    raise AssertionError(f"the launch dialog did not keep the partitions {shards}")
 
 
 def wait_for_runs(instance: DagsterInstance, count: int, timeout: float = 420) -> list:
