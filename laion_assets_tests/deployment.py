@@ -46,15 +46,17 @@ def dagster_home(root: Path, overrides: dict | None = None, source: Path = REPO 
     return home
 
 
-def write_shards(folder: Path, entries: list[dict], base_url: str, n: int, rows: int = 5, prefix: str = "shard") -> list[Path]:
-    """`n` tiny shards: `rows - 1` images each (rotating through the site) and one 404."""
+def write_shards(folder: Path, entries: list[dict], base_url: str, n: int, rows: int = 5, prefix: str = "shard",
+                 route: str = "img") -> list[Path]:
+    """`n` tiny shards: `rows - 1` images each (rotating through the site) and one 404. `route`
+    is the site's path to a file (see faultsite.Handler: `sleep/<ms>/<key>` serves it late)."""
     folder.mkdir(parents=True, exist_ok=True)
     images = [e for e in entries if e["width"] <= 700]
     paths = []
     for i in range(n):
         picked = [images[(i * (rows - 1) + j) % len(images)] for j in range(rows - 1)]
         df = pl.DataFrame({
-            "URL": [f"{base_url}/img/{e['file']}" for e in picked] + [f"{base_url}/missing/{prefix}-{i}.jpg"],
+            "URL": [f"{base_url}/{route}/{e['file']}" for e in picked] + [f"{base_url}/missing/{prefix}-{i}.jpg"],
             "TEXT": [f"{e['caption']} ({prefix} {i})" for e in picked] + [f"gone {i}"],
         })
         path = folder / f"{prefix}-{i:03d}.parquet"

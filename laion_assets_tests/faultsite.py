@@ -216,6 +216,30 @@ class Handler(BaseHTTPRequestHandler):
             self._send(404, b"not found", ctype="text/plain")
 
 
+class FaultServer:
+    """The routes above over the files in `root`, on 127.0.0.1:`port` (0: any free port)."""
+
+    def __init__(self, root: Path, port: int = 0):
+        self.site = SiteState(root)
+        handler = type("H", (Handler,), {"site": self.site})
+        server = type("Server", (ThreadingHTTPServer,), {"request_queue_size": 256})  # listen backlog (default 5)
+        self.httpd = server(("127.0.0.1", port), handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 @pytest.fixture(scope="session")
 def testsite(tmp_path_factory):
     """A keep-alive test server on 127.0.0.1 serving a few real JPEGs (yields (site, base_url))."""
@@ -224,16 +248,9 @@ def testsite(tmp_path_factory):
     root = tmp_path_factory.mktemp("testsite")
     for i, size in enumerate([(320, 240), (640, 480), (200, 300)]):
         Image.new("RGB", size, (40 * i, 100, 200)).save(root / f"p{i}.jpg", quality=90)
-    site = SiteState(root)
-    handler = type("H", (Handler,), {"site": site})
-    server = type("Server", (ThreadingHTTPServer,), {"request_queue_size": 256})  # listen backlog (default 5)
-    httpd = server(("127.0.0.1", 0), handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield site, f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    server = FaultServer(root)
+    yield server.site, server.base_url
+    server.close()
 
 
 class StubResolver(AbstractResolver):

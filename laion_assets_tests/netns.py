@@ -4,7 +4,8 @@ A namespace shares the filesystem with the test machine, not the network. A work
 reaches the database and the broker through a small forwarder running in its namespace: it
 listens on the namespace's 127.0.0.1:<port> and pipes each connection to the server's unix
 socket (the wire between the hosts), so the worker uses the same addresses as everyone else.
-The image server runs in each namespace (every host reaches "the web" on its own). Nothing
+The image server (faultsite's routes over the test's site folder) runs in each namespace:
+every host reaches "the web" on its own. Nothing
 leaves 127.0.0.1.
 
     python -m laion_assets_tests.netns --forward 5432=/path/.s.PGSQL.5432 --site DIR --port 8765
@@ -83,13 +84,13 @@ async def _forward(port: int, socket_path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--forward", action="append", default=[], help="PORT=UNIX_SOCKET")
-    parser.add_argument("--site", help="sample site to serve on 127.0.0.1:--port")
+    parser.add_argument("--site", help="site folder to serve with faultsite's routes on 127.0.0.1:--port")
     parser.add_argument("--port", type=int)
     args = parser.parse_args()
     if args.site:
-        from laion_assets.core.sample import SampleServer
+        from laion_assets_tests.faultsite import FaultServer
 
-        SampleServer(Path(args.site), port=args.port).__enter__()
+        FaultServer(Path(args.site), port=args.port)
 
     async def run():
         await asyncio.gather(*(_forward(int(p), s) for p, s in (f.split("=", 1) for f in args.forward)))

@@ -32,12 +32,14 @@ from laion_assets_tests.deployment import (
     pipeline_env,
     write_shards,
 )
+from laion_assets_tests.faultsite import FaultServer
 
 pytestmark = pytest.mark.slow
 
 SHARDS, ROWS = 4, 5
 VISIBILITY_S = 30  # a task held by a dead worker goes back to the queue after this long (> any step here)
-KILL_AFTER_STEPS = 6
+IMAGE_DELAY_MS = 3000  # every image is answered this late: the images step outlasts the kill's polling
+KILLED_STEP = "images"
 
 
 def celery_config(path, redis) -> str:
@@ -108,6 +110,11 @@ def worker_of_steps(instance: DagsterInstance, run_id: str) -> list[tuple[str, s
     return out
 
 
+def step_in_flight(instance: DagsterInstance, run_id: str, step: str) -> bool:
+    ended = instance.all_logs(run_id, of_type={DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE})
+    return all(rec.dagster_event.step_key != step for rec in ended)
+
+
 def task_spans(log) -> list[tuple[float, float]]:
     """(received, finished) of each task a worker finished, from its log."""
     stamp = lambda line: datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
@@ -121,7 +128,16 @@ def task_spans(log) -> list[tuple[float, float]]:
     return spans
 
 
-def test_celery_workers_on_two_hosts_run_shard_steps_and_take_over_a_killed_step(tmp_path, postgres, redis, site, server):
+@pytest.fixture
+def web(site):
+    """The site's images behind faultsite's routes (`/sleep/` answers late), as each worker host
+    serves them in its namespace."""
+    server = FaultServer(site[0])
+    yield server
+    server.close()
+
+
+def test_celery_workers_on_two_hosts_run_shard_steps_and_take_over_a_killed_step(tmp_path, postgres, redis, site, web):
     db = postgres.create_database(f"celery_{os.getpid()}")
     home = dagster_home(tmp_path)
     env = pipeline_env(
@@ -133,11 +149,11 @@ def test_celery_workers_on_two_hosts_run_shard_steps_and_take_over_a_killed_step
     instance = DagsterInstance.from_config(str(home))
     for pool in ("download", "gpu"):  # as README says: set the pools before the first runs
         instance.event_log_storage.set_concurrency_slots(pool, 2)
-    files = write_shards(tmp_path / "in", site[1], server.base_url, SHARDS, ROWS, "cel")
+    files = write_shards(tmp_path / "in", site[1], web.base_url, SHARDS, ROWS, "cel", route=f"sleep/{IMAGE_DELAY_MS}/cel")
     shards = register_shards(Lake(env["LAION_ASSETS_LAKE"]), [str(tmp_path / "in")], instance)
     assert shards == [f.name.split(".")[0] for f in files]
 
-    workers = Workers(env, tmp_path, postgres, redis, site[0], server.httpd.server_address[1])
+    workers = Workers(env, tmp_path, postgres, redis, site[0], web.port)
     killed = None  # (run id, step) w1 was in when it was killed
     try:
         runs = [
@@ -150,17 +166,19 @@ def test_celery_workers_on_two_hosts_run_shard_steps_and_take_over_a_killed_step
         deadline = time.monotonic() + 400
         while any(r.poll() is None for r in runs):
             assert time.monotonic() < deadline, "runs did not finish"
-            if killed is None:  # once w1 has done a few steps, kill it (the whole host) as it begins the next one
+            if killed is None:  # once w1 has done a step, kill it (the whole host) in its first download
                 placed = {r.dagster_run.run_id: worker_of_steps(instance, r.dagster_run.run_id) for r in instance.get_run_records()}
                 on_w1 = [(run_id, step) for run_id, steps in placed.items() for step, w in steps if w == "w1"]
-                if len(on_w1) >= KILL_AFTER_STEPS:
+                downloading = [(run_id, step) for run_id, step in on_w1
+                               if step == KILLED_STEP and step_in_flight(instance, run_id, step)]
+                if len(on_w1) >= 2 and downloading:
                     workers.kill("w1")
-                    killed = on_w1[-1]
+                    killed = downloading[0]
             time.sleep(0.2)
     finally:
         workers.close()
     assert [r.returncode for r in runs] == [0] * SHARDS, [(tmp_path / f"{s}.log").read_text()[-3000:] for s in shards]
-    assert killed, "w1 did not get enough steps"
+    assert killed, f"w1 was never killed in {KILLED_STEP}"
 
     run_ids = [r.dagster_run.run_id for r in instance.get_run_records()]
     logs = RunLogs(instance, run_ids)
