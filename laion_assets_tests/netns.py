@@ -5,8 +5,7 @@ reaches the database and the broker through a small forwarder running in its nam
 listens on the namespace's 127.0.0.1:<port> and pipes each connection to the server's unix
 socket (the wire between the hosts), so the worker uses the same addresses as everyone else.
 The image server (faultsite's routes over the test's site folder) runs in each namespace:
-every host reaches "the web" on its own. Nothing
-leaves 127.0.0.1.
+every host reaches "the web" on its own. Nothing leaves 127.0.0.1.
 
     python -m laion_assets_tests.netns --forward 5432=/path/.s.PGSQL.5432 --site DIR --port 8765
 """

@@ -13,11 +13,9 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +28,8 @@ from laion_assets.core.config import EmbeddingConfig, ExportConfig, SpaceConfig,
 from laion_assets.core.download import max_unstaged
 from laion_assets.core.lake import Lake
 from laion_assets_tests.conftest import REPO, make_config, write_config
+from laion_assets_tests.faultsite import FaultServer, SiteState
 from laion_assets_tests.test_download import dcfg
-from laion_assets_tests.faultsite import Handler, SiteState
 from laion_assets_tests.test_runs import cli_env, write_instance
 
 SHARD = "campaign"
@@ -72,13 +70,9 @@ def points(rng: random.Random) -> list[Point]:
 @pytest.fixture(scope="module")
 def slow_site(site):
     """The sample photos served with a delay per request, counting requests per path."""
-    state = SiteState(site[0])
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), type("H", (Handler,), {"site": state}))
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield state, f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    server = FaultServer(site[0])
+    yield server.site, server.base_url
+    server.close()
 
 
 def run_cli(tmp_path: Path, home: Path, args: list[str], point: Point | None, lake: Path, log: str) -> tuple[int | None, float]:
