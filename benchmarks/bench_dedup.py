@@ -79,9 +79,9 @@ def shard_frame(shard: str, first_uid: int, rows: int, rng: np.random.Generator,
 
 def build_index(lake_dir: str, keys: int, shard_rows: int, seed: int, distance: int) -> dict:
     """Shards written the way the images and dedup_keys stages do, until the index has `keys` entries."""
-    from laion_assets.core import dedup
-    from laion_assets.core.config import DedupConfig
-    from laion_assets.core.lake import Lake
+    from laion_assets.core.curation import dedup
+    from laion_assets.core.curation.config import DedupConfig
+    from laion_assets.core.lake.delta import Lake
 
     lake, cfg = Lake(lake_dir), DedupConfig(phash_distance=distance)
     rows_total = keys // ENTRIES_PER_ROW(cfg.phash_distance)
@@ -105,7 +105,7 @@ def prepare_shard(lake_dir: str, shard: str, rows: int, seed: int) -> None:
     """A new shard's images (copies of earlier rows planted), published like the images stage does."""
     import polars as pl
 
-    from laion_assets.core.lake import Lake
+    from laion_assets.core.lake.delta import Lake
 
     lake = Lake(lake_dir)
     sample = pl.scan_delta(lake.table_uri("images")).select("url", "sha256", "phash").head(200_000).collect()
@@ -118,9 +118,9 @@ def measure_shard(lake_dir: str, shard: str, distance: int) -> dict:
     shard's index entries, then the incremental pass."""
     import polars as pl
 
-    from laion_assets.core import dedup
-    from laion_assets.core.config import DedupConfig
-    from laion_assets.core.lake import Lake
+    from laion_assets.core.curation import dedup
+    from laion_assets.core.curation.config import DedupConfig
+    from laion_assets.core.lake.delta import Lake
 
     lake, cfg = Lake(lake_dir), DedupConfig(phash_distance=distance)
     rows = lake.shard_row_count("images", shard)
@@ -230,8 +230,8 @@ def score(removed: set[int], truth: list[tuple[int, int]], rows: int) -> dict:
 
 
 def run_semantic(rows: int, dim: int, clusters: int, threshold: float, seed: int) -> dict:
-    from laion_assets.core.config import SemanticDedupConfig
-    from laion_assets.core.semdedup import semdedup
+    from laion_assets.core.curation.config import SemanticDedupConfig
+    from laion_assets.core.curation.semdedup import semdedup
 
     stream, total, truth = planted_stream(rows, dim, seed)
     t = time.perf_counter()

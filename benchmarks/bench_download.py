@@ -204,7 +204,7 @@ def export(lake: str, outdir: str) -> None:
     error_message; the fine statuses go to OUTDIR/_bench/statuses.json."""
     import polars as pl
 
-    from laion_assets.core.download import I2D_STATUS
+    from laion_assets.core.images.download import I2D_STATUS
 
     df = pl.scan_delta(f"{Path(lake).resolve()}/images").select("url", "status", "error").collect()
     Path(outdir, "_bench").mkdir(parents=True, exist_ok=True)
@@ -295,13 +295,14 @@ def profile(args) -> None:
     import polars as pl
     from PIL import Image
 
-    from laion_assets.core import registry, stages
+    from laion_assets.core import stages
     from laion_assets.core.config import load_config
-    from laion_assets.core.download import ShardDownloader
-    from laion_assets.core.fetch import Fetcher
-    from laion_assets.core.imaging import ImageProcessor, target_size
-    from laion_assets.core.ingest import shard_key
-    from laion_assets.core.lake import Lake
+    from laion_assets.core.images.download import ShardDownloader
+    from laion_assets.core.images.fetch import Fetcher
+    from laion_assets.core.images.imaging import ImageProcessor, target_size
+    from laion_assets.core.ingest import registry
+    from laion_assets.core.ingest.reader import shard_key
+    from laion_assets.core.lake.delta import Lake
 
     os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
     out = Path(args.out)

@@ -7,7 +7,7 @@ weights can be downloaded here) and the same precision:
 
   plain  the clip-retrieval way: per image PIL decode + the model's `preprocess`, stack, then
          `encode_image` under torch.no_grad, one batch after the other, nothing overlapped;
-  ours   laion_assets.core.clip.Encoder: exact split preprocessing (uint8 on threads, ToTensor+
+  ours   laion_assets.core.embeddings.encoder.Encoder: exact split preprocessing (uint8 on threads, ToTensor+
          Normalize per batch on the device), decode overlapped with the forward pass, fused
          SDPA attention, pinned memory + non_blocking copies on CUDA, optional nvJPEG decode.
 
@@ -42,8 +42,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from laion_assets.core.clip import Encoder, fuse_attention, load_model  # noqa: E402
-from laion_assets.core.config import TINY_PRESETS, SpaceConfig  # noqa: E402
+from laion_assets.core.embeddings.clip import fuse_attention, load_model  # noqa: E402
+from laion_assets.core.embeddings.config import TINY_PRESETS, SpaceConfig  # noqa: E402
+from laion_assets.core.embeddings.encoder import Encoder  # noqa: E402
 
 SHARED = Path(os.environ.get("LAION_ASSETS_SHARED", REPO.parent / "shared"))
 

@@ -56,8 +56,8 @@ def make_lake(root: Path, n: int, shards: int, clusters: Clusters, rng: np.rando
     """Subset + embeddings tables of `n` rows in `shards` shards (uid = shard * per + row)."""
     import polars as pl
 
-    from laion_assets.core import vectors
-    from laion_assets.core.lake import Lake
+    from laion_assets.core.embeddings import vectors
+    from laion_assets.core.lake.delta import Lake
 
     lake = Lake(root)
     per = n // shards
@@ -78,8 +78,8 @@ def make_lake(root: Path, n: int, shards: int, clusters: Clusters, rng: np.rando
 BUILD = """
 import json, resource, sys, time
 from laion_assets.core.config import PipelineConfig
-from laion_assets.core.knn import sync_index
-from laion_assets.core.lake import Lake
+from laion_assets.core.exports.knn import sync_index
+from laion_assets.core.lake.delta import Lake
 cfg = PipelineConfig.model_validate(json.loads(sys.argv[2]))
 start = time.perf_counter()
 report = sync_index(Lake(sys.argv[1]), cfg, "bench")
@@ -107,10 +107,10 @@ def exact_truth(root: Path, queries: np.ndarray, k: int) -> tuple[np.ndarray, li
     latencies of exact search."""
     import faiss
 
-    from laion_assets.core import vectors
-    from laion_assets.core.knn import ROW_BITS, index_folder
-    from laion_assets.core.lake import Lake
-    from laion_assets.core.lakefiles import LakeFiles
+    from laion_assets.core.embeddings import vectors
+    from laion_assets.core.exports.knn import ROW_BITS, index_folder
+    from laion_assets.core.lake.delta import Lake
+    from laion_assets.core.lake.files import LakeFiles
 
     lake = Lake(root)
     manifest = LakeFiles(lake, index_folder("bench")).read_json("manifest.json")
@@ -148,8 +148,8 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import faiss
 
-    from laion_assets.core.lake import Lake
-    from laion_assets.core.search import SubsetIndex
+    from laion_assets.core.exports.search import SubsetIndex
+    from laion_assets.core.lake.delta import Lake
 
     faiss.omp_set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory(prefix="bench-knn-")

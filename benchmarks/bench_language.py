@@ -27,7 +27,7 @@ def load_set() -> list[tuple[str, str]]:
 
 
 def cld3_laion():
-    from laion_assets.core import language
+    from laion_assets.core.scores import language
 
     language.detect("warm up")
     return lambda t: language.detect(t).language

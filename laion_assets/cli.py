@@ -24,7 +24,16 @@ import sys
 import warnings
 from pathlib import Path
 
-from laion_assets.shard_runs import INTERRUPTED, UP_TO_DATE, RunSummary, StageLine, execute_shard, remove_garbage, skip_up_to_date, summarize
+from laion_assets.shard_runs import (
+    INTERRUPTED,
+    UP_TO_DATE,
+    RunSummary,
+    StageLine,
+    execute_shard,
+    remove_garbage,
+    skip_up_to_date,
+    summarize,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_PORT = 8765
@@ -34,7 +43,7 @@ def _instance():
     """The Dagster instance of DAGSTER_HOME; the repo's dagster.yaml when unset."""
     from dagster import DagsterInstance
 
-    from laion_assets.core.errors import LaionAssetsError
+    from laion_assets.core.lake.errors import LaionAssetsError
 
     if not os.environ.get("DAGSTER_HOME"):
         home = Path.cwd() if (Path.cwd() / "dagster.yaml").is_file() else REPO
@@ -56,11 +65,11 @@ def run_pipeline(
     Ctrl-C or SIGTERM stops it within seconds: KeyboardInterrupt, `summary` holding what was done."""
 
     from laion_assets.core.config import load_config
-    from laion_assets.core.lake import Lake
+    from laion_assets.core.lake.delta import Lake
     from laion_assets.defs.backfills import ensure_pools, register_shards, select_assets
     from laion_assets.defs.definitions import LAKE_JOB, SHARD_JOB, build_defs
-    from laion_assets.defs.resources import Settings
     from laion_assets.defs.recovery import Interrupts, process_tags, recover_dead_runs
+    from laion_assets.defs.resources import Settings
     from laion_assets.defs.runs import run_shard
 
     settings = Settings(lake=lake, inputs=inputs[0] if inputs else "data/input", config=config)
@@ -112,7 +121,7 @@ def run_pipeline(
 def _print_tables(lake: str) -> None:
     import polars as pl
 
-    from laion_assets.core.lake import Lake
+    from laion_assets.core.lake.delta import Lake
 
     lk = Lake(lake)
     print("\nDelta tables (read them with pl.read_delta(path) or duckdb's delta_scan(path)):")
@@ -150,14 +159,15 @@ def cmd_backfill(args) -> int:
 
 def cmd_check_store(args) -> int:
     """Probe the lake's object store for the conditional writes Delta commits rely on."""
-    from laion_assets.core.lake import Lake
+    from laion_assets.core.lake.delta import Lake
+    from laion_assets.core.lake.store import check_conditional_writes
 
-    print(Lake(args.lake).check_conditional_writes())
+    print(check_conditional_writes(Lake(args.lake)))
     return 0
 
 
 def cmd_demo(args) -> int:
-    from laion_assets.core.sample import SampleServer, write_demo_shard
+    from laion_assets.core.ingest.sample import SampleServer, write_demo_shard
 
     root = Path(args.data) / "demo"
     with SampleServer(root / "site", port=args.port) as server:
@@ -177,11 +187,12 @@ def cmd_demo(args) -> int:
 
 
 def cmd_migrate_embeddings(args) -> int:
-    from laion_assets.core import fingerprints, stages
+    from laion_assets.core import stages
     from laion_assets.core.config import load_config
-    from laion_assets.core.errors import LaionAssetsError
-    from laion_assets.core.lake import Lake
-    from laion_assets.core.migrate import migrate_embeddings
+    from laion_assets.core.lake.delta import Lake
+    from laion_assets.core.lake.errors import LaionAssetsError
+    from laion_assets.core.lake.migrate import migrate_embeddings
+    from laion_assets.core.stages import fingerprints
 
     cfg = load_config(args.config)
     spaces = cfg.embeddings.spaces
@@ -197,8 +208,8 @@ def cmd_migrate_embeddings(args) -> int:
 
 def cmd_remove_shard(args) -> int:
     """Delete shards from every table of the lake, the registry and the Dagster partitions."""
-    from laion_assets.core import registry
-    from laion_assets.core.lake import Lake
+    from laion_assets.core.ingest import registry
+    from laion_assets.core.lake.delta import Lake
     from laion_assets.defs.partitions import shards
 
     lk = Lake(args.lake)
@@ -213,9 +224,9 @@ def cmd_remove_shard(args) -> int:
 
 def cmd_adopt(args) -> int:
     """Record a lake's published shards as made from the current config and code."""
-    from laion_assets.core import fingerprints
     from laion_assets.core.config import load_config
-    from laion_assets.core.lake import Lake
+    from laion_assets.core.lake.delta import Lake
+    from laion_assets.core.stages import fingerprints
 
     cfg, lake = load_config(args.config), Lake(args.lake)
     tables = [t for t in lake.tables() if not t.startswith("_") and fingerprints.stage_of(t) in fingerprints.CODE_VERSIONS]
@@ -236,9 +247,8 @@ def cmd_maintain(args) -> int:
 
 
 def cmd_sample_server(args) -> int:
-    from laion_assets.core.sample import SampleServer
-
-    from laion_assets.core.errors import LaionAssetsError
+    from laion_assets.core.ingest.sample import SampleServer
+    from laion_assets.core.lake.errors import LaionAssetsError
 
     site = Path(args.data) / "demo" / "site"
     if not site.is_dir():
@@ -254,14 +264,14 @@ def cmd_sample_server(args) -> int:
 
 def _searcher(args):
     from laion_assets.core.config import load_config
-    from laion_assets.core.lake import Lake
-    from laion_assets.core.search import Searcher
+    from laion_assets.core.exports.search import Searcher
+    from laion_assets.core.lake.delta import Lake
 
     return Searcher(Lake(args.lake), load_config(args.config), device=args.device)
 
 
 def cmd_search(args) -> int:
-    from laion_assets.core.errors import LaionAssetsError
+    from laion_assets.core.lake.errors import LaionAssetsError
 
     image = None
     if args.image:
@@ -277,7 +287,7 @@ def cmd_search(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from laion_assets.core.serve import serve
+    from laion_assets.core.exports.serve import serve
 
     serve(_searcher(args), args.port)
     return 0
@@ -286,9 +296,9 @@ def cmd_serve(args) -> int:
 def cmd_train_args(args) -> int:
     import shlex
 
-    from laion_assets.core.errors import LaionAssetsError
-    from laion_assets.core.export import train_shards
-    from laion_assets.core.lake import Lake
+    from laion_assets.core.exports.webdataset import train_shards
+    from laion_assets.core.lake.delta import Lake
+    from laion_assets.core.lake.errors import LaionAssetsError
 
     urls, samples = train_shards(Lake(args.lake), args.subset)
     if not urls:
@@ -387,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore")
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-    from laion_assets.core.errors import LaionAssetsError, explain
+    from laion_assets.core.lake.errors import LaionAssetsError, explain
 
     try:
         return args.fn(args)

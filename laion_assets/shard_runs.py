@@ -42,7 +42,7 @@ UP_TO_DATE = "up to date"
 def skip_up_to_date(lk, cfg, order, shard, force, retry_failures, summary) -> list:
     """The selected asset keys to run for a shard; the others are up to date and get a line
     saying so (their leftover staging, if a kill left some, is removed)."""
-    from laion_assets.core import fingerprints, staging
+    from laion_assets.core.stages import fingerprints, staging
 
     tables = [k.to_user_string() for k in order]
     redo = set(tables) if force else ({"images"} & set(tables) if retry_failures else set())
@@ -110,7 +110,7 @@ def summarize(summary: RunSummary, key: str, order, graph, result) -> None:
 def remove_garbage(lk, cfg, tables: set[str]) -> list[str]:
     """After a run: remove the files that the tables it published (and their staging) no
     longer need, keeping what `maintenance.vacuum_retention_hours` protects."""
-    from laion_assets.core import staging
+    from laion_assets.core.stages import staging
 
     removed = 0
     for table in sorted(tables | {t for t in (staging.table_for(x) for x in tables) if t}):

@@ -11,9 +11,14 @@ import pytest
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
-from laion_assets.core.config import DownloadConfig, EmbeddingConfig, ExportConfig, HeadConfig, KnnConfig, PipelineConfig, ScoresConfig, SpaceConfig, SubsetConfig  # noqa: E402
-from laion_assets.core.lake import Lake  # noqa: E402
-from laion_assets.core.sample import SampleServer, build_site, sample_rows  # noqa: E402
+from laion_assets.core.config import PipelineConfig  # noqa: E402
+from laion_assets.core.embeddings.config import EmbeddingConfig, SpaceConfig  # noqa: E402
+from laion_assets.core.exports.config import ExportConfig, KnnConfig  # noqa: E402
+from laion_assets.core.images.config import DownloadConfig  # noqa: E402
+from laion_assets.core.ingest.sample import SampleServer, build_site, sample_rows  # noqa: E402
+from laion_assets.core.lake.delta import Lake  # noqa: E402
+from laion_assets.core.scores.config import HeadConfig, ScoresConfig  # noqa: E402
+from laion_assets.core.subsets.rules import SubsetConfig  # noqa: E402
 
 # session fixtures of their own modules: `testsite` (the hostile HTTP server), `planted` (a lake
 # with planted neighbours)

@@ -172,7 +172,7 @@ class RunLogs:
 
 def assert_every_shard_once(lake_uri: str, shards: list[str], rows: int) -> dict[str, int]:
     """Every table holds each shard's rows exactly once; returns rows per table."""
-    from laion_assets.core.lake import Lake
+    from laion_assets.core.lake.delta import Lake
 
     lake = Lake(lake_uri)
     counts = {}

@@ -8,10 +8,12 @@ import hashlib
 import numpy as np
 import polars as pl
 
-from laion_assets.core import vectors
-from laion_assets.core.config import EmbeddingConfig, PipelineConfig, SpaceConfig, SubsetConfig
-from laion_assets.core.lake import Lake
+from laion_assets.core.config import PipelineConfig
+from laion_assets.core.embeddings import vectors
+from laion_assets.core.embeddings.config import EmbeddingConfig, SpaceConfig
+from laion_assets.core.lake.delta import Lake
 from laion_assets.core.stages import IMAGES, RAW_URLS, SCORES, embeddings_table, run_subset
+from laion_assets.core.subsets.rules import SubsetConfig
 
 SPACE = "tiny"
 

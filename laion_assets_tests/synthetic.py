@@ -13,9 +13,9 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from laion_assets.core import vectors
 from laion_assets.core.config import PipelineConfig
-from laion_assets.core.lake import Lake
+from laion_assets.core.embeddings import vectors
+from laion_assets.core.lake.delta import Lake
 from laion_assets.core.stages import IMAGES, RAW_URLS, SCORES, embeddings_table, run_language, run_subset
 from laion_assets_tests.conftest import make_config
 
@@ -91,8 +91,8 @@ def planted(tmp_path_factory):
     """A template lake of two shards (s0: 120 rows, s1: 80) over the tiny space, with planted
     vectors: s0 row 5 is the tiny model's embedding of TEXT_QUERY, s1 row 8 the embedding of
     its own image, s0 row 9 a random unit vector (`vector`). Copy it before changing it."""
-    from laion_assets.core.config import SpaceConfig
-    from laion_assets.core.search import QueryEncoder
+    from laion_assets.core.embeddings.config import SpaceConfig
+    from laion_assets.core.exports.search import QueryEncoder
 
     root = tmp_path_factory.mktemp("planted")
     cfg = make_config(knn={"exact_below": 100})

@@ -8,10 +8,11 @@ import polars as pl
 import pytest
 
 from laion_assets.cli import main, run_pipeline
-from laion_assets.core import registry, stages
-from laion_assets.core.config import IngestConfig
-from laion_assets.core.errors import LaionAssetsError, ValidationFailed
-from laion_assets.core.lake import Lake
+from laion_assets.core import stages
+from laion_assets.core.ingest import registry
+from laion_assets.core.ingest.config import IngestConfig
+from laion_assets.core.lake.delta import Lake
+from laion_assets.core.lake.errors import LaionAssetsError, ValidationFailed
 from laion_assets.core.stages.raw_urls import RAW_URLS_REJECTED, input_row_fates
 from laion_assets_tests.conftest import make_config, write_config
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from laion_assets.core import blocklists
-from laion_assets.core.config import BlocklistConfig, CurationConfig, DedupConfig
-from laion_assets.core.errors import LaionAssetsError
-from laion_assets.core.lake import Lake
+from laion_assets.core.curation import blocklists
+from laion_assets.core.curation.config import BlocklistConfig, CurationConfig, DedupConfig
+from laion_assets.core.lake.delta import Lake
+from laion_assets.core.lake.errors import LaionAssetsError
 from laion_assets.core.stages import curation as stages
 from laion_assets.core.stages import run_subset
 from laion_assets_tests.lakes import config, publish_images, publish_shard, publish_subsets, row, sha, uids
@@ -109,10 +109,10 @@ def test_a_subset_shard_published_while_a_pass_commits_does_not_keep_blocked_row
     a blocklist pass commits and deletes, then the stage publishes what it read."""
     lake, cfg, lists = setup
     (lists / "partner.sha256.txt").write_text(sha("two") + "\n")
-    from laion_assets.core import curation
+    from laion_assets.core.curation import passes
     from laion_assets.core.stages import subsets as subset_stage
 
-    real, calls = curation.with_marks, []
+    real, calls = passes.with_marks, []
 
     def marks_then_a_pass_commits(*args):
         stale = real(*args)
@@ -120,7 +120,7 @@ def test_a_subset_shard_published_while_a_pass_commits_does_not_keep_blocked_row
             calls.append(stages.run_blocklists(lake, cfg))
         return stale
 
-    monkeypatch.setattr(subset_stage.curation, "with_marks", marks_then_a_pass_commits)
+    monkeypatch.setattr(subset_stage.passes, "with_marks", marks_then_a_pass_commits)
     stages.run_curated_subset(lake, cfg, cfg.subsets[0], "a")
     assert calls and calls[0]["rows_blocked_total"] == 1
     assert ("a", 2) not in uids(lake, "subsets/everything")

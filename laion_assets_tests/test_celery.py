@@ -16,7 +16,7 @@ import pytest
 import yaml
 from dagster import DagsterEventType, DagsterInstance
 
-from laion_assets.core.lake import Lake
+from laion_assets.core.lake.delta import Lake
 from laion_assets.defs.backfills import register_shards
 from laion_assets_tests import netns
 from laion_assets_tests.conftest import REPO
@@ -47,7 +47,7 @@ def celery_config(path, redis) -> str:
     cfg = deep_merge(cfg, {"execution": {"config": {
         # workers import the heavy modules before taking tasks, so a step stays well inside
         # the visibility timeout
-        "include": ["laion_assets.defs.definitions", "laion_assets.core.clip", "great_expectations"],
+        "include": ["laion_assets.defs.definitions", "laion_assets.core.embeddings.clip", "great_expectations"],
         "config_source": {"broker_transport_options": {"visibility_timeout": VISIBILITY_S, "unacked_restore_interval": 1}},
     }}})
     path.write_text(yaml.safe_dump(cfg))

@@ -13,12 +13,10 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from laion_assets.core.clip import (
-    TENSOR_PATH_TOLERANCE, TINY_WARNING, Encoder, Preprocess, fuse_attention, load_model,
-    prune_last_block,
-)
-from laion_assets.core.config import TINY_PRESETS, SpaceConfig
-from laion_assets.core.errors import LaionAssetsError
+from laion_assets.core.embeddings.clip import TINY_WARNING, fuse_attention, load_model, prune_last_block
+from laion_assets.core.embeddings.config import TINY_PRESETS, SpaceConfig
+from laion_assets.core.embeddings.encoder import TENSOR_PATH_TOLERANCE, Encoder, Preprocess
+from laion_assets.core.lake.errors import LaionAssetsError
 from laion_assets_tests.conftest import shared_file
 
 TINY = SpaceConfig(model="tiny")

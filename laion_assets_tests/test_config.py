@@ -1,7 +1,7 @@
 import pytest
 
 from laion_assets.core.config import PipelineConfig, load_config
-from laion_assets.core.errors import LaionAssetsError
+from laion_assets.core.lake.errors import LaionAssetsError
 
 
 def test_defaults_are_laion_semantics():

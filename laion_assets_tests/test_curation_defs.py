@@ -4,8 +4,8 @@ shard changes (without re-running every subset shard), and the sensor on the lis
 
 from __future__ import annotations
 
-import pytest
 import polars as pl
+import pytest
 from dagster import (
     AssetKey,
     RunRequest,
@@ -17,8 +17,9 @@ from dagster import (
 )
 
 from laion_assets.cli import run_pipeline
-from laion_assets.core.config import BlocklistConfig, CurationConfig, SemanticDedupConfig, SubsetConfig
-from laion_assets.core.lake import Lake
+from laion_assets.core.curation.config import BlocklistConfig, CurationConfig, SemanticDedupConfig
+from laion_assets.core.lake.delta import Lake
+from laion_assets.core.subsets.rules import SubsetConfig
 from laion_assets.defs.curation import blocked, dedup_keys, duplicates
 from laion_assets.defs.definitions import build_defs
 from laion_assets.defs.resources import LakeResource, PipelineResource, Settings

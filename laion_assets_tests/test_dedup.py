@@ -11,10 +11,10 @@ import sys
 import polars as pl
 import pytest
 
-from laion_assets.core import dedup
-from laion_assets.core.config import DedupConfig
-from laion_assets.core.errors import LaionAssetsError
-from laion_assets.core.lake import Lake
+from laion_assets.core.curation import dedup
+from laion_assets.core.curation.config import DedupConfig
+from laion_assets.core.lake.delta import Lake
+from laion_assets.core.lake.errors import LaionAssetsError
 from laion_assets_tests.lakes import publish_images, row
 
 CFG = DedupConfig(buckets=4, phash_distance=4)
@@ -85,8 +85,8 @@ def test_concurrent_shard_runs_lose_and_double_nothing(tmp_path):
     for shard, rows in shards.items():
         publish_images(lake, shard, rows)
     code = (
-        "import sys; from laion_assets.core import dedup; from laion_assets.core.config import DedupConfig; "
-        "from laion_assets.core.lake import Lake; dedup.update_index(Lake(sys.argv[1]), sys.argv[2], DedupConfig(buckets=4, phash_distance=4))"
+        "import sys; from laion_assets.core.curation import dedup; from laion_assets.core.curation.config import DedupConfig; "
+        "from laion_assets.core.lake.delta import Lake; dedup.update_index(Lake(sys.argv[1]), sys.argv[2], DedupConfig(buckets=4, phash_distance=4))"
     )
     procs = [subprocess.Popen([sys.executable, "-c", code, lake.uri, s]) for s in ["a", "b", "a", "c", "b"]]
     assert [p.wait(timeout=120) for p in procs] == [0] * 5

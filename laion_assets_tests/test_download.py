@@ -18,11 +18,13 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from laion_assets.core import registry, stages
-from laion_assets.core.config import DownloadConfig, ImageConfig
-from laion_assets.core.download import I2D_STATUS, STATUSES, ShardDownloader, _CpuPool
-from laion_assets.core.ingest import shard_key
-from laion_assets.core.lake import Lake
+from laion_assets.core import stages
+from laion_assets.core.images.config import DownloadConfig, ImageConfig
+from laion_assets.core.images.download import I2D_STATUS, STATUSES, ShardDownloader
+from laion_assets.core.images.workers import CpuPool
+from laion_assets.core.ingest import registry
+from laion_assets.core.ingest.reader import shard_key
+from laion_assets.core.lake.delta import Lake
 from laion_assets_tests.conftest import make_config
 
 LOCAL = ("127.0.0.1/32",)
@@ -180,7 +182,7 @@ def test_a_crashed_decoder_costs_a_worker_not_the_run(testsite):
     body = (site.root / "p0.jpg").read_bytes()
 
     async def go():
-        pool = _CpuPool(ImageConfig(size=32), 2, "process")
+        pool = CpuPool(ImageConfig(size=32), 2, "process")
         await pool.start()
         try:
             for w in list(pool.all):
@@ -234,7 +236,7 @@ import os, sys
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 from laion_assets.core import stages
 from laion_assets.core.config import PipelineConfig
-from laion_assets.core.lake import Lake
+from laion_assets.core.lake.delta import Lake
 stages.run_images(Lake(sys.argv[1]), PipelineConfig.model_validate_json(open(sys.argv[2]).read()), sys.argv[3])
 """
 
@@ -320,7 +322,7 @@ def test_retry_only_failures(testsite, tmp_path):
 def test_decode_budget_holds_bodies_back_until_bytes_are_released():
     import asyncio
 
-    from laion_assets.core.download import ByteBudget
+    from laion_assets.core.images.download import ByteBudget
 
     async def go():
         budget = ByteBudget(100)

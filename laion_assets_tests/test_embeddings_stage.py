@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from laion_assets.core import stages
-from laion_assets.core.lake import Lake
+from laion_assets.core.lake.delta import Lake
 from laion_assets_tests.conftest import REPO
 
 SHARD = "part-00000"
@@ -35,9 +35,11 @@ RUNNER = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(message)s")
     from laion_assets.core import stages
-    from laion_assets.core.clip import Encoder, load_model
-    from laion_assets.core.config import EmbeddingConfig, PipelineConfig, SpaceConfig
-    from laion_assets.core.lake import Lake
+    from laion_assets.core.embeddings.encoder import Encoder
+    from laion_assets.core.embeddings.clip import load_model
+    from laion_assets.core.embeddings.config import EmbeddingConfig, SpaceConfig
+    from laion_assets.core.config import PipelineConfig
+    from laion_assets.core.lake.delta import Lake
 
     delay = float(os.environ.get("EMBED_DELAY_S", "0"))
     cfg = PipelineConfig(embeddings=EmbeddingConfig(spaces={{"tiny": SpaceConfig(model="tiny")}}, batch_size=4, chunk_rows={chunk}, workers=1))
@@ -148,8 +150,10 @@ def test_staged_chunks_are_reused_only_for_the_same_images(tmp_path):
     """A run that stopped after its first chunk is resumed from staging; but when the images
     shard was published again in between (a new download may bring other bytes under the same
     uids), the staged vectors are dropped and every image is embedded anew."""
-    from laion_assets.core.clip import Encoder, load_model
-    from laion_assets.core.config import EmbeddingConfig, PipelineConfig, SpaceConfig
+    from laion_assets.core.config import PipelineConfig
+    from laion_assets.core.embeddings.clip import load_model
+    from laion_assets.core.embeddings.config import EmbeddingConfig, SpaceConfig
+    from laion_assets.core.embeddings.encoder import Encoder
 
     cfg = PipelineConfig(embeddings=EmbeddingConfig(spaces={"tiny": SpaceConfig(model="tiny")}, batch_size=4, chunk_rows=CHUNK, workers=1))
     model = load_model(cfg.embeddings.spaces["tiny"])
@@ -192,9 +196,11 @@ def test_two_spaces_in_one_pass_decode_each_image_once(tmp_path, monkeypatch):
     """Two spaces (two different tiny models: 512-d and 768-d) computed in one run: every image
     is decoded once, each space gets its own table with its own identity, and each space's
     vectors are exactly what that model computes alone."""
-    from laion_assets.core import clip, vectors
-    from laion_assets.core.clip import Encoder, load_model
-    from laion_assets.core.config import EmbeddingConfig, PipelineConfig, SpaceConfig
+    from laion_assets.core.config import PipelineConfig
+    from laion_assets.core.embeddings import encoder, vectors
+    from laion_assets.core.embeddings.clip import load_model
+    from laion_assets.core.embeddings.config import EmbeddingConfig, SpaceConfig
+    from laion_assets.core.embeddings.encoder import Encoder
 
     spaces = {"b32": SpaceConfig(model="tiny"), "l14": SpaceConfig(model="tiny-l")}
     cfg = PipelineConfig(embeddings=EmbeddingConfig(spaces=spaces, batch_size=4, chunk_rows=CHUNK, workers=1), subsets=())
@@ -202,8 +208,8 @@ def test_two_spaces_in_one_pass_decode_each_image_once(tmp_path, monkeypatch):
     lake = Lake(tmp_path / "lake")
     ok = _prepare(lake)
     decoded = []
-    decode = clip._decode
-    monkeypatch.setattr(clip, "_decode", lambda blob: decoded.append(1) or decode(blob))
+    decode = encoder._decode
+    monkeypatch.setattr(encoder, "_decode", lambda blob: decoded.append(1) or decode(blob))
 
     out = stages.run_embeddings(lake, cfg, SHARD, lambda names: Encoder([models[n] for n in names], 4, 1))
     assert len(decoded) == SUCCESS, "each image decoded once for both spaces"
@@ -226,9 +232,11 @@ MEMORY_RUNNER = textwrap.dedent(
     import sys
     sys.path.insert(0, {repo!r})
     from laion_assets.core import stages
-    from laion_assets.core.clip import Encoder, load_model
-    from laion_assets.core.config import EmbeddingConfig, PipelineConfig, SpaceConfig
-    from laion_assets.core.lake import Lake
+    from laion_assets.core.embeddings.encoder import Encoder
+    from laion_assets.core.embeddings.clip import load_model
+    from laion_assets.core.embeddings.config import EmbeddingConfig, SpaceConfig
+    from laion_assets.core.config import PipelineConfig
+    from laion_assets.core.lake.delta import Lake
 
     cfg = PipelineConfig(embeddings=EmbeddingConfig(spaces={{"tiny": SpaceConfig(model="tiny")}}, batch_size=32, chunk_rows=256, workers=2))
     encoder = Encoder(load_model(cfg.embeddings.spaces["tiny"]), 32, 2)

@@ -11,8 +11,8 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from laion_assets.core.export import export_shard, sample_key, train_shards
-from laion_assets.core.lake import Lake
+from laion_assets.core.exports.webdataset import export_shard, sample_key, train_shards
+from laion_assets.core.lake.delta import Lake
 from laion_assets.core.stages import IMAGES, subset_table
 from laion_assets_tests.conftest import make_config
 from laion_assets_tests.synthetic import copy_lake, publish_shard
@@ -88,7 +88,7 @@ def test_same_rows_give_the_same_bytes(planted, tmp_path):
 
 
 def _vector(lake: Lake, shard: str, uid: int):
-    from laion_assets.core import vectors
+    from laion_assets.core.embeddings import vectors
 
     emb = lake.read_shard("embeddings/tiny", shard).filter(pl.col("uid") == uid)
     return vectors.from_column(emb["image_embedding"])[0]
@@ -125,7 +125,7 @@ def test_reexport_rewrites_only_changed_shards(planted, tmp_path):
 
 
 def test_missing_subset_is_a_clear_error(tmp_path):
-    from laion_assets.core.errors import LaionAssetsError
+    from laion_assets.core.lake.errors import LaionAssetsError
 
     with pytest.raises(LaionAssetsError, match="materialize subsets/similar first"):
         export_shard(Lake(tmp_path / "lake"), make_config(), "similar", "s0")

@@ -9,10 +9,10 @@ import tarfile
 import numpy as np
 import pytest
 
-from laion_assets.core.export import export_shard, train_shards
-from laion_assets.core.knn import sync_index
-from laion_assets.core.lake import Lake
-from laion_assets.core.search import SubsetIndex
+from laion_assets.core.exports.knn import sync_index
+from laion_assets.core.exports.search import SubsetIndex
+from laion_assets.core.exports.webdataset import export_shard, train_shards
+from laion_assets.core.lake.delta import Lake
 from laion_assets_tests.conftest import make_config
 from laion_assets_tests.synthetic import publish_shard, unit
 from laion_assets_tests.test_s3 import s3  # noqa: F401 (fixture: moto server process)

@@ -12,15 +12,22 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from laion_assets.core import registry, stages
-from laion_assets.core.config import DownloadConfig, ImageConfig
-from laion_assets.core.download import STATUSES
-from laion_assets.core.ingest import REASONS
-from laion_assets.core.lake import Lake
+from laion_assets.core import stages
+from laion_assets.core.images.config import DownloadConfig, ImageConfig
+from laion_assets.core.images.download import STATUSES
+from laion_assets.core.ingest import registry
+from laion_assets.core.ingest.reader import REASONS
+from laion_assets.core.lake.delta import Lake
 from laion_assets.core.stages.raw_urls import RAW_URLS_REJECTED, input_row_fates
 from laion_assets_tests.conftest import make_config
 from laion_assets_tests.fault_corpus import (
-    MAX_BODY, MODE_FILES, RESOLVE, build_cases, mode_check, write_bombs, write_mode_images,
+    MAX_BODY,
+    MODE_FILES,
+    RESOLVE,
+    build_cases,
+    mode_check,
+    write_bombs,
+    write_mode_images,
 )
 from laion_assets_tests.faultsite import StubResolver
 
@@ -115,7 +122,7 @@ def test_private_names_were_resolved_by_the_stub_only(corpus):
 def test_readme_documents_every_status_and_reason():
     from pathlib import Path
 
-    from laion_assets.core.download import I2D_STATUS
+    from laion_assets.core.images.download import I2D_STATUS
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for status in STATUSES:

@@ -10,8 +10,15 @@ import time
 
 import pytest
 
-from laion_assets.core.config import DownloadConfig
-from laion_assets.core.fetch import AddressRefused, Fetcher, GuardedResolver, literal_address, opted_out, retry_after_s
+from laion_assets.core.images.config import DownloadConfig
+from laion_assets.core.images.fetch import (
+    AddressRefused,
+    Fetcher,
+    GuardedResolver,
+    literal_address,
+    opted_out,
+    retry_after_s,
+)
 from laion_assets_tests.faultsite import StubResolver
 
 LOCAL = ("127.0.0.1/32",)

@@ -1,10 +1,10 @@
 import numpy as np
-import torch
 import pytest
+import torch
 
-from laion_assets.core.config import HeadConfig
-from laion_assets.core.errors import LaionAssetsError
-from laion_assets.core.heads import check_compatible, load_head
+from laion_assets.core.lake.errors import LaionAssetsError
+from laion_assets.core.scores.config import HeadConfig
+from laion_assets.core.scores.heads import check_compatible, load_head
 from laion_assets_tests.conftest import shared_file
 
 

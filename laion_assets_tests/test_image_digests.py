@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from laion_assets.core.config import ImageConfig
-from laion_assets.core.sample import _photo
+from laion_assets.core.images.config import ImageConfig
+from laion_assets.core.ingest.sample import _photo
 from laion_assets_tests.test_download import download
 
 
@@ -45,7 +45,7 @@ def test_digests_of_the_original_bytes_and_a_perceptual_hash(testsite, decode): 
 def test_phash_is_imagehash_phash_bit_for_bit():
     import imagehash
 
-    from laion_assets.core.imaging import perceptual_hash
+    from laion_assets.core.images.imaging import perceptual_hash
 
     rng = np.random.default_rng(0)
     images = [_photo(n).convert("RGB") for n in ("astronaut", "coffee", "camera", "coins", "chelsea")]

@@ -3,8 +3,8 @@ import io
 import pytest
 from PIL import Image
 
-from laion_assets.core.config import ImageConfig
-from laion_assets.core.imaging import ImageProcessor
+from laion_assets.core.images.config import ImageConfig
+from laion_assets.core.images.imaging import ImageProcessor
 from laion_assets_tests.conftest import shared_file
 
 

@@ -16,8 +16,8 @@ from dagster import DagsterEventType, instance_for_test
 
 from laion_assets.cli import run_pipeline
 from laion_assets.core import stages
-from laion_assets.core.errors import InfrastructureError, explain
-from laion_assets.core.lake import Lake
+from laion_assets.core.lake.delta import Lake
+from laion_assets.core.lake.errors import InfrastructureError, explain
 from laion_assets_tests.conftest import REPO, make_config, write_config
 from laion_assets_tests.test_runs import cli_env, write_instance
 

@@ -4,9 +4,16 @@ import mmh3
 import polars as pl
 import pytest
 
-from laion_assets.core.errors import LaionAssetsError
-from laion_assets.core.ingest import REASONS, list_shard_files, normalize, read_shard_file, scan_inputs, shard_key
-from laion_assets.core.urls import BadURL, fetchable, resolve
+from laion_assets.core.ingest.reader import (
+    REASONS,
+    list_shard_files,
+    normalize,
+    read_shard_file,
+    scan_inputs,
+    shard_key,
+)
+from laion_assets.core.ingest.urls import BadURL, fetchable, resolve
+from laion_assets.core.lake.errors import LaionAssetsError
 
 LAION = pl.DataFrame(
     {

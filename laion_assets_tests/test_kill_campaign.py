@@ -24,9 +24,11 @@ import pytest
 from dagster import DagsterInstance, DagsterRunStatus, instance_for_test
 
 from laion_assets.cli import run_pipeline
-from laion_assets.core.config import EmbeddingConfig, ExportConfig, SpaceConfig, WatermarkConfig
-from laion_assets.core.download import max_unstaged
-from laion_assets.core.lake import Lake
+from laion_assets.core.embeddings.config import EmbeddingConfig, SpaceConfig
+from laion_assets.core.exports.config import ExportConfig
+from laion_assets.core.images.download import max_unstaged
+from laion_assets.core.lake.delta import Lake
+from laion_assets.core.scores.config import WatermarkConfig
 from laion_assets_tests.conftest import REPO, make_config, write_config
 from laion_assets_tests.faultsite import FaultServer, SiteState
 from laion_assets_tests.test_download import dcfg

@@ -11,8 +11,8 @@ import polars as pl
 import pytest
 
 from laion_assets.cli import main
-from laion_assets.core.knn import nlist_for, sync_index
-from laion_assets.core.search import SubsetIndex
+from laion_assets.core.exports.knn import nlist_for, sync_index
+from laion_assets.core.exports.search import SubsetIndex
 from laion_assets.core.stages import subset_table
 from laion_assets_tests.conftest import make_config, write_config
 from laion_assets_tests.synthetic import TEXT_QUERY, copy_lake, publish_shard

@@ -15,13 +15,14 @@ import torch
 from dagster import AssetKey, instance_for_test
 
 from laion_assets.cli import run_pipeline
-from laion_assets.core import vectors
-from laion_assets.core.config import EmbeddingConfig, HeadConfig, ScoresConfig, SpaceConfig, WatermarkConfig
-from laion_assets.core.heads import file_sha256, load_head
-from laion_assets.core.lake import Lake
+from laion_assets.core.embeddings import vectors
+from laion_assets.core.embeddings.config import EmbeddingConfig, SpaceConfig
+from laion_assets.core.lake.delta import Lake
+from laion_assets.core.scores.config import HeadConfig, ScoresConfig, WatermarkConfig
+from laion_assets.core.scores.heads import file_sha256, load_head
+from laion_assets.core.scores.watermark import build
 from laion_assets.core.stages import run_subset
-from laion_assets.core.subset_rules import SubsetConfig, from_recipe
-from laion_assets.core.watermark import build
+from laion_assets.core.subsets.rules import SubsetConfig, from_recipe
 from laion_assets_tests.conftest import MODELS, make_config, shared_file, write_config
 
 CAPTIONS = {

@@ -3,8 +3,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from laion_assets.core.errors import LaionAssetsError
-from laion_assets.core.lake import Lake
+from laion_assets.core.lake.delta import Lake
+from laion_assets.core.lake.errors import LaionAssetsError
 
 
 def frame(n: int, tag: str) -> pl.DataFrame:

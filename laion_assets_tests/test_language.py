@@ -6,7 +6,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from laion_assets.core import language
+from laion_assets.core.scores import language
 from laion_assets.core.stages import LANGUAGE, RAW_URLS, run_language
 
 LABELLED = Path(__file__).with_name("data") / "caption_languages.tsv"

@@ -9,10 +9,11 @@ import pyarrow as pa
 import pytest
 
 from laion_assets.cli import main
-from laion_assets.core import stages, vectors
-from laion_assets.core.errors import LaionAssetsError
-from laion_assets.core.lake import Lake
-from laion_assets.core.migrate import migrate_embeddings
+from laion_assets.core import stages
+from laion_assets.core.embeddings import vectors
+from laion_assets.core.lake.delta import Lake
+from laion_assets.core.lake.errors import LaionAssetsError
+from laion_assets.core.lake.migrate import migrate_embeddings
 from laion_assets_tests.conftest import make_config, write_config
 
 
@@ -70,7 +71,7 @@ def test_cli_migrate_embeddings(tmp_path, capsys):
     cfg = write_config(tmp_path / "c.yaml", make_config())
     assert main(["migrate-embeddings", "--space", "tiny", "--lake", lake.uri, "--config", str(cfg)]) == 0
     assert "moved the embeddings table to" in capsys.readouterr().out
-    from laion_assets.core import fingerprints  # moved, not made: a later run does not embed them again
+    from laion_assets.core.stages import fingerprints  # moved, not made: a later run does not embed them again
 
     config = make_config()
     assert fingerprints.plan(lake, config, ["embeddings/tiny"], "s1")["embeddings/tiny"] is not None

@@ -11,10 +11,11 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
-from laion_assets.core import pictures, quality
-from laion_assets.core.columns import describe
-from laion_assets.core.config import SubsetConfig
-from laion_assets.core.views import failures_markdown, subset_thresholds
+from laion_assets.core.lake import quality
+from laion_assets.core.subsets.rules import SubsetConfig
+from laion_assets.core.ui import pictures
+from laion_assets.core.ui.columns import describe
+from laion_assets.core.ui.views import failures_markdown, subset_thresholds
 
 
 def jpeg(color: tuple[int, int, int], size=(300, 200)) -> bytes:

@@ -22,7 +22,7 @@ from dagster import (
 )
 
 from laion_assets.cli import run_pipeline
-from laion_assets.core.lake import Lake
+from laion_assets.core.lake.delta import Lake
 from laion_assets.defs.definitions import build_defs
 from laion_assets.defs.resources import InputsResource, LakeResource, Settings
 from laion_assets_tests.conftest import make_config, write_config
@@ -228,7 +228,8 @@ def test_downstream_follows_only_passed_checks(env, instance, tmp_path):
 
 @pytest.mark.slow
 def test_unknown_model_and_mismatched_head_fail_clearly(env, instance):
-    from laion_assets.core.config import EmbeddingConfig, HeadConfig, ScoresConfig, SpaceConfig
+    from laion_assets.core.embeddings.config import EmbeddingConfig, SpaceConfig
+    from laion_assets.core.scores.config import HeadConfig, ScoresConfig
     from laion_assets_tests.conftest import shared_file
 
     bad_model = write_config(env["tmp"] / "m.yaml", make_config(embeddings=EmbeddingConfig(spaces={"tiny": SpaceConfig(model="ViT-Q-99")})))

@@ -6,9 +6,9 @@ import polars as pl
 import pytest
 
 from laion_assets.core.config import load_config
-from laion_assets.core.errors import LaionAssetsError
-from laion_assets.core.subset_rules import SubsetConfig, from_recipe
-from laion_assets.core.subsets import dropped_counts, predicate
+from laion_assets.core.lake.errors import LaionAssetsError
+from laion_assets.core.subsets.predicates import dropped_counts, predicate
+from laion_assets.core.subsets.rules import SubsetConfig, from_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 

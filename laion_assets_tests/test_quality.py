@@ -1,6 +1,6 @@
 import polars as pl
 
-from laion_assets.core import quality
+from laion_assets.core.lake import quality
 
 
 def test_failing_expectations_are_named_with_what_they_saw():

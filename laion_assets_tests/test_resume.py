@@ -19,10 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from laion_assets.core import fingerprints, stages, staging
-from laion_assets.core.download import ShardDownloader, max_unstaged
-from laion_assets.core.errors import ValidationFailed
-from laion_assets.core.lake import Lake
+from laion_assets.core import stages
+from laion_assets.core.images.download import ShardDownloader, max_unstaged
+from laion_assets.core.lake.delta import Lake
+from laion_assets.core.lake.errors import ValidationFailed
+from laion_assets.core.stages import fingerprints, staging
 from laion_assets_tests.conftest import make_config
 from laion_assets_tests.test_download import _shard, dcfg
 
@@ -253,7 +254,7 @@ def test_every_config_section_is_classified():
 
 def registered_shard(tmp_path: Path) -> tuple[Lake, Path]:
     """A lake with shard `s` registered (one row), nothing published."""
-    from laion_assets.core import registry
+    from laion_assets.core.ingest import registry
 
     lake = Lake(tmp_path / "lake")
     source = tmp_path / "s.parquet"
@@ -263,7 +264,7 @@ def registered_shard(tmp_path: Path) -> tuple[Lake, Path]:
 
 
 def test_fingerprints_follow_inputs_config_and_code(tmp_path):
-    from laion_assets.core.config import SubsetConfig
+    from laion_assets.core.subsets.rules import SubsetConfig
 
     lake, source = registered_shard(tmp_path)
     cfg = make_config()
@@ -311,7 +312,8 @@ def test_a_subset_follows_its_shards_curation_marks(tmp_path):
     before it took the marked rows out of the subset is redone by the next run), a pass that
     rewrites its table without touching the shard does not, and a pass that took the rows out
     itself leaves the subset up to date, unless something else it reads changed meanwhile."""
-    from laion_assets.core import curation
+    from laion_assets.core.curation import passes
+    from laion_assets.core.lake.tables import DUPLICATES
 
     lake, _ = registered_shard(tmp_path)
     cfg = make_config()
@@ -325,7 +327,7 @@ def test_a_subset_follows_its_shards_curation_marks(tmp_path):
 
     def marks(*rows):
         data = pa.table({"shard": [r[0] for r in rows], "kind": ["url"] * len(rows), "uid": [r[1] for r in rows]})
-        curation.write(lake, curation.DUPLICATES, data, mode="overwrite", partition_by=["shard"])
+        passes.write(lake, DUPLICATES, data, mode="overwrite", partition_by=["shard"])
 
     def up_to_date() -> bool:
         return fingerprints.up_to_date(lake, table, "s", fingerprints.current(lake, cfg, table, "s")) is not None
@@ -359,7 +361,7 @@ def test_a_signal_stops_the_download_loop_and_reaches_the_previous_handler(sig):
     """asyncio swallows an exception raised by a signal handler inside its callbacks (Dagster
     stops steps that way), so the loop is cancelled instead, cleanly, and the handler that was
     in place then gets the signal."""
-    from laion_assets.core.signals import run_until_signal
+    from laion_assets.core.images.signals import run_until_signal
 
     class Stop(BaseException):
         pass

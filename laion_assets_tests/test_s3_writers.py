@@ -17,14 +17,15 @@ import pytest
 from botocore.exceptions import ClientError
 from deltalake import DeltaTable
 
-from laion_assets.core.errors import LaionAssetsError
-from laion_assets.core.lake import Lake
+from laion_assets.core.lake.delta import Lake
+from laion_assets.core.lake.errors import LaionAssetsError
+from laion_assets.core.lake.store import check_conditional_writes
 
 WRITER = r"""
 import json, sys, time
 import polars as pl, pyarrow as pa
-from laion_assets.core.errors import LaionAssetsError
-from laion_assets.core.lake import Lake
+from laion_assets.core.lake.errors import LaionAssetsError
+from laion_assets.core.lake.delta import Lake
 
 writer, shard, start = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 lake = Lake("s3://laion/lake")
@@ -71,7 +72,7 @@ def test_check_store_accepts_a_store_that_refuses_second_creates_and_refuses_one
         client = boto3.client("s3", endpoint_url=careless.endpoint)
         client.create_bucket(Bucket="laion")
         with pytest.raises(LaionAssetsError, match="ignores If-None-Match"):
-            Lake("s3://laion/lake", {"AWS_ENDPOINT_URL": careless.endpoint}).check_conditional_writes()
+            check_conditional_writes(Lake("s3://laion/lake", {"AWS_ENDPOINT_URL": careless.endpoint}))
         assert client.list_objects_v2(Bucket="laion").get("KeyCount") == 0  # the probe cleans up
     finally:
         careless.stop()

@@ -11,9 +11,9 @@ import time
 import pytest
 import uvicorn
 
-from laion_assets.core.knn import sync_index
-from laion_assets.core.search import Searcher
-from laion_assets.core.serve import search_app
+from laion_assets.core.exports.knn import sync_index
+from laion_assets.core.exports.search import Searcher
+from laion_assets.core.exports.serve import search_app
 from laion_assets_tests.synthetic import TEXT_QUERY, copy_lake
 
 CHROMIUM = "/usr/bin/chromium"

@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from laion_assets.core import semdedup
-from laion_assets.core.config import CurationConfig, SemanticDedupConfig, SubsetConfig
-from laion_assets.core.lake import Lake
+from laion_assets.core.curation import semdedup
+from laion_assets.core.curation.config import CurationConfig, SemanticDedupConfig
+from laion_assets.core.lake.delta import Lake
 from laion_assets.core.stages import curation as stages
+from laion_assets.core.subsets.rules import SubsetConfig
 from laion_assets_tests.lakes import config, publish_shard, publish_subsets, row
 
 DIM = 32

@@ -8,8 +8,8 @@ import polars as pl
 import pytest
 from dagster import SensorResult, SkipReason, build_sensor_context, instance_for_test
 
-from laion_assets.core import registry
-from laion_assets.core.lake import Lake
+from laion_assets.core.ingest import registry
+from laion_assets.core.lake.delta import Lake
 from laion_assets.defs.definitions import build_defs
 from laion_assets.defs.resources import InputsResource, LakeResource, Settings
 

@@ -14,8 +14,8 @@ import torch
 from dagster import instance_for_test
 
 from laion_assets.cli import main, run_pipeline
-from laion_assets.core.export import train_shards
-from laion_assets.core.lake import Lake
+from laion_assets.core.exports.webdataset import train_shards
+from laion_assets.core.lake.delta import Lake
 from laion_assets_tests.conftest import make_config, write_config
 
 
@@ -25,7 +25,7 @@ def test_pipeline_exports_train_open_clip_and_search(tmp_path, shard_rows, capsy
     import webdataset as wds
     from open_clip_train.data import get_wds_dataset
 
-    import laion_assets.core.clip  # noqa: F401 (registers the tiny open_clip configs)
+    import laion_assets.core.embeddings.clip  # noqa: F401 (registers the tiny open_clip configs)
 
     inputs = tmp_path / "input"
     inputs.mkdir()
@@ -76,7 +76,7 @@ def test_pipeline_exports_train_open_clip_and_search(tmp_path, shard_rows, capsy
 
     # the index of the same run: a subset image's own bytes find it first (the image least like
     # any other: resized copies of one photo are near-ties in the tiny model's space)
-    from laion_assets.core import vectors
+    from laion_assets.core.embeddings import vectors
 
     emb = pl.read_delta(lake.table_uri("embeddings/tiny")).filter(pl.col("uid").is_in(subset["uid"].implode()))
     x = vectors.from_column(emb["image_embedding"])

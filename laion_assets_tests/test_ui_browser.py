@@ -24,7 +24,7 @@ import pytest
 from dagster import DagsterInstance, DagsterRunStatus
 
 from laion_assets.cli import run_pipeline
-from laion_assets.core.sample import sample_rows
+from laion_assets.core.ingest.sample import sample_rows
 from laion_assets_tests.conftest import REPO, make_config, write_config
 
 pytestmark = pytest.mark.slow

@@ -15,8 +15,8 @@ from dagster._core.storage.event_log.base import AssetRecordsFilter
 from PIL import Image
 
 from laion_assets.cli import main, run_pipeline
-from laion_assets.core import registry
-from laion_assets.core.lake import Lake
+from laion_assets.core.ingest import registry
+from laion_assets.core.lake.delta import Lake
 from laion_assets.defs.definitions import build_defs
 from laion_assets.defs.resources import Settings
 from laion_assets.defs.runs import run_shard
@@ -34,7 +34,7 @@ PICTURES = {
 @pytest.fixture(scope="module")
 def lake_run(tmp_path_factory, site, server):
     """Two shards through every stage: shard-a passes, shard-b's images all 404 (gate fails)."""
-    from laion_assets.core.sample import sample_rows
+    from laion_assets.core.ingest.sample import sample_rows
 
     root = tmp_path_factory.mktemp("uimeta")
     rows = sample_rows(site[1], server.base_url)

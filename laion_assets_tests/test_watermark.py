@@ -11,10 +11,12 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms as T
 
-from laion_assets.core import watermark
-from laion_assets.core.clip import Encoder, load_model
-from laion_assets.core.config import SpaceConfig, WatermarkConfig
-from laion_assets.core.errors import LaionAssetsError
+from laion_assets.core.embeddings.clip import load_model
+from laion_assets.core.embeddings.config import SpaceConfig
+from laion_assets.core.embeddings.encoder import Encoder
+from laion_assets.core.lake.errors import LaionAssetsError
+from laion_assets.core.scores import watermark
+from laion_assets.core.scores.config import WatermarkConfig
 from laion_assets_tests.conftest import shared_file
 
 

@@ -14,10 +14,10 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
-    AssetSelection,
     AssetsDefinition,
-    AutomationCondition,
+    AssetSelection,
     AssetSpec,
+    AutomationCondition,
     DefaultSensorStatus,
     Failure,
     MaterializeResult,
@@ -29,9 +29,10 @@ from dagster import (
     sensor,
 )
 
-from laion_assets.core import blocklists
-from laion_assets.core.config import PipelineConfig, SemanticDedupConfig
-from laion_assets.core.errors import LaionAssetsError
+from laion_assets.core.config import PipelineConfig
+from laion_assets.core.curation import blocklists
+from laion_assets.core.curation.config import SemanticDedupConfig
+from laion_assets.core.lake.errors import LaionAssetsError
 from laion_assets.core.stages import curation as stages
 from laion_assets.defs.embeddings import embeddings_key
 from laion_assets.defs.gate import markdown_table

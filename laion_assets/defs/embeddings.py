@@ -3,10 +3,11 @@
 
 from functools import lru_cache
 
-from dagster import AssetExecutionContext, AssetKey, AssetSpec, AssetsDefinition, multi_asset
+from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, AssetSpec, multi_asset
 
-from laion_assets.core import stages, views
+from laion_assets.core import stages
 from laion_assets.core.config import PipelineConfig
+from laion_assets.core.ui import views
 from laion_assets.defs.gate import gate_spec, run_stages
 from laion_assets.defs.images import images
 from laion_assets.defs.partitions import pool_op_tags, shard_backfill, shards
@@ -25,9 +26,11 @@ def _encoder(embeddings_json: str, watermark_json: str, towers: tuple[str, ...])
     """Models are loaded once per process and reused across shards (torch and open_clip are
     imported here, so runs that do not embed start faster). The tower named "watermark" is the
     watermark classifier."""
-    from laion_assets.core import watermark
-    from laion_assets.core.clip import Encoder, _device, load_model
-    from laion_assets.core.config import EmbeddingConfig, WatermarkConfig
+    from laion_assets.core.embeddings.clip import _device, load_model
+    from laion_assets.core.embeddings.config import EmbeddingConfig
+    from laion_assets.core.embeddings.encoder import Encoder
+    from laion_assets.core.scores import watermark
+    from laion_assets.core.scores.config import WatermarkConfig
 
     cfg = EmbeddingConfig.model_validate_json(embeddings_json)
     models = [

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from dagster import ExecutorDefinition, in_process_executor, multiprocess_executor
 
-from laion_assets.core.errors import LaionAssetsError
+from laion_assets.core.lake.errors import LaionAssetsError
 
 EXECUTORS = ("in_process", "multiprocess", "celery", "k8s")
 

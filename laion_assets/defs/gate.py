@@ -30,10 +30,10 @@ from dagster._core.definitions.metadata import normalize_metadata
 from dagster._core.errors import DagsterUserCodeProcessError
 from dagster._utils.error import SerializableErrorInfo
 
-from laion_assets.core.columns import describe
-from laion_assets.core.errors import LaionAssetsError, ValidationFailed
-from laion_assets.core.lake import Lake
+from laion_assets.core.lake.delta import Lake
+from laion_assets.core.lake.errors import LaionAssetsError, ValidationFailed
 from laion_assets.core.stages import StageOutput
+from laion_assets.core.ui.columns import describe
 from laion_assets.defs.partitions import shards
 
 GATE = "quality_gate"

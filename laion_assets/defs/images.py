@@ -3,7 +3,8 @@
 from dagster import AssetExecutionContext, Config
 from pydantic import Field
 
-from laion_assets.core import stages, views
+from laion_assets.core import stages
+from laion_assets.core.ui import views
 from laion_assets.defs.gate import gate_spec, run_stage
 from laion_assets.defs.partitions import shard_asset
 from laion_assets.defs.raw_urls import raw_urls

@@ -1,10 +1,19 @@
 """knn/<subset>: a kNN index of the subset's image embeddings, synced with every shard."""
 
-from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, AutomationCondition, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    AssetKey,
+    AssetsDefinition,
+    AutomationCondition,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 
-from laion_assets.core.config import PipelineConfig, SubsetConfig
-from laion_assets.core.errors import LaionAssetsError
-from laion_assets.core.knn import sync_index
+from laion_assets.core.config import PipelineConfig
+from laion_assets.core.exports.knn import sync_index
+from laion_assets.core.lake.errors import LaionAssetsError
+from laion_assets.core.subsets.rules import SubsetConfig
 from laion_assets.defs.embeddings import embeddings_key
 from laion_assets.defs.gate import ShardFailed
 from laion_assets.defs.resources import LakeResource, PipelineResource

@@ -12,7 +12,7 @@ from dagster import ConfigurableResource
 from dagster_aws.s3 import S3Resource
 
 from laion_assets.core.config import PipelineConfig, load_config
-from laion_assets.core.lake import Lake
+from laion_assets.core.lake.delta import Lake
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ recorded on its asset (an observation in its event history) and on the run, not 
 
 from dagster import AssetKey, AssetObservation, OpExecutionContext, Output, ScheduleDefinition, job, op
 
-from laion_assets.core import staging
+from laion_assets.core.stages import staging
 from laion_assets.defs.gate import markdown_table
 from laion_assets.defs.resources import LakeResource, PipelineResource
 

@@ -2,8 +2,9 @@
 
 from dagster import AssetExecutionContext, AssetsDefinition
 
-from laion_assets.core import stages, views
+from laion_assets.core import stages
 from laion_assets.core.config import PipelineConfig
+from laion_assets.core.ui import views
 from laion_assets.defs.embeddings import embeddings_key
 from laion_assets.defs.gate import gate_spec, run_stage
 from laion_assets.defs.images import images

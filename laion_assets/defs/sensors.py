@@ -2,8 +2,8 @@
 
 
 from dagster import (
-    AutomationConditionSensorDefinition,
     AssetSelection,
+    AutomationConditionSensorDefinition,
     DefaultSensorStatus,
     RunRequest,
     SensorEvaluationContext,
@@ -13,9 +13,9 @@ from dagster import (
 )
 from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
 
-from laion_assets.core import registry
-from laion_assets.core.errors import LaionAssetsError
-from laion_assets.core.ingest import scan_inputs
+from laion_assets.core.ingest import registry
+from laion_assets.core.ingest.reader import scan_inputs
+from laion_assets.core.lake.errors import LaionAssetsError
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.raw_urls import raw_urls
 from laion_assets.defs.resources import InputsResource, LakeResource

@@ -5,9 +5,11 @@ import json
 
 from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, MetadataValue
 
-from laion_assets.core import stages, views
-from laion_assets.core.config import PipelineConfig, SubsetConfig
+from laion_assets.core import stages
+from laion_assets.core.config import PipelineConfig
 from laion_assets.core.stages.curation import run_curated_subset
+from laion_assets.core.subsets.rules import SubsetConfig
+from laion_assets.core.ui import views
 from laion_assets.defs.embeddings import WATERMARK, embeddings_key
 from laion_assets.defs.gate import gate_spec, run_stage
 from laion_assets.defs.images import images

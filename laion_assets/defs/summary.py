@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dagster import AssetExecutionContext, AssetsDefinition, MaterializeResult, MetadataValue, asset
 
-from laion_assets.core import pictures, summary
+from laion_assets.core.ui import pictures, summary
 from laion_assets.defs.gate import markdown_table
 from laion_assets.defs.resources import LakeResource
 

@@ -2,12 +2,13 @@
 
 from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, MaterializeResult, MetadataValue
 
-from laion_assets.core.config import PipelineConfig, SubsetConfig
-from laion_assets.core.errors import LaionAssetsError
-from laion_assets.core.export import export_shard
+from laion_assets.core.config import PipelineConfig
+from laion_assets.core.exports.webdataset import export_shard
+from laion_assets.core.lake.errors import LaionAssetsError
+from laion_assets.core.subsets.rules import SubsetConfig
+from laion_assets.defs.gate import ShardFailed
 from laion_assets.defs.images import images
 from laion_assets.defs.partitions import shard_asset
-from laion_assets.defs.gate import ShardFailed
 from laion_assets.defs.resources import LakeResource, PipelineResource
 
 

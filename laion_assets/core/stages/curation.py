@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import polars as pl
 
-from laion_assets.core import blocklists, curation, dedup, fingerprints, semdedup
-from laion_assets.core.config import PipelineConfig, SemanticDedupConfig, SubsetConfig
-from laion_assets.core.errors import LaionAssetsError
-from laion_assets.core.lake import Lake
-from laion_assets.core.stages.publish import IMAGES, SCORES, StageOutput, embeddings_table, subset_table
+from laion_assets.core.config import PipelineConfig
+from laion_assets.core.curation import blocklists, dedup, passes, semdedup
+from laion_assets.core.curation.config import SemanticDedupConfig
+from laion_assets.core.lake.delta import Lake
+from laion_assets.core.lake.errors import LaionAssetsError
+from laion_assets.core.lake.tables import IMAGES, SCORES, embeddings_table, subset_table
+from laion_assets.core.stages import fingerprints
+from laion_assets.core.stages.publish import StageOutput
 from laion_assets.core.stages.subsets import run_subset
+from laion_assets.core.subsets.rules import SubsetConfig
 
 
 def run_dedup_keys(lake: Lake, cfg: PipelineConfig, shard: str) -> dict:
@@ -35,9 +39,9 @@ def run_curated_subset(lake: Lake, cfg: PipelineConfig, sub: SubsetConfig, shard
     takes newly marked rows out of the subsets only after committing them, so a shard read
     before that commit and published after the pass's delete would keep them otherwise."""
     for _ in range(tries):
-        before = curation.marks_versions(lake)
+        before = passes.marks_versions(lake)
         out = run_subset(lake, cfg, sub, shard)
-        if curation.marks_versions(lake) == before:
+        if passes.marks_versions(lake) == before:
             return out
     raise LaionAssetsError(f"subset {sub.name}, shard {shard}: the curation marks kept changing while it ran; run it again")
 
@@ -54,7 +58,7 @@ def _rerun(lake: Lake, cfg: PipelineConfig):
 def run_duplicates(lake: Lake, cfg: PipelineConfig) -> dict:
     """Mark duplicates lake-wide, then drop new ones from the subsets whose recipe excludes their kind."""
     result = dedup.run_pass(lake, cfg.curation.dedup)
-    subsets = curation.apply_to_subsets(
+    subsets = passes.apply_to_subsets(
         lake, cfg.subsets, subset_table, result.newly_marked, result.unmarked,
         lambda sub: pl.col("kind").is_in(list(sub.exclude_duplicates)) if sub.exclude_duplicates else None,
         _rerun(lake, cfg), reason=f"duplicates pass (index v{result.index_version})",
@@ -77,7 +81,7 @@ def run_blocklists(lake: Lake, cfg: PipelineConfig) -> dict:
     removed = diff.filter(pl.col("change") == "removed") if diff.height else pl.DataFrame(schema={"shard": pl.String, "uid": pl.Int64})
     restored = diff.filter(pl.col("change") == "restored") if diff.height else removed.clear()
     restored = restored.join(result.blocked, on=["shard", "uid"], how="anti")  # still blocked by another list
-    subsets = curation.apply_to_subsets(
+    subsets = passes.apply_to_subsets(
         lake, cfg.subsets, subset_table, removed, restored, lambda sub: pl.lit(True),
         _rerun(lake, cfg), reason=f"blocklist pass {result.version}",
     )
@@ -85,7 +89,7 @@ def run_blocklists(lake: Lake, cfg: PipelineConfig) -> dict:
     blocked = result.blocked
     unknown = 0
     if lake.exists(IMAGES):  # rows published before md5/sha1 were recorded cannot match those lists
-        has = "md5" in curation.table_columns(lake, IMAGES)
+        has = "md5" in passes.table_columns(lake, IMAGES)
         stored = lake.scan(IMAGES).filter(pl.col("status") == "success")
         unknown = (stored.filter(pl.col("md5").is_null()) if has else stored).select(pl.len()).collect().item()
     per_shard = blocked.group_by("shard").agg(pl.len().alias("rows_blocked")).sort("shard") if blocked.height else pl.DataFrame()
@@ -109,7 +113,7 @@ def run_semdedup(lake: Lake, cfg: PipelineConfig, sem: SemanticDedupConfig) -> d
     result = semdedup.semdedup(stream, rows, sem)
     recipe = {**sem.model_dump(), "space": space, "embedding_space": cfg.embeddings.spaces[space].identity,
               "subset_version": lake.table(table).version() if lake.exists(table) else None}
-    version = curation.write(
+    version = passes.write(
         lake, semdedup.semdedup_table(sem.subset), result.removed.to_arrow().cast(semdedup.MARKS_SCHEMA),
         mode="overwrite", partition_by=["shard"], state=recipe,
     )

@@ -12,14 +12,15 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from laion_assets.core import fingerprints, quality, staging, vectors
 from laion_assets.core.config import PipelineConfig
-from laion_assets.core.errors import StagingUnusable, ValidationFailed, explained
-from laion_assets.core.lake import Lake
+from laion_assets.core.embeddings import vectors
+from laion_assets.core.lake import quality
+from laion_assets.core.lake.delta import Lake
+from laion_assets.core.lake.errors import StagingUnusable, ValidationFailed, explained
+from laion_assets.core.lake.tables import IMAGES, RAW_URLS, WATERMARK, embeddings_table, staging_embeddings
+from laion_assets.core.stages import fingerprints, staging
 from laion_assets.core.stages import watermark as watermark_stage
-from laion_assets.core.stages.publish import (
-    IMAGES, RAW_URLS, WATERMARK, StageOutput, chunked, embeddings_table, gate, publish_stream, staging_embeddings, uids,
-)
+from laion_assets.core.stages.publish import StageOutput, chunked, gate, publish_stream, uids
 
 log = logging.getLogger(__name__)
 

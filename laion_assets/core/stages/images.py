@@ -11,12 +11,14 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from laion_assets.core import fingerprints, quality, staging
 from laion_assets.core.config import PipelineConfig
-from laion_assets.core.download import IMAGES_SCHEMA, STATUSES, Progress, ShardDownloader
-from laion_assets.core.errors import StagingUnusable, ValidationFailed, explained
-from laion_assets.core.lake import Lake
-from laion_assets.core.stages.publish import IMAGES, RAW_URLS, STAGING_IMAGES, StageOutput, gate, publish_stream
+from laion_assets.core.images.download import IMAGES_SCHEMA, STATUSES, Progress, ShardDownloader
+from laion_assets.core.lake import quality
+from laion_assets.core.lake.delta import Lake
+from laion_assets.core.lake.errors import StagingUnusable, ValidationFailed, explained
+from laion_assets.core.lake.tables import IMAGES, RAW_URLS, STAGING_IMAGES
+from laion_assets.core.stages import fingerprints, staging
+from laion_assets.core.stages.publish import StageOutput, gate, publish_stream
 
 log = logging.getLogger(__name__)
 

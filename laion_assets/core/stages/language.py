@@ -7,11 +7,14 @@ import time
 
 import polars as pl
 
-from laion_assets.core import fingerprints, language, quality
 from laion_assets.core.config import PipelineConfig
-from laion_assets.core.errors import explained
-from laion_assets.core.lake import Lake
-from laion_assets.core.stages.publish import LANGUAGE, RAW_URLS, StageOutput, gate, publish
+from laion_assets.core.lake import quality
+from laion_assets.core.lake.delta import Lake
+from laion_assets.core.lake.errors import explained
+from laion_assets.core.lake.tables import LANGUAGE, RAW_URLS
+from laion_assets.core.scores import language
+from laion_assets.core.stages import fingerprints
+from laion_assets.core.stages.publish import StageOutput, gate, publish
 
 log = logging.getLogger(__name__)
 

@@ -13,26 +13,10 @@ import polars as pl
 import pyarrow as pa
 
 from laion_assets import __version__
-from laion_assets.core import fingerprints, quality
-from laion_assets.core.errors import ValidationFailed
-from laion_assets.core.lake import Lake
-
-RAW_URLS, IMAGES, SCORES = "raw_urls", "images", "scores"
-LANGUAGE, WATERMARK = "language", "watermark"
-STAGING_IMAGES = "_staging/images"
-
-
-def embeddings_table(space: str) -> str:
-    """One table per configured embedding space, e.g. `embeddings/b32`."""
-    return f"embeddings/{space}"
-
-
-def staging_embeddings(space: str) -> str:
-    return f"_staging/embeddings/{space}"
-
-
-def subset_table(name: str) -> str:
-    return f"subsets/{name}"
+from laion_assets.core.lake import quality
+from laion_assets.core.lake.delta import Lake
+from laion_assets.core.lake.errors import ValidationFailed
+from laion_assets.core.stages import fingerprints
 
 
 @dataclass

@@ -12,12 +12,15 @@ import logging
 
 import polars as pl
 
-from laion_assets.core import fingerprints, quality, registry
 from laion_assets.core.config import PipelineConfig
-from laion_assets.core.errors import LaionAssetsError, ValidationFailed, explained
-from laion_assets.core.ingest import REASONS, IngestResult, normalize, read_shard_file
-from laion_assets.core.lake import Lake
-from laion_assets.core.stages.publish import IMAGES, RAW_URLS, StageOutput, gate, publish
+from laion_assets.core.ingest import registry
+from laion_assets.core.ingest.reader import REASONS, IngestResult, normalize, read_shard_file
+from laion_assets.core.lake import quality
+from laion_assets.core.lake.delta import Lake
+from laion_assets.core.lake.errors import LaionAssetsError, ValidationFailed, explained
+from laion_assets.core.lake.tables import IMAGES, RAW_URLS
+from laion_assets.core.stages import fingerprints
+from laion_assets.core.stages.publish import StageOutput, gate, publish
 
 RAW_URLS_REJECTED = "raw_urls_rejected"
 

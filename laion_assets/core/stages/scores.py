@@ -6,12 +6,15 @@ import json
 
 import polars as pl
 
-from laion_assets.core import fingerprints, quality, vectors
 from laion_assets.core.config import PipelineConfig
-from laion_assets.core.errors import explained
-from laion_assets.core.heads import check_compatible, load_head
-from laion_assets.core.lake import Lake
-from laion_assets.core.stages.publish import IMAGES, SCORES, StageOutput, embeddings_table, gate, publish, uids
+from laion_assets.core.embeddings import vectors
+from laion_assets.core.lake import quality
+from laion_assets.core.lake.delta import Lake
+from laion_assets.core.lake.errors import explained
+from laion_assets.core.lake.tables import IMAGES, SCORES, embeddings_table
+from laion_assets.core.scores.heads import check_compatible, load_head
+from laion_assets.core.stages import fingerprints
+from laion_assets.core.stages.publish import StageOutput, gate, publish, uids
 
 
 @explained

@@ -8,16 +8,18 @@ import json
 import polars as pl
 
 from laion_assets import __version__
-from laion_assets.core import curation, fingerprints, language, quality
 from laion_assets.core.config import PipelineConfig
-from laion_assets.core.errors import LaionAssetsError, explained
-from laion_assets.core.heads import file_sha256
-from laion_assets.core.lake import Lake
-from laion_assets.core.stages.publish import (
-    IMAGES, LANGUAGE, RAW_URLS, SCORES, WATERMARK, StageOutput, embeddings_table, gate, publish, subset_table,
-)
-from laion_assets.core.subset_rules import SubsetConfig
-from laion_assets.core.subsets import candidates, check_columns, dropped_counts, predicate
+from laion_assets.core.curation import passes
+from laion_assets.core.lake import quality
+from laion_assets.core.lake.delta import Lake
+from laion_assets.core.lake.errors import LaionAssetsError, explained
+from laion_assets.core.lake.tables import IMAGES, LANGUAGE, RAW_URLS, SCORES, WATERMARK, embeddings_table, subset_table
+from laion_assets.core.scores import language
+from laion_assets.core.scores.heads import file_sha256
+from laion_assets.core.stages import fingerprints
+from laion_assets.core.stages.publish import StageOutput, gate, publish
+from laion_assets.core.subsets.predicates import candidates, check_columns, dropped_counts, predicate
+from laion_assets.core.subsets.rules import SubsetConfig
 
 IMAGE_COLUMNS = ["uid", "status", "original_width", "original_height", "width", "height", "sha256", "bytes_downloaded"]
 
@@ -99,12 +101,12 @@ def run_subset(lake: Lake, cfg: PipelineConfig, sub: SubsetConfig, shard: str) -
     scores = lake.read_shard(SCORES, shard).drop("shard")
     marks = lake.read_shard(WATERMARK, shard).drop("shard") if cfg.watermark and lake.exists(WATERMARK) else None
     pool = candidates(raw, images, lang, emb, scores, marks)
-    pool, blocked = curation.with_marks(lake, shard, pool)  # blocked rows leave; duplicate flags for the rules
+    pool, blocked = passes.with_marks(lake, shard, pool)  # blocked rows leave; duplicate flags for the rules
     check_columns(pool, sub, shard)
     _check_provenance(pool, body, shard)
     rows = (
         pool.filter(predicate(sub))
-        .drop("status", "head_files", "language_detector", *curation.MARK_COLUMNS, strict=False)
+        .drop("status", "head_files", "language_detector", *passes.MARK_COLUMNS, strict=False)
         .with_columns(recipe_id=pl.lit(body["recipe_id"]))
     )
     candidates_n = pool.filter(pl.col("status") == "success").height

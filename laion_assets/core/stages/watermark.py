@@ -8,10 +8,12 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from laion_assets.core import fingerprints, quality, staging
 from laion_assets.core.config import PipelineConfig
-from laion_assets.core.lake import Lake
-from laion_assets.core.stages.publish import WATERMARK, StageOutput, gate, publish_stream
+from laion_assets.core.lake import quality
+from laion_assets.core.lake.delta import Lake
+from laion_assets.core.lake.tables import WATERMARK
+from laion_assets.core.stages import fingerprints, staging
+from laion_assets.core.stages.publish import StageOutput, gate, publish_stream
 
 STAGING = "_staging/watermark"
 SCHEMA = pa.schema([("uid", pa.int64()), ("pwatermark", pa.float32()), ("watermark_model", pa.string())])

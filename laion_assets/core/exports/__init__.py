@@ -1,0 +1,1 @@
+"""subsets → what consumers read: webdataset tars, kNN indexes, search (CLI and page)."""

@@ -1,0 +1,296 @@
+"""Download a shard: fetch every URL concurrently, process images on worker processes, and hand
+results over in chunks so a killed run loses at most the rows not yet flushed.
+
+Network waits overlap on one asyncio loop (aiohttp: connection reuse, DNS cache, per-host
+limits). Decode/resize/encode and sha256 run in worker processes started with exec (never a
+bare fork: deltalake must not be forked; no multiprocessing, whose spawn re-imports the
+caller's __main__), one per core by default, so the two halves use every core without
+fighting over the GIL; a decoder that crashes or hangs costs one worker, not the run.
+`decode="thread"` keeps everything in one process (small shards, tests, 1-core machines).
+
+Memory is bounded by configuration, not by the shard: at most `concurrency` samples are in
+flight (each body <= `max_body_bytes`, usually ~100 KB), at most `chunk_rows` finished rows
+wait for the next flush, and rows are pulled from the input iterator only as slots free up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+from aiohttp.abc import AbstractResolver
+
+from laion_assets.core.images.config import DownloadConfig, ImageConfig
+from laion_assets.core.images.fetch import Fetched, Fetcher
+from laion_assets.core.images.imaging import ImageProcessor
+from laion_assets.core.images.signals import run_until_signal
+from laion_assets.core.images.workers import CpuPool
+from laion_assets.core.lake.errors import LaionAssetsError
+
+IMAGES_SCHEMA = pa.schema(
+    [
+        ("uid", pa.int64()),
+        ("url", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("retryable", pa.bool_()),
+        ("http_status", pa.int32()),
+        ("content_type", pa.string()),
+        ("attempts", pa.int32()),
+        ("bytes_downloaded", pa.int64()),
+        ("original_width", pa.int32()),
+        ("original_height", pa.int32()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("sha256", pa.string()),
+        ("image", pa.binary()),
+        ("duration_s", pa.float32()),
+        # Added later (null in shards published before: re-materialize images to fill them):
+        ("md5", pa.string()),  # of the original bytes, like sha256 (Re-LAION-style blocklists)
+        ("sha1", pa.string()),
+        ("phash", pa.string()),  # 64-bit pHash of the decoded image (imagehash), 16 hex digits
+        ("image_sha256", pa.string()),  # of the stored bytes, taken when they were encoded
+    ]
+)
+
+# Every status an images row can have: the single source of truth (gate, README table, UI).
+STATUSES = (
+    "success", "http_error", "failed_download", "failed_decode", "opted_out", "refused_address",
+    "refused_scheme", "blocked", "too_small", "bad_aspect_ratio", "too_large",
+)
+# img2dataset's three outcomes, for comparisons and exports. too_large covers both bodies over
+# max_body_bytes and images over max_image_area: img2dataset has no body cap and would have
+# downloaded such a body, then failed (or not) to resize it.
+I2D_STATUS = {
+    "success": "success",
+    "http_error": "failed_to_download", "failed_download": "failed_to_download",
+    "opted_out": "failed_to_download", "refused_address": "failed_to_download",
+    "refused_scheme": "failed_to_download", "blocked": "failed_to_download",
+    "failed_decode": "failed_to_resize", "too_small": "failed_to_resize",
+    "bad_aspect_ratio": "failed_to_resize", "too_large": "failed_to_resize",
+}
+
+
+def default_concurrency() -> int:
+    return min(512, 64 * (os.cpu_count() or 1))
+
+
+def max_unstaged(dcfg: DownloadConfig) -> int:
+    """Rows fetched but not yet staged, at most: what a kill can cost a rerun (README, Resume)."""
+    return (dcfg.concurrency or default_concurrency()) + 2 * dcfg.chunk_rows
+
+
+def load_blocklist(path: str | None) -> frozenset[str]:
+    """One entry a line (a URL, or a lowercase sha256 hex); '#' starts a comment."""
+    if not path:
+        return frozenset()
+    p = Path(path)
+    if not p.is_file():
+        raise LaionAssetsError(f"blocklist {p} not found: fix the path in the download config")
+    lines = (line.split("#", 1)[0].strip() for line in p.read_text().splitlines())
+    return frozenset(line.lower() if len(line) == 64 else line for line in lines if line)
+
+
+def url_hash(url: str) -> str:
+    return hashlib.sha256(url.encode()).hexdigest()
+
+
+@dataclass
+class Progress:
+    total: int
+    done: int = 0
+    started: float = field(default_factory=time.monotonic)
+    statuses: Counter = field(default_factory=Counter)
+    bytes: int = 0
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def rate(self) -> float:
+        return self.done / max(1e-9, self.elapsed)
+
+    def line(self) -> str:
+        failed = self.done - self.statuses.get("success", 0)
+        top = ", ".join(f"{k} {v}" for k, v in self.statuses.most_common() if k != "success")
+        return (
+            f"{self.done}/{self.total} images, {self.rate:.1f}/s, {self.bytes / 2**20:.0f} MiB, "
+            f"{failed} not stored so far" + (f" ({top})" if top else "")
+        )
+
+
+class ShardDownloader:
+    """Configured once per shard; `run` streams result chunks to `on_chunk`.
+
+    workers: CPU workers for decode/resize/encode (default: one per core).
+    decode: "process" (default on machines with 2+ cores) or "thread".
+    """
+
+    def __init__(
+        self, dcfg: DownloadConfig, icfg: ImageConfig, *, resolver: AbstractResolver | None = None,
+        workers: int | None = None, decode: Literal["process", "thread"] | None = None,
+    ):
+        self.dcfg = dcfg.model_copy(update={"concurrency": dcfg.concurrency or default_concurrency()})
+        self.icfg = icfg
+        self.process = ImageProcessor(icfg)
+        self.resolver = resolver
+        cores = os.cpu_count() or 1
+        self.workers = workers or cores
+        self.decode = decode or os.environ.get("LAION_ASSETS_DECODE") or ("process" if cores > 1 else "thread")
+        if self.decode not in ("process", "thread"):
+            raise LaionAssetsError(f"decode must be 'process' or 'thread', got '{self.decode}'")
+        self.blocked_urls = load_blocklist(dcfg.url_blocklist)
+        self.blocked_images = load_blocklist(dcfg.image_blocklist)
+
+    def run(
+        self,
+        rows: Iterable[tuple[int, str]],
+        total: int,
+        on_chunk: Callable[[pa.Table], None],
+        on_progress: Callable[[Progress], None] | None = None,
+        progress_every_s: float = 10.0,
+    ) -> Progress:
+        return run_until_signal(self._run(rows, total, on_chunk, on_progress, progress_every_s))
+
+    async def _run(self, rows, total, on_chunk, on_progress, every) -> Progress:
+        progress = Progress(total)
+        pending: list[dict] = []
+        sem = asyncio.Semaphore(self.dcfg.concurrency)
+        # A row holds one of these from its request until its chunk is staged, so a kill loses
+        # (and a rerun fetches again) at most concurrency + 2 * chunk_rows rows.
+        unstaged = asyncio.Semaphore(max_unstaged(self.dcfg))
+        budget = ByteBudget(self.dcfg.max_pending_mb * 2**20)
+        cpu = CpuPool(self.icfg, self.workers, self.decode)
+        writer = ThreadPoolExecutor(1, thread_name_prefix="stage-writer")
+        flush_lock = asyncio.Lock()
+        loop = asyncio.get_running_loop()
+
+        async def flush(force: bool = False) -> None:
+            n = self.dcfg.chunk_rows
+            async with flush_lock:  # rows finishing meanwhile wait in `pending` (<= n + concurrency)
+                while pending and (force or len(pending) >= n):
+                    batch = pending[:n]
+                    del pending[:n]
+                    table = pa.Table.from_pylist(batch, schema=IMAGES_SCHEMA)
+                    await loop.run_in_executor(writer, on_chunk, table)
+                    for _ in batch:
+                        unstaged.release()
+
+        async def one(uid: int, url: str, fetcher: Fetcher) -> None:
+            start = time.monotonic()
+            holds_slot, held_bytes = True, 0
+            try:
+                row, body = await self._fetch(uid, url, fetcher)
+                if body is not None:
+                    # Keep fetching while images wait for a CPU worker, up to the byte budget:
+                    # the network (and slow hosts) stay busy instead of queueing behind decode.
+                    held_bytes = await budget.acquire(len(body))
+                sem.release()
+                holds_slot = False
+                if body is not None:
+                    row = await self._process(row, body, cpu)
+                    del body
+            except Exception as e:  # never lose a row, whatever broke
+                row = {"uid": uid, "url": url, "status": "failed_download", "error": f"internal: {e!r}"[:300]}
+            finally:
+                if holds_slot:
+                    sem.release()
+                budget.release(held_bytes)
+            row["duration_s"] = time.monotonic() - start
+            pending.append(row)
+            progress.done += 1
+            progress.statuses[row["status"]] += 1
+            progress.bytes += row.get("bytes_downloaded") or 0
+            await flush()
+
+        async def report() -> None:
+            while True:
+                await asyncio.sleep(every)
+                if on_progress:
+                    on_progress(progress)
+
+        reporter = asyncio.create_task(report())
+        tasks: set[asyncio.Task] = set()
+        try:
+            await cpu.start()
+            async with Fetcher(self.dcfg, resolver=self.resolver) as fetcher:
+                for uid, url in rows:
+                    await unstaged.acquire()
+                    await sem.acquire()
+                    task = asyncio.create_task(one(uid, url, fetcher))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                await asyncio.gather(*tasks)
+            await flush(force=True)
+        finally:
+            reporter.cancel()
+            for task in list(tasks):
+                task.cancel()
+            writer.shutdown(wait=True)
+            await cpu.shutdown()
+        if on_progress:
+            on_progress(progress)
+        return progress
+
+    async def _fetch(self, uid, url, fetcher: Fetcher) -> tuple[dict, bytes | None]:
+        """The network half: a row, and the body when there is an image to process."""
+        row: dict = {"uid": uid, "url": url}
+        if self.blocked_urls and (url in self.blocked_urls or url_hash(url) in self.blocked_urls):
+            row.update(status="blocked", error="URL on the blocklist", attempts=0)
+            return row, None
+        got: Fetched = await fetcher.fetch(url)
+        row.update(
+            status=got.status, error=got.error, retryable=got.retryable, http_status=got.http_status,
+            content_type=got.content_type, attempts=got.attempts,
+            bytes_downloaded=len(got.body) if got.body is not None else None,
+        )
+        return row, (got.body if got.status == "success" else None)
+
+    async def _process(self, row: dict, body: bytes, cpu: CpuPool) -> dict:
+        """The CPU half: hash, blocklist, decode/check/resize/encode."""
+        sha, res = await cpu.run(body)
+        if sha in self.blocked_images:  # never stored, whatever the decode said
+            row.update(status="blocked", error="image hash on the blocklist", sha256=sha)
+            return row
+        row.update(
+            status=res.status, error=res.error, sha256=sha,
+            original_width=res.original_width, original_height=res.original_height,
+            width=res.width, height=res.height, image=res.image,
+            image_sha256=hashlib.sha256(res.image).hexdigest() if res.image is not None else None,
+        )
+        row.update(md5=res.md5, sha1=res.sha1, phash=res.phash)
+        return row
+
+
+class ByteBudget:
+    """Bytes of downloaded bodies allowed to wait for a CPU worker. A body larger than the
+    whole budget still passes when nothing else is held, so nothing waits forever."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+        self.cond = asyncio.Condition()
+
+    async def acquire(self, n: int) -> int:
+        async with self.cond:
+            await self.cond.wait_for(lambda: self.held == 0 or self.held + n <= self.limit)
+            self.held += n
+        return n
+
+    def release(self, n: int) -> None:
+        if n:
+            self.held -= n
+            asyncio.get_running_loop().create_task(self._wake())
+
+    async def _wake(self) -> None:
+        async with self.cond:
+            self.cond.notify_all()
