@@ -7,7 +7,8 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from laion_assets.cli import main, run_pipeline
+from laion_assets.cli import main
+from laion_assets.cli.pipeline import run_pipeline
 from laion_assets.core import stages
 from laion_assets.core.ingest import registry
 from laion_assets.core.ingest.config import IngestConfig

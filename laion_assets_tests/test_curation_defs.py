@@ -16,7 +16,7 @@ from dagster import (
     materialize,
 )
 
-from laion_assets.cli import run_pipeline
+from laion_assets.cli.pipeline import run_pipeline
 from laion_assets.core.curation.config import BlocklistConfig, CurationConfig, SemanticDedupConfig
 from laion_assets.core.lake.delta import Lake
 from laion_assets.core.subsets.rules import SubsetConfig

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 from dagster import DagsterEventType, instance_for_test
 
-from laion_assets.cli import run_pipeline
+from laion_assets.cli.pipeline import run_pipeline
 from laion_assets.core import stages
 from laion_assets.core.lake.delta import Lake
 from laion_assets.core.lake.errors import InfrastructureError, explain

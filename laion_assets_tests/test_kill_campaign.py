@@ -23,7 +23,7 @@ import polars as pl
 import pytest
 from dagster import DagsterInstance, DagsterRunStatus, instance_for_test
 
-from laion_assets.cli import run_pipeline
+from laion_assets.cli.pipeline import run_pipeline
 from laion_assets.core.embeddings.config import EmbeddingConfig, SpaceConfig
 from laion_assets.core.exports.config import ExportConfig
 from laion_assets.core.images.download import max_unstaged

@@ -14,7 +14,7 @@ import pytest
 import torch
 from dagster import AssetKey, instance_for_test
 
-from laion_assets.cli import run_pipeline
+from laion_assets.cli.pipeline import run_pipeline
 from laion_assets.core.embeddings import vectors
 from laion_assets.core.embeddings.config import EmbeddingConfig, SpaceConfig
 from laion_assets.core.lake.delta import Lake

@@ -21,7 +21,7 @@ from dagster import (
     instance_for_test,
 )
 
-from laion_assets.cli import run_pipeline
+from laion_assets.cli.pipeline import run_pipeline
 from laion_assets.core.lake.delta import Lake
 from laion_assets.defs.definitions import build_defs
 from laion_assets.defs.resources import InputsResource, LakeResource, Settings

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 from dagster import instance_for_test
 
-from laion_assets.cli import run_pipeline
+from laion_assets.cli.pipeline import run_pipeline
 from laion_assets.core.lake.delta import Lake
 from laion_assets_tests.conftest import make_config, write_config
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 from dagster import instance_for_test
 
-from laion_assets.cli import main, run_pipeline
+from laion_assets.cli import main
+from laion_assets.cli.pipeline import run_pipeline
 from laion_assets.core.exports.webdataset import train_shards
 from laion_assets.core.lake.delta import Lake
 from laion_assets_tests.conftest import make_config, write_config

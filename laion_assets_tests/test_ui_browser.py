@@ -23,7 +23,7 @@ import polars as pl
 import pytest
 from dagster import DagsterInstance, DagsterRunStatus
 
-from laion_assets.cli import run_pipeline
+from laion_assets.cli.pipeline import run_pipeline
 from laion_assets.core.ingest.sample import sample_rows
 from laion_assets_tests.conftest import REPO, make_config, write_config
 

@@ -14,7 +14,8 @@ from dagster import AssetCheckKey, AssetKey, DagsterEventType, instance_for_test
 from dagster._core.storage.event_log.base import AssetRecordsFilter
 from PIL import Image
 
-from laion_assets.cli import main, run_pipeline
+from laion_assets.cli import main
+from laion_assets.cli.pipeline import run_pipeline
 from laion_assets.core.ingest import registry
 from laion_assets.core.lake.delta import Lake
 from laion_assets.defs.definitions import build_defs

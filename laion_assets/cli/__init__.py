@@ -1,0 +1,58 @@
+"""`laion-assets`: run the pipeline without the UI, through Dagster (same assets, same
+resources, runs recorded in the instance the UI reads).
+
+    laion-assets run <input files or folders> [--lake URI] [--select ASSETS] [--config FILE]
+    laion-assets backfill <inputs> # register shards and queue them for dagster-daemon
+    laion-assets check-store       # is the lake's object store safe for concurrent writers?
+    laion-assets remove-shard KEY  # delete a shard from the lake and the UI's partitions
+    laion-assets demo              # bundled sample end to end, then where to look
+    laion-assets sample-server     # serve the demo sample again (to materialize from the UI)
+    laion-assets migrate-embeddings --space b32   # a lake from before embedding spaces
+    laion-assets maintain          # remove leftover staging, compact and vacuum (the nightly job)
+    laion-assets adopt             # a lake from before fingerprints: record what is published
+    laion-assets search "a red car" [--image FILE] [--subset NAME] [-k N]
+    laion-assets serve             # the search page on 127.0.0.1
+    laion-assets train-args --subset NAME         # open_clip flags for a webdataset export
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from laion_assets.cli import exports, lake, pipeline
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="laion-assets", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    env_lake = os.environ.get("LAION_ASSETS_LAKE", "data/lake")
+    env_config = os.environ.get("LAION_ASSETS_CONFIG")
+
+    for module in (pipeline, lake, exports):
+        module.add_commands(sub, env_lake, env_config)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    from laion_assets.core.lake.errors import LaionAssetsError, explain
+
+    try:
+        return args.fn(args)
+    except LaionAssetsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        err = explain(e)  # disk full, permissions, missing files, object store: one line
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+

@@ -1,0 +1,70 @@
+"""`search`, `serve`, `train-args`: use a lake's exports and kNN indexes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _searcher(args):
+    from laion_assets.core.config import load_config
+    from laion_assets.core.exports.search import Searcher
+    from laion_assets.core.lake.delta import Lake
+
+    return Searcher(Lake(args.lake), load_config(args.config), device=args.device)
+
+
+def cmd_search(args) -> int:
+    from laion_assets.core.lake.errors import LaionAssetsError
+
+    image = None
+    if args.image:
+        try:
+            image = Path(args.image).read_bytes()
+        except OSError as e:
+            raise LaionAssetsError(f"cannot read image {args.image}: {e.strerror}") from None
+    hits = _searcher(args).search(args.query, image, args.subset, args.k)
+    print(f"{'rank':>4} {'score':>7}  {'uid':>20}  url  caption")
+    for hit in hits:
+        print(f"{hit.rank:>4} {hit.score:>7.4f}  {hit.uid:>20}  {hit.url}  {hit.caption or ''}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from laion_assets.core.exports.serve import serve
+
+    serve(_searcher(args), args.port)
+    return 0
+
+
+def cmd_train_args(args) -> int:
+    import shlex
+
+    from laion_assets.core.exports.webdataset import train_shards
+    from laion_assets.core.lake.delta import Lake
+    from laion_assets.core.lake.errors import LaionAssetsError
+
+    urls, samples = train_shards(Lake(args.lake), args.subset)
+    if not urls:
+        raise LaionAssetsError(f"subset '{args.subset}' has no webdataset export in {args.lake}: materialize webdataset/{args.subset} first")
+    print(f"--dataset-type webdataset --train-data {shlex.quote('::'.join(urls))} --train-num-samples {samples}")
+    return 0
+
+
+def add_commands(sub, env_lake: str, env_config: str | None) -> None:
+    """`search`, `serve` and `train-args`: use a lake's exports and kNN indexes."""
+    search = sub.add_parser("search", help="search a subset's kNN index by text and/or image")
+    search.add_argument("query", nargs="?", help="text query, e.g. \"a red car\"")
+    search.add_argument("--image", help="image file to search with (with a text query: both)")
+    search.add_argument("--subset", help="subset to search (default: the first one with an index)")
+    search.add_argument("-k", type=int, default=10, help="results (default %(default)s)")
+    serve = sub.add_parser("serve", help="the search page on http://127.0.0.1:PORT")
+    serve.add_argument("--port", type=int, default=8000)
+    for p, fn in ((search, cmd_search), (serve, cmd_serve)):
+        p.add_argument("--lake", default=env_lake)
+        p.add_argument("--config", default=env_config, help="pipeline config YAML (the one the index was built with)")
+        p.add_argument("--device", default="cpu", help="where the query model runs: cpu, cuda, auto (default %(default)s)")
+        p.set_defaults(fn=fn)
+    train = sub.add_parser("train-args", help="print open_clip's --train-data/--train-num-samples for an export")
+    train.add_argument("--subset", required=True)
+    train.add_argument("--lake", default=env_lake)
+    train.set_defaults(fn=cmd_train_args)

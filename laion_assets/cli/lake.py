@@ -1,0 +1,106 @@
+"""`check-store`, `migrate-embeddings`, `adopt`, `maintain`, `remove-shard`: looking after a lake."""
+
+from __future__ import annotations
+
+from laion_assets.cli.pipeline import dagster_instance
+
+
+def cmd_check_store(args) -> int:
+    """Probe the lake's object store for the conditional writes Delta commits rely on."""
+    from laion_assets.core.lake.delta import Lake
+    from laion_assets.core.lake.store import check_conditional_writes
+
+    print(check_conditional_writes(Lake(args.lake)))
+    return 0
+
+
+def cmd_migrate_embeddings(args) -> int:
+    from laion_assets.core import stages
+    from laion_assets.core.config import load_config
+    from laion_assets.core.lake.delta import Lake
+    from laion_assets.core.lake.errors import LaionAssetsError
+    from laion_assets.core.lake.migrate import migrate_embeddings
+    from laion_assets.core.stages import fingerprints
+
+    cfg = load_config(args.config)
+    spaces = cfg.embeddings.spaces
+    if args.space not in spaces:
+        raise LaionAssetsError(f"space '{args.space}' is not in embeddings.spaces of the config ({', '.join(spaces)})")
+    lake = Lake(args.lake)
+    result = migrate_embeddings(lake, args.space, spaces[args.space].identity, force=args.force)
+    print(f"moved the embeddings table to {result['table']} ({result['rows']} rows)" if result["moved"] else result["reason"])
+    if result["moved"]:  # moved, not made: recorded as up to date, so `run` does not embed them again
+        fingerprints.adopt(lake, cfg, stages.embeddings_table(args.space))
+    return 0
+
+
+def cmd_remove_shard(args) -> int:
+    """Delete shards from every table of the lake, the registry and the Dagster partitions."""
+    from laion_assets.core.ingest import registry
+    from laion_assets.core.lake.delta import Lake
+    from laion_assets.defs.partitions import shards
+
+    lk = Lake(args.lake)
+    instance = dagster_instance()
+    for key in args.shards:
+        deleted = registry.remove_shard(lk, key)
+        instance.delete_dynamic_partition(shards.name, key)
+        rows = ", ".join(f"{name} {n}" for name, n in deleted.items()) or "no rows"
+        print(f"shard {key} removed (rows per table, files per export folder): {rows}; partition deleted")
+    return 0
+
+
+def cmd_adopt(args) -> int:
+    """Record a lake's published shards as made from the current config and code."""
+    from laion_assets.core.config import load_config
+    from laion_assets.core.lake.delta import Lake
+    from laion_assets.core.stages import fingerprints
+
+    cfg, lake = load_config(args.config), Lake(args.lake)
+    tables = [t for t in lake.tables() if not t.startswith("_") and fingerprints.stage_of(t) in fingerprints.CODE_VERSIONS]
+    for table in tables:
+        print(f"  {table:<28} {fingerprints.adopt(lake, cfg, table):>6} shards recorded as up to date")
+    return 0
+
+
+def cmd_maintain(args) -> int:
+    """The lake_maintenance job, through Dagster (recorded in the instance like the schedule's)."""
+    from laion_assets.defs.definitions import build_defs
+    from laion_assets.defs.resources import Settings
+
+    defs = build_defs(Settings(lake=args.lake, config=args.config))
+    result = defs.resolve_job_def("lake_maintenance").execute_in_process(instance=dagster_instance(), raise_on_error=False)
+    print("lake maintained: staging leftovers removed, tables compacted and vacuumed" if result.success else "maintenance failed (see the run's logs)")
+    return 0 if result.success else 1
+
+
+def add_commands(sub, env_lake: str, env_config: str | None) -> None:
+    store = sub.add_parser("check-store", help="check that the lake's object store is safe for concurrent writers")
+    store.add_argument("--lake", default=env_lake, help="lake root, e.g. s3://bucket/prefix")
+    store.set_defaults(fn=cmd_check_store)
+
+    migrate = sub.add_parser(
+        "migrate-embeddings", help="move a lake's single `embeddings` table to embeddings/<space> (no recompute)",
+    )
+    migrate.add_argument("--space", required=True, help="the configured space those vectors belong to, e.g. b32")
+    migrate.add_argument("--lake", default=env_lake)
+    migrate.add_argument("--config", default=env_config, help="pipeline config YAML declaring the space")
+    migrate.add_argument("--force", action="store_true", help="move even if the vectors' model differs from the space's")
+    migrate.set_defaults(fn=cmd_migrate_embeddings)
+
+    adopt = sub.add_parser(
+        "adopt", help="record the published shards as made from the current config (a lake from before fingerprints): nothing is recomputed",
+    )
+    adopt.add_argument("--lake", default=env_lake)
+    adopt.add_argument("--config", default=env_config)
+    adopt.set_defaults(fn=cmd_adopt)
+
+    maintain = sub.add_parser("maintain", help="remove leftover staging, compact and vacuum every table (honours the retention)")
+    maintain.add_argument("--lake", default=env_lake)
+    maintain.add_argument("--config", default=env_config, help="pipeline config YAML (maintenance: retention, file size)")
+    maintain.set_defaults(fn=cmd_maintain)
+
+    remove = sub.add_parser("remove-shard", help="delete shards from the lake, the registry and the UI's partitions")
+    remove.add_argument("shards", nargs="+", help="shard keys (input file names without extensions)")
+    remove.add_argument("--lake", default=env_lake, help="lake root: folder or s3://bucket/prefix (default %(default)s)")
+    remove.set_defaults(fn=cmd_remove_shard)

@@ -1,0 +1,206 @@
+"""`run`, `backfill`, `demo`, `sample-server`: shards through the pipeline, through Dagster
+(same assets, same resources, runs recorded in the instance the UI reads)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from laion_assets.cli.shard_runs import (
+    INTERRUPTED,
+    UP_TO_DATE,
+    RunSummary,
+    StageLine,
+    execute_shard,
+    remove_garbage,
+    skip_up_to_date,
+    summarize,
+)
+
+REPO = Path(__file__).resolve().parent.parent.parent
+DEMO_PORT = 8765
+
+
+def dagster_instance():
+    """The Dagster instance of DAGSTER_HOME; the repo's dagster.yaml when unset."""
+    from dagster import DagsterInstance
+
+    from laion_assets.core.lake.errors import LaionAssetsError
+
+    if not os.environ.get("DAGSTER_HOME"):
+        home = Path.cwd() if (Path.cwd() / "dagster.yaml").is_file() else REPO
+        if not (home / "dagster.yaml").is_file():
+            raise LaionAssetsError("set DAGSTER_HOME to a folder with a dagster.yaml (see README)")
+        os.environ["DAGSTER_HOME"] = str(home)
+    return DagsterInstance.get()
+
+
+def run_pipeline(
+    inputs: list[str], lake: str, config: str | None, select: str | None, instance=None,
+    retry_failures: bool = False, force: bool = False, summary: RunSummary | None = None,
+) -> RunSummary:
+    """Check and register the shard files, then materialize per shard the selected assets that
+    are not already published and up to date (`force`: all of them), then the lake-wide ones.
+
+    Bad input (a file that cannot be read or has no URL column, an unknown asset) raises
+    LaionAssetsError before anything is registered; files skipped in a folder are listed.
+    Ctrl-C or SIGTERM stops it within seconds: KeyboardInterrupt, `summary` holding what was done."""
+
+    from laion_assets.core.config import load_config
+    from laion_assets.core.lake.delta import Lake
+    from laion_assets.defs.backfills import ensure_pools, register_shards, select_assets
+    from laion_assets.defs.definitions import LAKE_JOB, SHARD_JOB, build_defs
+    from laion_assets.defs.recovery import Interrupts, process_tags, recover_dead_runs
+    from laion_assets.defs.resources import Settings
+    from laion_assets.defs.runs import run_shard
+
+    settings = Settings(lake=lake, inputs=inputs[0] if inputs else "data/input", config=config)
+    defs = build_defs(settings)  # validates the config file first
+    cfg = load_config(config)
+    lk = Lake(lake)
+    lk.ensure_writable()
+    graph = defs.resolve_asset_graph()
+    # the UI's own jobs, with an asset selection: runs started here re-execute from the UI
+    job, lake_job = defs.resolve_job_def(SHARD_JOB), defs.resolve_job_def(LAKE_JOB)
+    shard_keys, lake_keys = set(job.asset_layer.executable_asset_keys), set(lake_job.asset_layer.executable_asset_keys)
+    chosen = select_assets(shard_keys | lake_keys, select)
+    instance = instance or dagster_instance()
+    keys = register_shards(lk, inputs, instance)
+    ensure_pools(defs, instance)
+    summary = summary if summary is not None else RunSummary()
+    summary.notes += recover_dead_runs(instance)
+
+    order = [k for k in graph.toposorted_asset_keys if k in chosen and k in shard_keys]
+    lake_order = [k for k in graph.toposorted_asset_keys if k in chosen and k in lake_keys]
+
+    run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    with Interrupts() as interrupts:
+        for key in keys:
+            if not order:
+                break
+            to_run = skip_up_to_date(lk, cfg, order, key, force, retry_failures, summary)
+            if not to_run:
+                print(f"shard {key}: every selected stage is up to date", flush=True)
+                continue
+            print(f"shard {key}: running {', '.join(k.to_user_string() for k in to_run)}", flush=True)
+            execute_shard(job, graph, instance, key, to_run, retry_failures, summary)
+            if interrupts.seen() or any(line.detail.startswith(INTERRUPTED) for line in summary.lines):
+                raise KeyboardInterrupt
+        # Lake-wide assets read every shard: once, after the shards, if one of them went through
+        # all its selected stages (or only lake-wide assets were selected).
+        failed = {line.shard for line in summary.lines if line.status not in ("materialized", UP_TO_DATE)}
+        if lake_order and (not order or set(keys) - failed):
+            print(f"lake: running {', '.join(k.to_user_string() for k in lake_order)}", flush=True)
+            summarize(summary, "(lake)", lake_order, graph, run_shard(instance, lake_job, None, lake_order, run_config, tags=process_tags()))
+            if interrupts.seen() or any(line.detail.startswith(INTERRUPTED) for line in summary.lines):
+                raise KeyboardInterrupt
+        elif lake_order:
+            summary.lines += [StageLine("(lake)", k.to_user_string(), "skipped", detail="no shard went through") for k in lake_order]
+    summary.notes += remove_garbage(lk, cfg, {line.asset for line in summary.lines if line.status == "materialized"})
+    return summary
+
+
+def _print_tables(lake: str) -> None:
+    import polars as pl
+
+    from laion_assets.core.lake.delta import Lake
+
+    lk = Lake(lake)
+    print("\nDelta tables (read them with pl.read_delta(path) or duckdb's delta_scan(path)):")
+    names = [name for name in lk.tables() if not name.startswith("_")]
+    width = max([len(name) for name in names] + [28])
+    for name in names:
+        rows = lk.scan(name).select(pl.len()).collect().item()
+        print(f"  {name:<{width}} {rows:>7} rows  {lk.table_uri(name)}")
+
+
+def cmd_run(args) -> int:
+    summary = RunSummary()
+    try:
+        run_pipeline(args.inputs, args.lake, args.config, args.select, retry_failures=args.retry_failures, force=args.force, summary=summary)
+    except KeyboardInterrupt:
+        print("\nper-stage summary (interrupted):")
+        summary.print()
+        print("interrupted: rerun the same command to resume (staged chunks and published stages are kept)", file=sys.stderr)
+        return 130
+    print("\nper-stage summary:")
+    summary.print()
+    _print_tables(args.lake)
+    return 0 if summary.ok else 1
+
+
+def cmd_backfill(args) -> int:
+    """Register shard files and queue one backfill of their shard stages for the daemon."""
+    from laion_assets.defs.backfills import backfill_shards
+
+    backfill_id, keys = backfill_shards(args.inputs, args.lake, args.config, args.select, dagster_instance())
+    print(f"backfill {backfill_id}: {len(keys)} shards queued for the daemon")
+    print("follow it in the UI (Overview > Backfills); lake-wide assets follow by their own automation")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from laion_assets.core.ingest.sample import SampleServer, write_demo_shard
+
+    root = Path(args.data) / "demo"
+    with SampleServer(root / "site", port=args.port) as server:
+        shard = write_demo_shard(root, server.base_url, n_generated=300)
+        print(f"sample shard {shard} served from {server.base_url}")
+        summary = run_pipeline([str(shard)], args.lake, args.config, None)
+    print("\nper-stage summary:")
+    summary.print()
+    _print_tables(args.lake)
+    print(
+        "\nSee the same runs, checks and lineage in the UI:\n"
+        "  make ui            # then open http://127.0.0.1:3000\n"
+        "To materialize the demo shard again from the UI, serve the sample meanwhile:\n"
+        "  .venv/bin/laion-assets sample-server"
+    )
+    return 0 if summary.ok else 1
+
+
+def cmd_sample_server(args) -> int:
+    from laion_assets.core.ingest.sample import SampleServer
+    from laion_assets.core.lake.errors import LaionAssetsError
+
+    site = Path(args.data) / "demo" / "site"
+    if not site.is_dir():
+        raise LaionAssetsError("no demo sample yet: run `make demo` first")
+    with SampleServer(site, port=args.port) as server:
+        print(f"serving {site} at {server.base_url} (Ctrl-C to stop)")
+        try:
+            server.thread.join()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def add_commands(sub, env_lake: str, env_config: str | None) -> None:
+    run = sub.add_parser("run", help="register shard files and materialize the selected assets")
+    run.add_argument("inputs", nargs="+", help="shard files or folders (.parquet/.csv/.tsv/.jsonl[.gz]; s3:// too)")
+    run.add_argument("--lake", default=env_lake, help="lake root: folder or s3://bucket/prefix (default %(default)s)")
+    run.add_argument("--select", help="comma-separated asset keys, e.g. raw_urls,images (default: all)")
+    run.add_argument("--config", default=env_config, help="pipeline config YAML (default: built-in)")
+    run.add_argument("--retry-failures", action="store_true", help="images: re-fetch only retryable failures")
+    run.add_argument("--force", action="store_true", help="redo the selected stages even when published and up to date")
+    run.set_defaults(fn=cmd_run)
+
+    backfill = sub.add_parser("backfill", help="register shard files and queue them as one backfill for the daemon")
+    backfill.add_argument("inputs", nargs="+", help="shard files or folders (as for run)")
+    backfill.add_argument("--lake", default=env_lake, help="lake root (must be the one the code location uses)")
+    backfill.add_argument("--select", help="comma-separated shard asset keys or prefixes (default: all)")
+    backfill.add_argument("--config", default=env_config, help="pipeline config YAML (to check the selection)")
+    backfill.set_defaults(fn=cmd_backfill)
+
+    demo = sub.add_parser("demo", help="build the bundled sample, serve it on 127.0.0.1 and run every stage")
+    demo.add_argument("--lake", default=env_lake)
+    demo.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
+    demo.add_argument("--data", default="data")
+    demo.add_argument("--port", type=int, default=DEMO_PORT)
+    demo.set_defaults(fn=cmd_demo)
+
+    sample = sub.add_parser("sample-server", help="serve the demo sample on 127.0.0.1")
+    sample.add_argument("--data", default="data")
+    sample.add_argument("--port", type=int, default=DEMO_PORT)
+    sample.set_defaults(fn=cmd_sample_server)
