@@ -12,16 +12,21 @@ import textwrap
 import time
 from pathlib import Path
 
+import polars as pl
 import psutil
 import pytest
-from dagster import DagsterInstance, DagsterRunStatus, build_sensor_context
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, build_sensor_context
+from dagster._core.workspace.context import WorkspaceProcessContext
+from dagster._core.workspace.load_target import WorkspaceFileTarget
+from dagster_graphql.test.utils import execute_dagster_graphql
 
+from laion_assets.core.images.config import DownloadConfig
 from laion_assets.defs.recovery import dead_runs, recover_dead_runs
-from laion_assets_tests.conftest import REPO
+from laion_assets_tests.conftest import REPO, make_config, write_config
 
 HOLDER = textwrap.dedent(
     """
-    import sys, time
+    import sys, time, uuid
     from dagster import DagsterInstance, job, op
     from laion_assets.defs.recovery import fix_slot_wait, process_tags
     fix_slot_wait()
@@ -35,8 +40,9 @@ HOLDER = textwrap.dedent(
     def holder():
         hold()
 
-    result = holder.execute_in_process(instance=DagsterInstance.get(), raise_on_error=False,
-                                       tags=process_tags() if sys.argv[1] == "tagged" else {})
+    run_id = str(uuid.uuid4())
+    result = holder.execute_in_process(instance=DagsterInstance.get(), raise_on_error=False, run_id=run_id,
+                                       tags=process_tags(run_id) if sys.argv[1] == "tagged" else {})
     print("ENDED", result.dagster_run.status.value, flush=True)
     """
 )
@@ -165,3 +171,91 @@ def test_live_runs_and_other_machines_are_left_alone(tmp_path, home):
             if holder.poll() is None:
                 holder.kill()
                 holder.wait()
+
+
+REEXECUTE = """mutation($parent: String!) {
+  launchPipelineReexecution(reexecutionParams: {parentRunId: $parent, strategy: ALL_STEPS}) {
+    __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message stack }
+  }
+}"""
+SLOW_MS = 6000  # how long the test site takes to answer each image request
+
+
+def step_ended(instance: DagsterInstance, run_id: str, step: str) -> bool | None:
+    """None before `step` started, False while it runs, True once it ended."""
+    ends = (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE)
+    events = [e.dagster_event.event_type for e in instance.all_logs(run_id) if e.dagster_event and e.step_key == step]
+    if DagsterEventType.STEP_START not in events:
+        return None
+    return any(e in ends for e in events)
+
+
+@pytest.mark.slow
+def test_a_reexecuted_cli_run_is_never_judged_by_its_parents_process(tmp_path, home, testsite, monkeypatch):
+    """A `laion-assets run` killed in `images` is recovered by its own pid tags. Re-executed the
+    way the UI does it (the GraphQL mutation: the parent's tags, dead pid included, copied onto
+    a run that the code server's run worker executes), the new run is never marked failed and
+    holds its `download` slot until its step ends, while `dead_runs` keeps looking."""
+    _, base = testsite
+    shard = tmp_path / "input" / "slow.parquet"
+    shard.parent.mkdir()
+    urls = [f"{base}/sleep/{SLOW_MS}/reexecuted-{i}/p1.jpg" for i in range(2)]
+    pl.DataFrame({"URL": urls, "TEXT": ["a blue picture", "another blue picture"]}).write_parquet(shard)
+    download = DownloadConfig(allowed_networks=("127.0.0.1/32",), retries=0, read_timeout_s=60, total_timeout_s=60)
+    env = {
+        "LAION_ASSETS_LAKE": str(tmp_path / "lake"), "LAION_ASSETS_INPUT": str(shard.parent), "LAION_ASSETS_DECODE": "thread",
+        "LAION_ASSETS_CONFIG": str(write_config(tmp_path / "pipeline.yaml", make_config(download=download, subsets=()))),
+    }
+    with (home / "dagster.yaml").open("a") as f:  # no daemon here to dequeue runs: the UI's launches start at once
+        f.write("run_coordinator:\n  module: dagster._core.run_coordinator\n  class: DefaultRunCoordinator\n")
+
+    with DagsterInstance.from_config(str(home)) as instance:
+        with open(tmp_path / "cli.log", "w") as log:
+            cli = subprocess.Popen([str(Path(sys.executable).parent / "laion-assets"), "run", str(shard), "--select", "raw_urls,images"],
+                                   env=cli_env(home, **env), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                wait_for(lambda: download_pool(instance).claimed_slots, 180, "the CLI run's download slot")
+            finally:
+                cli.kill()
+                cli.wait()
+        [held] = download_pool(instance).claimed_slots
+        parent = instance.get_run_by_id(held.run_id)
+        assert parent.tags["laion_assets/run"] == parent.run_id
+
+        # the CLI died: its run is judged by its own tags
+        notes = recover_dead_runs(instance)
+        assert any(f"pid {cli.pid}) died" in n for n in notes), notes
+        assert instance.get_run_by_id(parent.run_id).status == DagsterRunStatus.FAILURE
+        assert download_pool(instance).claimed_slots == []
+
+        # "Re-execute all" in the UI
+        for key, value in {**env, "DAGSTER_HOME": str(home)}.items():
+            monkeypatch.setenv(key, value)
+        with WorkspaceProcessContext(instance, WorkspaceFileTarget([str(REPO / "workspace.yaml")])) as workspace:
+            launched = execute_dagster_graphql(workspace.create_request_context(), REEXECUTE, {"parent": parent.run_id})
+            reply = launched.data["launchPipelineReexecution"]
+            assert reply["__typename"] == "LaunchRunSuccess", reply
+            run_id = reply["run"]["runId"]
+            tags = instance.get_run_by_id(run_id).tags
+            assert tags["laion_assets/pid"] == str(cli.pid) and tags["dagster/parent_run_id"] == parent.run_id
+
+            checks_mid_step = 0
+            deadline = time.monotonic() + 240
+            while not instance.get_run_by_id(run_id).is_finished:
+                assert time.monotonic() < deadline, "the re-executed run did not finish"
+                assert recover_dead_runs(instance) == []
+                with build_sensor_context(instance=instance) as ctx:
+                    dead_runs(ctx)
+                # the step claims its slot before it starts and frees it after it ends
+                started = step_ended(instance, run_id, "images") is False
+                holders = [s.run_id for s in download_pool(instance).claimed_slots]
+                if started and step_ended(instance, run_id, "images") is False:
+                    assert holders == [run_id]
+                    checks_mid_step += 1
+                time.sleep(0.2)
+
+        run = instance.get_run_by_id(run_id)
+        assert run.status == DagsterRunStatus.SUCCESS, [e.message for e in instance.all_logs(run_id, of_type=DagsterEventType.STEP_FAILURE)]
+        assert instance.all_logs(run_id, of_type=DagsterEventType.RUN_FAILURE) == []
+        assert checks_mid_step >= 3, f"only {checks_mid_step} checks while `images` ran"
+        assert download_pool(instance).claimed_slots == []

@@ -51,7 +51,7 @@ def run_pipeline(
     from laion_assets.core.lake.delta import Lake
     from laion_assets.defs.backfills import ensure_pools, register_shards, select_assets
     from laion_assets.defs.definitions import LAKE_JOB, SHARD_JOB, build_defs
-    from laion_assets.defs.recovery import Interrupts, process_tags, recover_dead_runs
+    from laion_assets.defs.recovery import Interrupts, recover_dead_runs
     from laion_assets.defs.resources import Settings
     from laion_assets.defs.runs import run_shard
 
@@ -92,7 +92,7 @@ def run_pipeline(
         failed = {line.shard for line in summary.lines if line.status not in ("materialized", UP_TO_DATE)}
         if lake_order and (not order or set(keys) - failed):
             print(f"lake: running {', '.join(k.to_user_string() for k in lake_order)}", flush=True)
-            summarize(summary, "(lake)", lake_order, graph, run_shard(instance, lake_job, None, lake_order, run_config, tags=process_tags()))
+            summarize(summary, "(lake)", lake_order, graph, run_shard(instance, lake_job, None, lake_order, run_config))
             if interrupts.seen() or any(line.detail.startswith(INTERRUPTED) for line in summary.lines):
                 raise KeyboardInterrupt
         elif lake_order:

@@ -64,13 +64,12 @@ INTERRUPTED = "interrupted"
 
 def execute_shard(job, graph, instance, shard, keys, retry_failures, summary) -> None:
     """One Dagster run materializing `keys` for a shard; a line per asset in `summary`."""
-    from laion_assets.defs.recovery import process_tags
     from laion_assets.defs.runs import run_shard
 
     run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     if retry_failures and any(k.to_user_string() == "images" for k in keys):
         run_config["ops"] = {"images": {"config": {"retry_failures": True}}}
-    summarize(summary, shard, keys, graph, run_shard(instance, job, shard, keys, run_config, tags=process_tags()))
+    summarize(summary, shard, keys, graph, run_shard(instance, job, shard, keys, run_config))
 
 
 def summarize(summary: RunSummary, key: str, order, graph, result) -> None:

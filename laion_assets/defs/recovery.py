@@ -6,7 +6,9 @@ later run of that stage waits forever. Run monitoring in the daemon frees the sl
 ended (`free_slots_after_run_end_seconds` in dagster.yaml), but it cannot tell that the run
 worker of the default run launcher is gone. So `recover_dead_runs` marks runs whose process is
 gone as failed and frees their slots: the CLI calls it when it starts, and the `dead_runs`
-sensor calls it where a daemon runs.
+sensor calls it where a daemon runs. A run is judged by the pid tags only when they name that
+very run: a re-execution (from the UI, by run_retries) copies its parent's tags, pid included,
+while another process executes it.
 
 Waiting for a slot: Dagster 1.13's in-process loop computes its nap as `min(0, time to the next
 claim check)`, which is never positive, and the multiprocess loop has no nap at all, so a run
@@ -28,14 +30,16 @@ from dagster._core.execution.plan.active import ActiveExecution
 from dagster._utils.interrupts import check_captured_interrupt
 
 HOST_TAG, PID_TAG, STARTED_TAG = "laion_assets/host", "laion_assets/pid", "laion_assets/process_started"
+RUN_TAG = "laion_assets/run"  # the run the process tags were written for
 ACTIVE = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
 NAP_S = 0.2  # how soon a run waiting for a slot notices Ctrl-C
 
 
-def process_tags() -> dict[str, str]:
-    """Tags naming the process that executes a run (the CLI's own runs): host, pid, start time."""
+def process_tags(run_id: str) -> dict[str, str]:
+    """Tags naming this process as the one executing run `run_id` (the CLI's own runs): host,
+    pid, start time, and the run id, which a re-execution's copy of them does not match."""
     me = psutil.Process()
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(me.pid), STARTED_TAG: f"{me.create_time():.3f}"}
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(me.pid), STARTED_TAG: f"{me.create_time():.3f}", RUN_TAG: run_id}
 
 
 def recover_dead_runs(instance: DagsterInstance) -> list[str]:
@@ -65,9 +69,10 @@ def recover_dead_runs(instance: DagsterInstance) -> list[str]:
 
 def _owner(instance: DagsterInstance, rec) -> tuple[int, float | None] | None:
     """The process executing a run on this machine (pid, its start time when recorded), or None
-    when that cannot be told: a run of another machine is left to the daemon's run monitoring."""
+    when that cannot be told: a run of another machine is left to the daemon's run monitoring.
+    Pid tags copied from another run (a re-execution's parent) say nothing about this one."""
     tags = rec.dagster_run.tags
-    if PID_TAG in tags:
+    if tags.get(RUN_TAG) == rec.dagster_run.run_id:
         if tags.get(HOST_TAG) != socket.gethostname():
             return None
         return int(tags[PID_TAG]), float(tags[STARTED_TAG])

@@ -15,6 +15,9 @@ from dagster._core.execution.api import execute_run
 from dagster._core.execution.execute_in_process import merge_run_tags
 from dagster._core.remote_origin import ManagedGrpcPythonEnvCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+from dagster._core.utils import make_new_run_id
+
+from laion_assets.defs.recovery import process_tags
 
 # The code location of workspace.yaml and pyproject's [tool.dagster]; Definitions make one
 # repository, which Dagster names like this.
@@ -32,13 +35,15 @@ def origin(job_name: str) -> RemoteJobOrigin:
 
 def run_shard(
     instance: DagsterInstance, job: JobDefinition, shard: str | None, assets: Sequence[AssetKey],
-    run_config: Mapping | None = None, tags: Mapping[str, str] | None = None,
+    run_config: Mapping | None = None,
 ):
     """Materialize `assets` of one shard (None: of the lake-wide, unpartitioned job) with
-    `job`, in this process; returns the result (its events, as for any run)."""
-    tags = merge_run_tags(job, shard, tags, list(assets), instance, run_config)
+    `job`, in this process; returns the result (its events, as for any run). The run is tagged
+    with this process, for `recover_dead_runs` should it die."""
+    run_id = make_new_run_id()
+    tags = merge_run_tags(job, shard, process_tags(run_id), list(assets), instance, run_config)
     run = instance.create_run_for_job(
-        job_def=job, run_config=run_config, tags=tags, asset_selection=frozenset(assets),
+        job_def=job, run_id=run_id, run_config=run_config, tags=tags, asset_selection=frozenset(assets),
         remote_job_origin=origin(job.name),
     )
     return execute_run(InMemoryJob(job), run, instance)
