@@ -14,6 +14,7 @@ from dagster import (
     AssetCheckKey,
     AssetKey,
     DagsterInstance,
+    DefaultScheduleStatus,
     SensorResult,
     SkipReason,
     build_sensor_context,
@@ -282,7 +283,8 @@ def test_maintenance_job_compacts_and_vacuums(env, instance):
         lake.publish_shard("raw_urls", "a", pl.DataFrame({"uid": [i]}))
     cfg = write_config(env["tmp"] / "m.yaml", make_config(maintenance={"vacuum_retention_hours": 0, "target_file_size_mb": 1}))
     defs = build_defs(Settings(lake=env["lake"], inputs=str(env["inputs"]), config=str(cfg)))
-    assert defs.resolve_schedule_def("nightly_maintenance").cron_schedule == "0 3 * * *"
+    nightly = defs.resolve_schedule_def("nightly_maintenance")
+    assert nightly.cron_schedule == "0 3 * * *" and nightly.default_status == DefaultScheduleStatus.RUNNING  # on without a click
     result = defs.resolve_job_def("lake_maintenance").execute_in_process(instance=instance)
     assert result.success
     [observed] = [e.asset_observation_data.asset_observation for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]

@@ -1,7 +1,7 @@
 """Delta maintenance: compact small files and vacuum old ones, nightly. Each table's result is
 recorded on its asset (an observation in its event history) and on the run, not only logged."""
 
-from dagster import AssetKey, AssetObservation, OpExecutionContext, Output, ScheduleDefinition, job, op
+from dagster import AssetKey, AssetObservation, DefaultScheduleStatus, OpExecutionContext, Output, ScheduleDefinition, job, op
 
 from laion_assets.core.stages import staging
 from laion_assets.defs.gate import markdown_table
@@ -39,4 +39,8 @@ def lake_maintenance():
     maintain_lake()
 
 
-nightly_maintenance = ScheduleDefinition(name="nightly_maintenance", job=lake_maintenance, cron_schedule="0 3 * * *")
+# on from the start, like the sensors: a lake nobody remembered to switch this on for keeps
+# every superseded file and small file forever
+nightly_maintenance = ScheduleDefinition(
+    name="nightly_maintenance", job=lake_maintenance, cron_schedule="0 3 * * *", default_status=DefaultScheduleStatus.RUNNING,
+)
