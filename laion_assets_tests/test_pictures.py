@@ -12,6 +12,7 @@ import polars as pl
 from PIL import Image
 
 from laion_assets.core.lake import quality
+from laion_assets.core.scores.config import LAION_SCORES
 from laion_assets.core.subsets.rules import SubsetConfig
 from laion_assets.core.ui import pictures
 from laion_assets.core.ui.columns import describe
@@ -101,6 +102,26 @@ def test_columns_we_compute_and_source_columns_are_described_apart():
     assert describe("raw_urls", "LICENSE") == "from the input file: licence found on the source page"
     assert describe("raw_urls", "my_column") == "from the input file, kept as-is"
     assert describe("images", "my_column") == ""  # a computed column nobody described shows as missing
+
+
+# the head each LAION score column comes from, as its description must name it
+HEAD_OF = {
+    "aesthetic": "aesthetic predictor V1",
+    "aesthetic_v2": "improved aesthetic predictor V2",
+    "punsafe": "NSFW detector",
+    "pwatermark": "watermark classifier",
+}
+
+
+def test_each_score_column_is_described_by_its_own_head():
+    """Where a score is computed and in a subset, its description names its head and no other
+    (aesthetic_v2 once showed another column's description)."""
+    assert set(HEAD_OF) == set(LAION_SCORES)
+    for column, head in HEAD_OF.items():
+        for table in ("watermark" if column == "pwatermark" else "scores", "subsets/laion_aesthetics_v2_6_5"):
+            text = describe(table, column)
+            others = [h for c, h in HEAD_OF.items() if c != column and h in text]
+            assert head in text and not others, f"{table}.{column}: {text!r}"
 
 
 def test_failed_expectation_names_threshold_and_observed_value():

@@ -38,10 +38,15 @@ COMPUTED = {
     "image_embedding": "L2-normalised CLIP image embedding (float16: 2*dim-byte binary cell; float32: list)",
     "text_embedding": "L2-normalised CLIP caption embedding, same encoding as image_embedding",
     "similarity": "cosine similarity of image_embedding and text_embedding (CLIP score)",
-    "embedding_space": "the CLIP model the vectors and scores come from (model/pretrained)",
-    "aesthetic": "LAION aesthetic predictor score (about 1-10); null when no head is configured",
-    "punsafe": "probability the image is unsafe (LAION's CLIP-based NSFW detector); null when no head",
-    "pwatermark": "probability the image carries a watermark (LAION's watermark detector)",
+    "embedding_space": "the CLIP model (model/pretrained) of the embeddings and of similarity; each score's is in the scores asset's `heads` metadata",
+    # one per head: each names its own predictor (test_pictures checks it)
+    "aesthetic": "aesthetic score of LAION's aesthetic predictor V1 (linear head on CLIP image embeddings, about 1-10): "
+                 "LAION-5B's aesthetic, cut at > 7 for LAION-Aesthetics V1; null on shards scored without this head",
+    "aesthetic_v2": "aesthetic score of LAION's improved aesthetic predictor V2 (MLP on CLIP ViT-L/14 image embeddings, 1-10): "
+                    "cut at >= 4.5 / 5 / 6 / 6.5 for the LAION-Aesthetics V2 subsets; null on shards scored without this head",
+    "punsafe": "probability the image is unsafe, from LAION's CLIP-based NSFW detector (on CLIP image embeddings); "
+               "null on shards scored without this head",
+    "pwatermark": "probability the image carries a watermark, from LAION's watermark classifier on the pixels (model in watermark_model)",
     "recipe_id": "hash of the subset's recipe (thresholds, embedding space, code version)",
     "head_files": "sha256 of the head file that computed each score column (JSON)",
     # language and watermark
