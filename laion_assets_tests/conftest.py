@@ -1,9 +1,14 @@
 """Fixtures start real things: an HTTP image server on 127.0.0.1, Delta lakes in tmp_path,
-Dagster instances (instance_for_test); the real LAION heads and data come from ../shared."""
+Dagster instances (instance_for_test). LAION's real data files come from ../shared when it is
+beside the checkout (as in CI); tests that check against them skip with the reason where it is
+not, and the others run everywhere: the demo's heads travel with the project (models/), and
+the ViT-B/32 heads the pipeline tests score with are written in LAION's layout when absent."""
 
 from __future__ import annotations
 
+import functools
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,15 +31,60 @@ pytest_plugins = ["laion_assets_tests.faultsite", "laion_assets_tests.synthetic"
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("LAION_ASSETS_SHARED", REPO.parent / "shared"))
-MODELS = SHARED / "models"
 DATA = SHARED / "data"
+BUNDLED = REPO / "models"  # the demo's LAION heads, shipped with the project
+
+
+_running: list[pytest.Item | None] = [None]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _running[0] = item  # before its fixtures, which may read ../shared too
 
 
 def shared_file(*parts: str) -> Path:
+    """A file of ../shared (LAION's real data and heads). The test skips, saying so, without it
+    (CI sets LAION_ASSETS_REQUIRE_SHARED: there a missing file fails). Only tests marked
+    `shared` may read it: CI runs exactly those beside ../shared (`pytest -m shared`)."""
+    item = _running[0]
+    if item is not None and item.get_closest_marker("shared") is None:
+        raise RuntimeError(f"{item.nodeid} reads ../shared: mark it @pytest.mark.shared")
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} not present (../shared beside the checkout)")
+        if os.environ.get("LAION_ASSETS_REQUIRE_SHARED"):
+            pytest.fail(f"{path} is missing, and LAION_ASSETS_REQUIRE_SHARED is set")
+        pytest.skip(f"checks against LAION's real files: needs {path} (../shared beside the checkout, as in CI)")
     return path
+
+
+@functools.cache
+def b32_heads() -> dict[str, Path]:
+    """The ViT-B/32 aesthetic (V1) and NSFW heads the pipeline tests score with: LAION's files
+    from ../shared, else files in the same layout (keys, shapes) with seeded weights, whose
+    scores sit in the real heads' range (aesthetic about 5, punsafe well below 0.99)."""
+    real = {
+        "aesthetic": SHARED / "models/laion-aesthetic-predictor/sa_0_4_vit_b_32_linear.pth",
+        "punsafe": SHARED / "models/clip-based-nsfw-detector/clip_ViT-B-32_openai_binary_nsfw_head.pth",
+    }
+    if all(p.is_file() for p in real.values()):
+        return real
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    folder = Path(tempfile.mkdtemp(prefix="laion-heads-"))
+    layouts = {
+        "aesthetic": {"weight": torch.randn(1, 512, generator=g) * 0.05, "bias": torch.tensor([5.0])},
+        "punsafe": {
+            "norm.mean": torch.zeros(512), "norm.variance": torch.ones(512),
+            "linear_1.weight": torch.randn(32, 512, generator=g) * 0.05, "linear_1.bias": torch.zeros(32),
+            "linear_2.weight": torch.randn(32, 32, generator=g) * 0.1, "linear_2.bias": torch.zeros(32),
+            "linear_3.weight": torch.randn(1, 32, generator=g) * 0.1, "linear_3.bias": torch.tensor([-1.0]),
+        },
+    }
+    for name, state in layouts.items():
+        torch.save(state, folder / real[name].name)
+    return {name: folder / real[name].name for name in real}
 
 
 @pytest.fixture(scope="session")
@@ -61,17 +111,12 @@ def lake(tmp_path) -> Lake:
 
 
 def make_config(**overrides) -> PipelineConfig:
-    """Offline pipeline config: 127.0.0.1 allowed, one tiny CLIP space `tiny`, real B/32 heads
-    (space override)."""
-    scores = ScoresConfig()
-    if (MODELS / "clip-based-nsfw-detector").is_dir():
-        scores = ScoresConfig(
-            heads={
-                "aesthetic": HeadConfig(path=str(MODELS / "laion-aesthetic-predictor/sa_0_4_vit_b_32_linear.pth")),
-                "punsafe": HeadConfig(path=str(MODELS / "clip-based-nsfw-detector/clip_ViT-B-32_openai_binary_nsfw_head.pth")),
-            },
-            allow_embedding_space_mismatch=True,
-        )
+    """Offline pipeline config: 127.0.0.1 allowed, one tiny CLIP space `tiny`, B/32 heads
+    (`b32_heads`, fed the tiny space)."""
+    scores = ScoresConfig(
+        heads={name: HeadConfig(path=str(path)) for name, path in b32_heads().items()},
+        allow_embedding_space_mismatch=True,
+    )
     base = dict(
         download=DownloadConfig(allowed_networks=("127.0.0.1/32",), retries=0, min_success_rate=0.5, chunk_rows=16),
         embeddings=EmbeddingConfig(spaces={"tiny": SpaceConfig(model="tiny")}, batch_size=16, chunk_rows=32),

@@ -19,6 +19,8 @@ from laion_assets.core.embeddings.encoder import TENSOR_PATH_TOLERANCE, Encoder,
 from laion_assets.core.lake.errors import LaionAssetsError
 from laion_assets_tests.conftest import shared_file
 
+pytestmark = pytest.mark.shared  # some tests read LAION's real files in ../shared
+
 TINY = SpaceConfig(model="tiny")
 TINY_NAME = TINY_PRESETS["tiny"]  # the open_clip config behind the tiny preset
 

@@ -5,7 +5,15 @@ import torch
 from laion_assets.core.lake.errors import LaionAssetsError
 from laion_assets.core.scores.config import HeadConfig
 from laion_assets.core.scores.heads import check_compatible, load_head
-from laion_assets_tests.conftest import shared_file
+from laion_assets_tests.conftest import BUNDLED, SHARED, shared_file
+
+pytestmark = pytest.mark.shared  # some tests read LAION's real files in ../shared
+
+
+def head_file(folder: str, name: str):
+    """LAION's head file: the copy shipped in models/ (the demo's three), else ../shared's."""
+    bundled = BUNDLED / folder / name
+    return bundled if bundled.is_file() else shared_file("models", folder, name)
 
 
 def rating_vectors(space: str) -> np.ndarray:
@@ -21,7 +29,7 @@ def rating_vectors(space: str) -> np.ndarray:
     ],
 )
 def test_aesthetic_scores_rise_across_rating_vectors(path, space):
-    head = load_head("aesthetic", HeadConfig(path=str(shared_file("models", *path))))
+    head = load_head("aesthetic", HeadConfig(path=str(head_file(*path))))
     scores = head(rating_vectors(space))
     assert np.all(np.diff(scores) > 0), scores
     assert scores[-1] - scores[0] > 2  # a real spread, not noise
@@ -118,7 +126,7 @@ HEAD_FILES = [
 def test_head_matches_an_independent_forward_pass(folder, name):
     import hashlib
 
-    path = shared_file("models", folder, name)
+    path = head_file(folder, name)
     head = load_head("score", HeadConfig(path=str(path)))
     state = torch.load(path, map_location="cpu", weights_only=True)
     rng = np.random.default_rng(0)
@@ -140,7 +148,7 @@ def test_head_matches_an_independent_forward_pass(folder, name):
 def test_l14_nsfw_head_runs_all_four_layers():
     """The L/14 file has one more layer than the B/32 one; stopping at linear_3 would give a
     256-wide activation, not punsafe."""
-    path = shared_file("models", "clip-based-nsfw-detector", "clip_ViT-L-14_openai_binary_nsfw_head.pth")
+    path = head_file("clip-based-nsfw-detector", "clip_ViT-L-14_openai_binary_nsfw_head.pth")
     head = load_head("punsafe", HeadConfig(path=str(path), trained_on="ViT-L-14/openai"))
     assert [p[0].shape for op, *p in head.steps if op == "linear"] == [(64, 768), (512, 64), (256, 512), (1, 256)]
     assert [op for op, *_ in head.steps] == ["normalize", "linear", "relu", "linear", "relu", "linear", "relu", "linear", "sigmoid"]
@@ -169,3 +177,21 @@ def test_heads_of_unknown_structure_are_refused(tmp_path, shapes, message):
     torch.save({k: torch.zeros(s) for k, s in shapes.items()}, path)
     with pytest.raises(LaionAssetsError, match=message):
         load_head("punsafe", HeadConfig(path=str(path)))
+
+
+def test_shipped_heads_are_laions_files():
+    """models/ holds LAION's files unchanged: each matches the sha256 its README gives (and
+    ../shared's copy, where it is beside the checkout), next to its project's license."""
+    import hashlib
+    import re
+
+    listed = dict(re.findall(r"\| `([^`]+\.pth)` \|.*\| `([0-9a-f]{64})` \|", (BUNDLED / "README.md").read_text()))
+    shipped = sorted(str(p.relative_to(BUNDLED)) for p in BUNDLED.rglob("*.pth"))
+    assert sorted(listed) == shipped and len(shipped) == 3
+    for name, sha in listed.items():
+        path = BUNDLED / name
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == sha, name
+        assert any(f.name.lower().startswith("license") for f in path.parent.iterdir()), f"no license beside {name}"
+        shared = SHARED / "models" / name
+        if shared.is_file():
+            assert shared.read_bytes() == path.read_bytes(), name

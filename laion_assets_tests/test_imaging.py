@@ -7,6 +7,8 @@ from laion_assets.core.images.config import ImageConfig
 from laion_assets.core.images.imaging import ImageProcessor
 from laion_assets_tests.conftest import shared_file
 
+pytestmark = pytest.mark.shared  # some tests read LAION's real files in ../shared
+
 
 def photo(name="208_495") -> bytes:
     return shared_file("data", "real-photos", f"{name}.jpg").read_bytes()

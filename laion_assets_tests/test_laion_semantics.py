@@ -23,7 +23,7 @@ from laion_assets.core.scores.heads import file_sha256, load_head
 from laion_assets.core.scores.watermark import build
 from laion_assets.core.stages import run_subset
 from laion_assets.core.subsets.rules import SubsetConfig, from_recipe
-from laion_assets_tests.conftest import MODELS, make_config, shared_file, write_config
+from laion_assets_tests.conftest import BUNDLED, b32_heads, make_config, write_config
 
 CAPTIONS = {
     "en": ["a ginger cat sleeping on a wooden chair", "aerial view of the coastline at sunset", "a cup of black coffee on a saucer",
@@ -35,17 +35,16 @@ CAPTIONS = {
     "short": ["cat"],  # under LAION's 5 characters
 }
 ORDER = [c for group in CAPTIONS.values() for c in group]
-HEADS = {  # column -> (file, space it must be fed)
-    "aesthetic": ("laion-aesthetic-predictor/sa_0_4_vit_l_14_linear.pth", "l14"),
-    "aesthetic_v2": ("improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth", "l14"),
-    "punsafe": ("clip-based-nsfw-detector/clip_ViT-L-14_openai_binary_nsfw_head.pth", "l14"),
-    "aesthetic_b32": ("laion-aesthetic-predictor/sa_0_4_vit_b_32_linear.pth", "b32"),
+HEADS = {  # column -> (file, space it must be fed): LAION's L/14 heads as the demo ships them
+    "aesthetic": (BUNDLED / "laion-aesthetic-predictor/sa_0_4_vit_l_14_linear.pth", "l14"),
+    "aesthetic_v2": (BUNDLED / "improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth", "l14"),
+    "punsafe": (BUNDLED / "clip-based-nsfw-detector/clip_ViT-L-14_openai_binary_nsfw_head.pth", "l14"),
+    "aesthetic_b32": (b32_heads()["aesthetic"], "b32"),
 }
 
 
 @pytest.fixture
 def env(tmp_path, site, server):
-    shared_file("models", "clip-based-nsfw-detector")
     rows = [
         {"URL": f"{server.base_url}/img/{e['file']}", "TEXT": ORDER[i % len(ORDER)], "pwatermark": 0.9 if i % 5 == 0 else 0.1}
         for i, e in enumerate(site[1])
@@ -58,7 +57,7 @@ def env(tmp_path, site, server):
     cfg = make_config(
         embeddings=EmbeddingConfig(spaces={"b32": SpaceConfig(model="tiny"), "l14": SpaceConfig(model="tiny-l")}, batch_size=16, chunk_rows=32),
         scores=ScoresConfig(
-            heads={name: HeadConfig(path=str(MODELS / f), trained_on="ViT-L-14/openai" if space == "l14" else "ViT-B-32/openai", space=space)
+            heads={name: HeadConfig(path=str(f), trained_on="ViT-L-14/openai" if space == "l14" else "ViT-B-32/openai", space=space)
                    for name, (f, space) in HEADS.items()},
             allow_embedding_space_mismatch=True,
         ),
@@ -101,7 +100,7 @@ def test_two_spaces_language_split_watermark_and_recipes(env):
     # each head was fed its own space: recomputed here from that space's table
     heads_meta = meta["scores"]["heads"].data
     for name, (file, space) in HEADS.items():
-        assert heads_meta[name]["space"] == space and heads_meta[name]["sha256"] == file_sha256(MODELS / file)
+        assert heads_meta[name]["space"] == space and heads_meta[name]["sha256"] == file_sha256(file)
         e = emb[space].sort("uid")
         head = load_head(name, env["cfg"].scores.heads[name])
         expected = pl.DataFrame({"uid": e["uid"], "want": head(vectors.from_column(e["image_embedding"]))})
@@ -143,7 +142,7 @@ def test_two_spaces_language_split_watermark_and_recipes(env):
     # the recipe says everything, and rebuilds the same rows on its own
     commit = lake.table("subsets/laion_aesthetics_v1").history(1)[0]
     recipe = json.loads(commit["recipe"])
-    assert recipe["columns"]["punsafe"]["sha256"] == file_sha256(MODELS / HEADS["punsafe"][0])
+    assert recipe["columns"]["punsafe"]["sha256"] == file_sha256(HEADS["punsafe"][0])
     assert recipe["columns"]["pwatermark"]["watermark_model"] == env["cfg"].watermark.identity
     assert recipe["code_version"] and recipe["recipe_id"] == v1["recipe_id"].unique().item()
     en_recipe = json.loads(lake.table("subsets/laion2b_en").history(1)[0]["recipe"])

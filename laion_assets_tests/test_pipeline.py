@@ -231,7 +231,7 @@ def test_downstream_follows_only_passed_checks(env, instance, tmp_path):
 def test_unknown_model_and_mismatched_head_fail_clearly(env, instance):
     from laion_assets.core.embeddings.config import EmbeddingConfig, SpaceConfig
     from laion_assets.core.scores.config import HeadConfig, ScoresConfig
-    from laion_assets_tests.conftest import shared_file
+    from laion_assets_tests.conftest import BUNDLED
 
     bad_model = write_config(env["tmp"] / "m.yaml", make_config(embeddings=EmbeddingConfig(spaces={"tiny": SpaceConfig(model="ViT-Q-99")})))
     summary = run(env, instance, config=str(bad_model))
@@ -239,7 +239,7 @@ def test_unknown_model_and_mismatched_head_fail_clearly(env, instance):
     assert detail["images"][0] == "materialized"
     assert detail["embeddings/tiny"][0] == "FAILED" and "open_clip has no model 'ViT-Q-99'" in detail["embeddings/tiny"][1]
 
-    l14 = shared_file("models", "laion-aesthetic-predictor", "sa_0_4_vit_l_14_linear.pth")
+    l14 = BUNDLED / "laion-aesthetic-predictor" / "sa_0_4_vit_l_14_linear.pth"
     bad_head = write_config(env["tmp"] / "h.yaml", make_config(scores=ScoresConfig(heads={"aesthetic": HeadConfig(path=str(l14))}, allow_embedding_space_mismatch=True), subsets=()))
     summary = run(env, instance, config=str(bad_head), select="embeddings/tiny,scores")
     detail = {line.asset: (line.status, line.detail) for line in summary.lines}

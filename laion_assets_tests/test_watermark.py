@@ -19,6 +19,8 @@ from laion_assets.core.scores import watermark
 from laion_assets.core.scores.config import WatermarkConfig
 from laion_assets_tests.conftest import shared_file
 
+pytestmark = pytest.mark.shared  # some tests read LAION's real files in ../shared
+
 
 def laion_watermark_net(model: str = "test_efficientnet") -> nn.Module:
     """LAION-5B-WatermarkDetection's network, written out here independently: timm model with
