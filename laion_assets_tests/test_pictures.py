@@ -39,11 +39,51 @@ def test_thumbnail_grid_shows_each_stored_image_in_its_cell():
     colors = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 20), (20, 200, 200)]
     tiles = [pictures.Tile(jpeg(c), f"caption {i}", ("aes 5.1", "unsafe 0.02")) for i, c in enumerate(colors)]
     grid = decode(pictures.thumbnail_grid(tiles, columns=4, size=64))
-    assert grid.width == 4 * (64 + 6) + 6 and grid.height == 2 * (64 + 4 * 12 + 6 + 6) + 6  # 2 rows of 4
+    assert grid.width == 4 * (64 + 6) + 6 and grid.height == 2 * (64 + 5 * 12 + 6 + 6) + 6  # 2 rows of 4
     a = np.asarray(grid).astype(int)
     for i, color in enumerate(colors):  # the centre of each image cell has the image's colour
-        x, y = 6 + (i % 4) * 70 + 32, 6 + (i // 4) * (64 + 54 + 6) + 32
+        x, y = 6 + (i % 4) * 70 + 32, 6 + (i // 4) * (64 + 66 + 6) + 32
         assert np.abs(a[y, x] - color).max() < 40, (i, a[y, x])
+
+
+def ink_profiles(captions: list[str], size: int = 64) -> list[np.ndarray]:
+    """The first caption line of each tile of one grid (same picture in every tile), as its ink
+    summed per column and per row: a shape that WebP's noise barely moves."""
+    grid = np.asarray(decode(pictures.thumbnail_grid([pictures.Tile(jpeg((90, 90, 90)), c) for c in captions], columns=4, size=size)))
+    cell_h = (grid.shape[0] - 6) // -(-len(captions) // 4)  # picture, text under it, padding
+    ink = 255 - grid.mean(axis=2)
+    crops = [ink[6 + (i // 4) * cell_h + size + 2:][:12, 6 + (i % 4) * (size + 6):][:, :size] for i in range(len(captions))]
+    return [np.concatenate([c.sum(axis=0), c.sum(axis=1)]) for c in crops]
+
+
+def least_difference(letters: list[str]) -> float:
+    """How unlike the two most alike letters look in a grid, each a caption of four of it."""
+    shapes = ink_profiles([letter * 4 for letter in letters])
+    return min(np.abs(a - b).sum() for i, a in enumerate(shapes) for b in shapes[i + 1:])
+
+
+def test_captions_in_greek_and_cyrillic_are_drawn_with_real_glyphs():
+    # a font without a script draws each of its letters as the same box ("tofu"): some 400
+    # apart, WebP's noise; real letters are 3500 and more apart
+    assert least_difference(sorted(set("a cat on the roof") - {" "})) > 2000
+    assert least_difference(sorted(set("Кошка на крыше") - {" "})) > 2000
+    assert least_difference(sorted(set("Γάτα στη στέγη") - {" "})) > 2000
+    assert pictures.caption_font().getname()[0] == "DejaVu Sans"
+
+
+def test_a_script_the_font_lacks_says_what_it_is_not_boxes():
+    assert pictures.legible("木の椅子で眠る茶色の猫") == "[cjk×11]"
+    assert pictures.legible("iPhone ケース\n Кошка") == "iPhone [katakana×3] Кошка"
+    assert pictures.legible("แมว บน หลังคา") == "[thai×3] [thai×2] [thai×6]"  # code points, marks included
+    lines = pictures.caption_lines("a cat " + "猫" * 40 + " sleeping on a wooden chair in the sun all day long", 112)
+    assert lines[0] == "a cat [cjk×40] sleeping" and lines[1].endswith("…") and len(lines) == 2
+    assert all(pictures.caption_font().getlength(line) <= 112 for line in lines)
+
+
+def test_facts_keep_their_order_and_value_within_the_tile():
+    lines = pictures.fact_lines(("aesthetic 5.42", "source_pwatermark_from_laion 0.12", "punsafe 0.02", "a 1", "b 2"), 112)
+    assert lines[0] == "aesthetic 5.42" and lines[1].endswith("… 0.12") and lines[2].startswith("punsafe 0.02")
+    assert all(pictures.caption_font().getlength(line) <= 112 for line in lines)
 
 
 def test_undecodable_stored_image_is_marked_not_fatal():
