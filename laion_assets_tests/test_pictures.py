@@ -11,11 +11,16 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
+from laion_assets.core.embeddings.config import EmbeddingConfig, SpaceConfig
 from laion_assets.core.lake import quality
+from laion_assets.core.lake.delta import Lake
+from laion_assets.core.scores.config import HeadConfig, ScoresConfig
+from laion_assets.core.stages import embeddings_table
 from laion_assets.core.subsets.rules import SubsetConfig
-from laion_assets.core.ui import pictures
+from laion_assets.core.ui import pictures, views
 from laion_assets.core.ui.columns import describe
 from laion_assets.core.ui.views import failures_markdown, subset_thresholds
+from laion_assets_tests.conftest import make_config
 
 
 def jpeg(color: tuple[int, int, int], size=(300, 200)) -> bytes:
@@ -103,8 +108,6 @@ def test_histogram_draws_thresholds_and_stays_small():
 
 
 def test_every_numeric_subset_field_is_a_threshold_on_its_column():
-    from laion_assets_tests.conftest import make_config
-
     subsets = (
         SubsetConfig(name="laion5b", min_similarity=0.28, max_punsafe=0.5),
         SubsetConfig(name="big", min_width=512, max_pwatermark=0.8),
@@ -118,6 +121,54 @@ def test_every_numeric_subset_field_is_a_threshold_on_its_column():
         "sharpness": [("sharp >= 2.5", 2.5)],  # a column no code knows about
         "aesthetic": [("sharp > 5", 5.0)],
     }
+
+
+def values(tile: pictures.Tile) -> dict[str, str]:
+    return dict(fact.rsplit(" ", 1) for fact in tile.facts)
+
+
+def test_score_and_subset_tiles_show_first_what_they_are_sorted_and_filtered_by(tmp_path):
+    """Two similarity columns come before the heads' scores in the shard's score frame: the
+    aesthetic a grid is sorted by must still be the first thing under each image."""
+    from laion_assets_tests.synthetic import publish_shard
+
+    heads = {c: HeadConfig(path=f"{c}.pth (scores written by the test)", space="b32") for c in ("aesthetic", "punsafe")}
+    cfg = make_config(
+        embeddings=EmbeddingConfig(spaces={"b32": SpaceConfig(model="tiny"), "l14": SpaceConfig(model="tiny-l")}),
+        scores=ScoresConfig(heads=heads, allow_embedding_space_mismatch=True),
+        subsets=(
+            SubsetConfig(name="safe_pretty", similarity_space="b32", min_similarity=0.1, max_punsafe=0.4, at_least={"aesthetic": 3.0}),
+            SubsetConfig(name="no_language", languages=["nolang"]),  # what CLD3 makes of "s0 caption 7"
+            SubsetConfig(name="everything"),
+        ),
+    )
+    lake = Lake(tmp_path / "lake")
+    publish_shard(lake, cfg, "s0", 60, 3, 32, space="b32")
+    b32 = lake.read_shard(embeddings_table("b32"), "s0").drop("shard")
+    lake.publish_shard(embeddings_table("l14"), "s0", b32.with_columns(similarity=1 - b32["similarity"]))
+    frame = views.score_frame(lake, "s0")
+    assert frame.columns == ["uid", "similarity/b32", "similarity/l14", "aesthetic", "punsafe"]
+
+    alt, tiles = views.score_tiles(lake, cfg, "s0", frame)
+    assert alt == "shard s0 from lowest to highest aesthetic" and len(tiles) == 8
+    aesthetic = [float(values(t)["aesthetic"]) for t in tiles]
+    assert aesthetic == sorted(aesthetic) and aesthetic[0] == float(f"{frame['aesthetic'].min():.3g}")
+    for tile in tiles:
+        assert list(values(tile)) == ["aesthetic", "similarity/b32", "similarity/l14", "punsafe"]
+        assert pictures.fact_lines(tile.facts, 112)[0].startswith("aesthetic ")  # drawn, not left out
+
+    by = {}
+    for sub in cfg.subsets:
+        alt, tiles = views.subset_tiles(lake, cfg, sub, "s0", f"subsets/{sub.name}", frame)
+        assert alt == f"rows of {sub.name} in shard s0" and tiles
+        by[sub.name] = [values(t) for t in tiles]
+    for row in by["safe_pretty"]:  # the rule's columns, in the order of its thresholds, and what it kept
+        assert list(row) == ["similarity/b32", "aesthetic", "punsafe"]
+        assert float(row["similarity/b32"]) >= 0.1 and float(row["aesthetic"]) >= 3.0 and float(row["punsafe"]) < 0.4
+    assert by["no_language"] == [{"language": "nolang"}] * len(by["no_language"])
+    assert list(by["everything"][0]) == ["similarity/b32", "similarity/l14", "aesthetic", "punsafe"]  # no rule: the scores
+    for view in (views.scores_view(lake, cfg, "s0"), views.subset_view(lake, cfg, cfg.subsets[0], "s0", "subsets/safe_pretty")):
+        assert view["thumbnails"].startswith("![")
 
 
 def test_failures_by_kind_name_examples_without_links():
