@@ -2,29 +2,34 @@
 
 Each picture is a small WebP embedded in markdown as a data URI (Dagster renders markdown
 metadata, images included), so it travels in the event log: grids and charts are kept to a few
-tens of KB (see README, "The UI"). matplotlib is imported only when a chart is drawn, so the
-UI and the CLI start without it.
+tens of KB (see README, "The UI"). matplotlib is imported only when a picture is drawn (its
+charts; the caption font it ships), so the UI and the CLI start without it.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import io
+import itertools
 import math
-import textwrap
+import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 WEBP_QUALITY = 60
 CHART_DPI = 96
+FONT_SIZE, LINE_H, PAD = 9, 12, 6  # captions in DejaVu Sans 9 px: ~24 characters per 112 px tile
+CAPTION_LINES, FACT_LINES = 2, 3
 
 
 @dataclass(frozen=True)
 class Tile:
-    """One thumbnail: stored image bytes; under it the caption and short facts ("aes 5.2"),
-    two lines each."""
+    """One thumbnail: stored image bytes; under it the caption (two lines) and short facts
+    ("aesthetic 5.42", three lines; those that do not fit are left out, the first shown)."""
 
     image: bytes
     caption: str = ""
@@ -53,17 +58,14 @@ def _webp(img: Image.Image, lossless: bool = False) -> bytes:
 
 
 def thumbnail_grid(tiles: list[Tile], columns: int = 4, size: int = 112) -> bytes:
-    """A grid of thumbnails with captions under each, as one WebP."""
-    font = ImageFont.load_default(size=10)
-    line_h, pad = 12, 6
-    chars = max(8, size // 5)
-    text_h = 4 * line_h + pad
+    """A grid of thumbnails with captions and facts under each, as one WebP."""
+    text_h = (CAPTION_LINES + FACT_LINES) * LINE_H + PAD
     rows = max(1, math.ceil(len(tiles) / columns))
-    grid = Image.new("RGB", (columns * (size + pad) + pad, rows * (size + text_h + pad) + pad), "white")
+    grid = Image.new("RGB", (columns * (size + PAD) + PAD, rows * (size + text_h + PAD) + PAD), "white")
     draw = ImageDraw.Draw(grid)
     for i, tile in enumerate(tiles):
-        x = pad + (i % columns) * (size + pad)
-        y = pad + (i // columns) * (size + text_h + pad)
+        x = PAD + (i % columns) * (size + PAD)
+        y = PAD + (i // columns) * (size + text_h + PAD)
         try:
             with Image.open(io.BytesIO(tile.image)) as im:
                 im.draft("RGB", (size, size))  # JPEG: decode at reduced scale
@@ -72,23 +74,97 @@ def thumbnail_grid(tiles: list[Tile], columns: int = 4, size: int = 112) -> byte
             grid.paste(thumb, (x + (size - thumb.width) // 2, y + (size - thumb.height) // 2))
         except Exception:  # an undecodable stored image is itself worth seeing
             draw.rectangle((x, y, x + size - 1, y + size - 1), outline="red", width=2)
-            draw.text((x + 4, y + size // 2), "undecodable", fill="red", font=font)
-        lines = textwrap.wrap(textwrap.shorten(tile.caption, 2 * chars, placeholder="…"), chars)[:2] if tile.caption else []
-        lines += _pack(tile.facts, chars)[:2]
-        for k, line in enumerate(lines):
-            draw.text((x, y + size + 2 + k * line_h), line[:chars], fill="black", font=font)
+            draw.text((x + 4, y + size // 2), "undecodable", fill="red", font=caption_font())
+        grid.paste(text_image(caption_lines(tile.caption, size) + fact_lines(tile.facts, size), size), (x, y + size + 2))
     return _webp(grid)
 
 
-def _pack(facts: tuple[str, ...], width: int) -> list[str]:
-    """Facts on lines of at most `width` characters, never splitting one."""
-    lines: list[str] = []
+@functools.cache
+def caption_font() -> ImageFont.FreeTypeFont:
+    """DejaVu Sans, the font matplotlib ships (so no font to install): Latin, Greek, Cyrillic,
+    Armenian, Georgian, Hebrew, Arabic and symbols. PIL's default font has Latin only and draws
+    every other letter as the same box."""
+    return ImageFont.truetype(_font_path(), FONT_SIZE)
+
+
+@functools.cache
+def _glyphs() -> frozenset[int]:
+    """The code points DejaVu Sans has a glyph for."""
+    from matplotlib.ft2font import FT2Font
+
+    return frozenset(FT2Font(_font_path()).get_charmap())
+
+
+def _font_path() -> str:
+    import matplotlib
+
+    return str(Path(matplotlib.get_data_path()) / "fonts/ttf/DejaVuSans.ttf")
+
+
+def legible(text: str) -> str:
+    """`text` with each run of characters DejaVu Sans has no glyph for (CJK, Thai, Devanagari...)
+    replaced by its script and length, e.g. "木の椅子" -> "[cjk×4]": a caption in a script the
+    font lacks says what it is, instead of a row of identical boxes, and no other font is assumed
+    installed."""
+    glyphs = _glyphs()
+    parts = []
+    for covered, run in itertools.groupby(" ".join(text.split()), lambda ch: ord(ch) in glyphs):
+        run = "".join(run)
+        parts.append(run if covered else f"[{_script(run[0])}×{len(run)}]")
+    return "".join(parts)
+
+
+def _script(ch: str) -> str:
+    """A letter's script as the first word of its Unicode name (CJK, HIRAGANA, THAI...)."""
+    name = unicodedata.name(ch, "")
+    return name.split()[0].lower() if name and unicodedata.category(ch)[0] in "LM" else "symbol"
+
+
+def caption_lines(caption: str, width: int) -> list[str]:
+    """The caption as drawn under a tile: legible, word-wrapped to `width` pixels on at most
+    CAPTION_LINES lines, cut with "…" where there is more."""
+    font, words, lines = caption_font(), legible(caption).split(), []
+    while words and len(lines) < CAPTION_LINES:
+        line = words.pop(0)
+        while words and font.getlength(f"{line} {words[0]}") <= width:
+            line += " " + words.pop(0)
+        lines.append(line)
+    if words:
+        lines[-1] += " " + words[0]  # too long now: cut with "…" below
+    return [_cut(line, width) for line in lines]
+
+
+def fact_lines(facts: tuple[str, ...], width: int) -> list[str]:
+    """Facts packed in order on at most FACT_LINES lines of `width` pixels, never splitting one,
+    so the first facts are the ones always shown; a fact too wide keeps its value (last word)."""
+    font, lines = caption_font(), []
     for fact in facts:
-        if lines and len(lines[-1]) + 2 + len(fact) <= width:
+        if lines and font.getlength(f"{lines[-1]}  {fact}") <= width:
             lines[-1] += "  " + fact
-        else:
-            lines.append(fact)
+        elif len(lines) < FACT_LINES:
+            name, _, value = fact.rpartition(" ")
+            lines.append(_cut(name, width, f" {value}") if name else _cut(value, width))
     return lines
+
+
+def _cut(text: str, width: int, keep: str = "") -> str:
+    """`text` + `keep` within `width` pixels, `text` cut with "…" if need be."""
+    font = caption_font()
+    if font.getlength(text + keep) <= width:
+        return text + keep
+    while text and font.getlength(f"{text}…{keep}") > width:
+        text = text[:-1]
+    return f"{text.rstrip()}…{keep}"
+
+
+def text_image(lines: list[str], width: int) -> Image.Image:
+    """Lines of text drawn LINE_H apart on white, as under a tile: what a test compares with a
+    grid cut out of a page."""
+    img = Image.new("RGB", (width, max(1, len(lines)) * LINE_H), "white")
+    draw = ImageDraw.Draw(img)
+    for k, line in enumerate(lines):
+        draw.text((0, k * LINE_H), line, fill="black", font=caption_font())
+    return img
 
 
 def histograms(panels: list[Panel], columns: int = 3, title: str = "") -> bytes:

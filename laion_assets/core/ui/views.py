@@ -2,7 +2,8 @@
 image bytes (never the source URLs, which die with their servers), failures by kind, and
 histograms of every score column with the subset thresholds drawn in.
 
-Each function returns {label: markdown}; pictures are rendered by `pictures`.
+Each *_view returns {label: markdown}; pictures are rendered by `pictures`. Each tile of a grid
+shows first the values its grid is sorted or filtered by, under their column names.
 """
 
 from __future__ import annotations
@@ -60,32 +61,32 @@ def _panels(frame: pl.DataFrame, thresholds: dict, kept: pl.Series | None = None
     return panels
 
 
-SHORT = {"aesthetic": "aes", "punsafe": "unsafe", "source_pwatermark": "wm"}
-
-
 def _facts(row: dict, columns: list[str]) -> tuple[str, ...]:
-    """The row's values of `columns`, short: scores to 3 digits under a short name."""
+    """The row's values of `columns` in that order, each under its column name: numbers to 3
+    digits ("aesthetic 5.42"), the rest as they are ("language en")."""
     return tuple(
-        f"{SHORT.get(c) or c.replace('similarity/', 'sim ')[:10]} {row[c]:.3g}" if isinstance(row[c], float) else str(row[c])
-        for c in columns if row.get(c) is not None
+        f"{c} {row[c]:.3g}" if isinstance(row[c], float) else f"{c} {row[c]}" for c in columns if row.get(c) is not None
     )
 
 
-def _grid(lake: Lake, cfg: PipelineConfig, shard: str, alt: str, rows: pl.DataFrame, facts: list[str]) -> dict[str, str]:
-    """A thumbnail grid of the first `ui.thumbnails` rows (uid, caption, facts), with their
-    stored bytes read from the images table."""
+def _tiles(lake: Lake, cfg: PipelineConfig, shard: str, rows: pl.DataFrame, facts: list[str]) -> list[pictures.Tile]:
+    """Tiles of the first `ui.thumbnails` rows (uid, caption, facts), with their stored bytes
+    read from the images table."""
     rows = rows.head(cfg.ui.thumbnails)
     if not rows.height:
-        return {}
+        return []
     stored = {}
     for batch in lake.batches("images", shard, ["uid", "image"], uids=rows["uid"].to_list()):
         stored.update(zip(batch["uid"].to_pylist(), batch["image"].to_pylist()))
         if len(stored) == rows.height:  # the rest of the shard's bytes need not be read
             break
-    tiles = [
+    return [
         pictures.Tile(stored[r["uid"]], r.get("caption") or "", _facts(r, facts))
         for r in rows.iter_rows(named=True) if stored.get(r["uid"])
     ]
+
+
+def _grid(alt: str, tiles: list[pictures.Tile]) -> dict[str, str]:
     return {"thumbnails": pictures.markdown_image(alt, pictures.thumbnail_grid(tiles))} if tiles else {}
 
 
@@ -112,7 +113,7 @@ def images_view(lake: Lake, cfg: PipelineConfig, shard: str) -> dict[str, str]:
         .join(lake.read_shard("raw_urls", shard, ["uid", "caption"]), on="uid", how="left", maintain_order="left")
         .with_columns(size=pl.format("{}x{}", *SIZE_COLUMNS))
     )
-    out = _grid(lake, cfg, shard, f"stored images of shard {shard}", sample, ["size"])
+    out = _grid(f"stored images of shard {shard}", _tiles(lake, cfg, shard, sample, ["size"]))
     out["failures"] = failures_markdown(meta)
     thresholds = subset_thresholds(cfg)
     if cfg.images.min_image_size:
@@ -171,27 +172,56 @@ def embeddings_view(lake: Lake, cfg: PipelineConfig, shard: str, space: str) -> 
 
 def scores_view(lake: Lake, cfg: PipelineConfig, shard: str) -> dict[str, str]:
     """Histograms of every score with every subset's thresholds; thumbnails from the lowest to
-    the highest aesthetic score, with their scores."""
+    the highest aesthetic score, each showing it first."""
     frame = score_frame(lake, shard)
     out = _chart(cfg, "score_histograms", _panels(frame, subset_thresholds(cfg)), f"shard {shard}: scores and subset thresholds")
-    scored = [c for c in frame.columns if c != "uid" and frame[c].null_count() < frame.height]
-    if scored:
-        order = "aesthetic" if "aesthetic" in scored else scored[0]
-        rows = _spread(frame, order, cfg.ui.thumbnails).join(
-            lake.read_shard("raw_urls", shard, ["uid", "caption"]), on="uid", how="left", maintain_order="left"
-        )
-        out.update(_grid(lake, cfg, shard, f"shard {shard} from lowest to highest {order}", rows, scored))
+    out.update(_grid(*score_tiles(lake, cfg, shard, frame)))
     return out
+
+
+def score_tiles(lake: Lake, cfg: PipelineConfig, shard: str, frame: pl.DataFrame) -> tuple[str, list[pictures.Tile]]:
+    """(alt text, tiles) of the scores grid: images spread from the lowest to the highest
+    aesthetic score (or the first score there is), each showing that score first, then the
+    others that fit."""
+    scored = [c for c in frame.columns if c != "uid" and frame[c].null_count() < frame.height]
+    if not scored:
+        return "", []
+    order = "aesthetic" if "aesthetic" in scored else scored[0]
+    rows = _spread(frame, order, cfg.ui.thumbnails).join(
+        lake.read_shard("raw_urls", shard, ["uid", "caption"]), on="uid", how="left", maintain_order="left"
+    )
+    facts = [order, *(c for c in scored if c != order)]
+    return f"shard {shard} from lowest to highest {order}", _tiles(lake, cfg, shard, rows, facts)
+
+
+def _rule_columns(cfg: PipelineConfig, sub: SubsetConfig) -> dict[str, str]:
+    """The subset table's columns that `sub` filters on -> their names in the UI: its
+    thresholds' columns (our similarity is `similarity/<space>`, as in the histograms) and the
+    caption language when it picks languages."""
+    columns = {"similarity" if c.startswith("similarity/") else c: c for c in subset_thresholds(cfg, [sub])}
+    return columns | ({"language": "language"} if sub.uses_language else {})
 
 
 def subset_view(lake: Lake, cfg: PipelineConfig, sub: SubsetConfig, shard: str, table: str) -> dict[str, str]:
     """The shard's scores and sizes with the rows this subset keeps highlighted and its
-    thresholds drawn; thumbnails of kept rows with their scores."""
-    kept = lake.read_shard(table, shard, ["uid", "caption"])
+    thresholds drawn; thumbnails of kept rows with the values its rule filters on."""
+    kept = lake.read_shard(table, shard, ["uid"])["uid"]
     frame = score_frame(lake, shard)
     pool = frame.join(lake.read_shard("images", shard, ["uid", *SIZE_COLUMNS]), on="uid", how="left")
-    panels = _panels(pool, subset_thresholds(cfg, [sub]), kept["uid"])
-    out = _chart(cfg, "kept_histograms", [p for p in panels if p.thresholds] or panels, f"{sub.name}: {kept.height} of {frame.height} images kept")
-    rows = kept.head(cfg.ui.thumbnails).join(frame, on="uid", how="left", maintain_order="left")
-    out.update(_grid(lake, cfg, shard, f"rows of {sub.name} in shard {shard}", rows, [c for c in frame.columns if c != "uid"]))
+    panels = _panels(pool, subset_thresholds(cfg, [sub]), kept)
+    out = _chart(cfg, "kept_histograms", [p for p in panels if p.thresholds] or panels, f"{sub.name}: {kept.len()} of {frame.height} images kept")
+    out.update(_grid(*subset_tiles(lake, cfg, sub, shard, table, frame)))
     return out
+
+
+def subset_tiles(lake: Lake, cfg: PipelineConfig, sub: SubsetConfig, shard: str, table: str, frame: pl.DataFrame) -> tuple[str, list[pictures.Tile]]:
+    """(alt text, tiles) of a subset's grid: kept rows, each showing the values the rule
+    filtered on, read from the subset table (what the rule saw); a rule with no threshold shows
+    the shard's scores instead."""
+    rule = _rule_columns(cfg, sub)
+    rows = lake.read_shard(table, shard, ["uid", "caption", *rule]).head(cfg.ui.thumbnails).rename(rule)
+    facts = list(rule.values())
+    if not facts:
+        rows = rows.join(frame, on="uid", how="left", maintain_order="left")
+        facts = [c for c in frame.columns if c != "uid"]
+    return f"rows of {sub.name} in shard {shard}", _tiles(lake, cfg, shard, rows, facts)
