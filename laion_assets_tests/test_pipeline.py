@@ -137,8 +137,10 @@ def test_end_to_end_every_stage(env, instance, site):
     assert preview.startswith("| uid | url | caption |") and preview.count("\n") == 6  # header, rule, 5 rows
     for stage in STAGES:
         key = AssetCheckKey(AssetKey(stage.split("/")), "quality_gate")
-        record = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
-        assert record.status.value == "SUCCEEDED", stage
+        [record] = instance.event_log_storage.get_asset_check_execution_history(key, limit=5)  # one per run
+        assert (record.status.value, record.partition) == ("SUCCEEDED", "shard-a"), stage
+    logged = [e.message for r in instance.get_run_records() for e in instance.all_logs(r.dagster_run.run_id)]
+    assert not [m for m in logged if "not selected" in m]  # each stage records its own gate, quietly
 
 
 @pytest.mark.slow
@@ -176,6 +178,25 @@ def test_failed_gate_publishes_nothing_and_stops_downstream(env, instance):
     assert record.status.value == "FAILED"
     evaluation = record.event.dagster_event.event_specific_data
     assert "FAILED" in evaluation.metadata["expect_column_values_to_be_in_set(is_success)"].value
+    assert record.partition == "shard-a" and evaluation.description.startswith("shard shard-a not published")
+    # the stages after images did not run: their gates say nothing of this shard (no "Execution
+    # failed" for a check that never ran)
+    for stage in ("embeddings/tiny", "scores", "subsets/similar", "subsets/pretty"):
+        assert not instance.event_log_storage.get_asset_check_execution_history(AssetCheckKey(AssetKey(stage.split("/")), "quality_gate"), limit=5), stage
+
+
+def test_a_run_that_selects_the_gate_gets_it_as_its_result(env, instance):
+    """Materializing one asset from its page selects its check: the stage yields the result
+    Dagster planned, which resolves the planned record (no second one)."""
+    run(env, instance, select="raw_urls")
+    defs = build_defs(Settings(lake=env["lake"], inputs=str(env["inputs"]), config=env["config"]))
+    key = AssetCheckKey(AssetKey("raw_urls"), "quality_gate")
+    job = defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection={AssetKey("raw_urls")}, asset_check_selection={key})
+    result = job.execute_in_process(instance=instance, partition_key="shard-a")
+    assert result.success and [e.asset_check_key for e in result.get_asset_check_evaluations()] == [key]
+    records = instance.event_log_storage.get_asset_check_execution_history(key, limit=5)
+    assert [(r.run_id, r.status.value, r.partition) for r in records][0] == (result.run_id, "SUCCEEDED", "shard-a")
+    assert len(records) == 2  # the CLI run's and this one's
 
 
 def test_sensor_registers_new_files_once(env, instance, shard_rows):
@@ -262,17 +283,22 @@ def test_cli_errors_are_one_line(env, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_definitions_validate_command():
+def test_dg_checks_and_lists_the_definitions():
+    """Dagster's own CLI, as the README and Makefile use it: dg reads [tool.dg] in pyproject."""
+    import json
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parent.parent
-    dagster = Path(sys.executable).with_name("dagster")
-    proc = subprocess.run(
-        [str(dagster), "definitions", "validate", "-w", "workspace.yaml"], cwd=repo, capture_output=True, text=True,
-        env={**os.environ, "DAGSTER_HOME": str(repo), "LAION_ASSETS_CONFIG": str(repo / "configs" / "demo.yaml")}, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    dg = Path(sys.executable).with_name("dg")
+    env = {**os.environ, "DAGSTER_HOME": str(repo), "LAION_ASSETS_CONFIG": str(repo / "configs" / "demo.yaml"),
+           "VIRTUAL_ENV": str(Path(sys.executable).parent.parent)}
+    checked = subprocess.run([str(dg), "check", "defs"], cwd=repo, capture_output=True, text=True, env=env, timeout=300)
+    assert checked.returncode == 0 and "All definitions loaded successfully" in checked.stdout, checked.stdout + checked.stderr
+    listed = subprocess.run([str(dg), "list", "defs", "--json"], cwd=repo, capture_output=True, text=True, env=env, timeout=300)
+    assert listed.returncode == 0, listed.stderr
+    assets = {a["key"] for a in json.loads(listed.stdout)["assets"]}
+    assert {"raw_urls", "images", "scores", "subsets/laion2b_en_demo", "lake_summary"} <= assets
 
 
 def test_maintenance_job_compacts_and_vacuums(env, instance):

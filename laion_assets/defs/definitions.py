@@ -82,15 +82,16 @@ def build_defs(settings: Settings) -> Definitions:
         assets=assets,
         jobs=[
             # every run of a shard, from the UI, the sensors or `laion-assets run`, is this job
-            # (with an asset selection), so any of them can be re-executed from the UI
+            # (with an asset selection), so any of them can be re-executed from the UI; no
+            # checks selected: each stage records its gate itself (defs/gate.py)
             define_asset_job(
-                SHARD_JOB, selection=AssetSelection.assets(*shard_assets),
+                SHARD_JOB, selection=AssetSelection.assets(*shard_assets).without_checks(),
                 description="Stages of one shard (all, or the selected assets).",
             ),
             # what spans every shard (curation passes, kNN indexes, the lake summary): one run
             # after the shards, from `laion-assets run` too, re-executable from the UI
             define_asset_job(
-                LAKE_JOB, selection=AssetSelection.assets(*lake_assets),
+                LAKE_JOB, selection=AssetSelection.assets(*lake_assets).without_checks(),
                 description="Lake-wide assets (all, or the selected ones), after the shards they read.",
             ),
             lake_maintenance,

@@ -5,7 +5,14 @@ The check is partitioned by shard: each shard has its own result and history, so
 does not turn the others red. A failed gate records each failing expectation (threshold and
 observed value) and the stage's figures on the check, fails the step with one line, and
 publishes nothing, so the UI shows no materialization for it. Expected, user-caused failures
-(a missing shard file, a bad config) fail the same way, without a stack trace."""
+(a missing shard file, a bad config) fail the same way, without a stack trace.
+
+The shard jobs, the CLI and the automation sensor run stages without selecting their checks,
+and each stage records its gate as a check evaluation of its own step. A selected check is
+planned when its run starts, and Dagster shows a planned check whose step never ran (a later
+stage of a shard that failed earlier) as "Execution failed": the gates of stages that did not
+run would look failed for that shard. A run that does select the check (materializing one
+asset from its page) gets the result as Dagster expects it."""
 
 from __future__ import annotations
 
@@ -129,7 +136,23 @@ def not_checked(key: AssetKey | None, shard: str, e: LaionAssetsError) -> AssetC
     )
 
 
-def _materialization(context, lake: Lake, key: AssetKey | None, table: str, out: StageOutput, view) -> MaterializeResult:
+def _gate(context, result: AssetCheckResult, materialization: MaterializeResult | None = None) -> Iterator:
+    """The materialization (if any) and the gate's result: yielded with it when the run selected
+    the check, else logged as an evaluation of this step (module docstring)."""
+    step = context.op_execution_context.get_step_execution_context()
+    if result.to_asset_check_evaluation(step).asset_check_key in context.selected_asset_check_keys:
+        if materialization is None:
+            yield result
+        else:
+            yield MaterializeResult(asset_key=materialization.asset_key, metadata=materialization.metadata, check_results=[result])
+        return
+    if materialization is not None:
+        yield materialization
+    # made after the materialization is stored, so the evaluation names it as its target
+    context.log_event(result.to_asset_check_evaluation(step))
+
+
+def _materialization(context, lake: Lake, key: AssetKey | None, table: str, out: StageOutput, view) -> Iterator:
     shard = context.partition_key
     pictures = {}
     if view is not None:
@@ -137,7 +160,7 @@ def _materialization(context, lake: Lake, key: AssetKey | None, table: str, out:
             pictures = {k: MetadataValue.md(v) for k, v in view().items()}
         except Exception as e:  # noqa: BLE001 - the data is published; the pictures are a view of it
             context.log.warning(f"shard {shard}: pictures of {table} not rendered: {type(e).__name__}: {e}")
-    return MaterializeResult(
+    materialization = MaterializeResult(
         asset_key=key,
         metadata={
             "dagster/partition_row_count": out.rows,
@@ -149,29 +172,28 @@ def _materialization(context, lake: Lake, key: AssetKey | None, table: str, out:
             **({"preview": MetadataValue.md(markdown_table(out.preview))} if out.preview is not None else {}),
             **pictures,
         },
-        check_results=[
-            AssetCheckResult(asset_key=key, check_name=GATE, passed=True, metadata={"shard": shard, **out.report.as_metadata()})
-        ],
     )
+    passed = AssetCheckResult(asset_key=key, check_name=GATE, passed=True, metadata={"shard": shard, **out.report.as_metadata()})
+    yield from _gate(context, passed, materialization)
 
 
 def run_stage(
     context, lake: Lake, table: str, fn: Callable[[], StageOutput],
     view: Callable[[], dict[str, str]] | None = None,
 ) -> Iterator:
-    """Yield the check result and MaterializeResult of one stage run, or fail the step.
+    """Yield the MaterializeResult of one stage run with its gate's result, or fail the step.
 
     `view` renders the shard's pictures (markdown) once it is published; a picture that cannot
     be drawn is logged, never fails a published shard."""
     try:
         out = fn()
     except ValidationFailed as e:
-        yield failed_gate(None, e)
+        yield from _gate(context, failed_gate(None, e))
         raise ShardFailed(str(e), {"failing expectations": "\n".join(e.failures)}) from None
     except LaionAssetsError as e:
-        yield not_checked(None, context.partition_key, e)
+        yield from _gate(context, not_checked(None, context.partition_key, e))
         raise ShardFailed(str(e)) from None
-    yield _materialization(context, lake, None, table, out, view)
+    yield from _materialization(context, lake, None, table, out, view)
 
 
 def run_stages(
@@ -185,15 +207,15 @@ def run_stages(
         outs = fn()
     except LaionAssetsError as e:
         for key in tables:
-            yield not_checked(key, context.partition_key, e)
+            yield from _gate(context, not_checked(key, context.partition_key, e))
         raise ShardFailed(str(e)) from None
     failed = []
     for key, out in outs.items():
         if isinstance(out, ValidationFailed):
             failed.append(out)
-            yield failed_gate(key, out)
+            yield from _gate(context, failed_gate(key, out))
         else:
-            yield _materialization(context, lake, key, tables[key], out, (views or {}).get(key))
+            yield from _materialization(context, lake, key, tables[key], out, (views or {}).get(key))
     if failed:
         raise ShardFailed(
             "; ".join(str(e) for e in failed)[:2000], {"failing expectations": "\n".join(f for e in failed for f in e.failures)},
