@@ -297,7 +297,7 @@ def test_dg_checks_and_lists_the_definitions():
     assert checked.returncode == 0 and "All definitions loaded successfully" in checked.stdout, checked.stdout + checked.stderr
     listed = subprocess.run([str(dg), "list", "defs", "--json"], cwd=repo, capture_output=True, text=True, env=env, timeout=300)
     assert listed.returncode == 0, listed.stderr
-    assets = {a["key"] for a in json.loads(listed.stdout)["assets"]}
+    assets = {a["asset_key"] for a in json.loads(listed.stdout)["assets"]}
     assert {"raw_urls", "images", "scores", "subsets/laion2b_en_demo", "lake_summary"} <= assets
 
 
