@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from laion_assets.cli.options import add_lake
+
 
 def _searcher(args):
     from laion_assets.core.config import load_config
@@ -52,19 +54,33 @@ def cmd_train_args(args) -> int:
 
 def add_commands(sub, env_lake: str, env_config: str | None) -> None:
     """`search`, `serve` and `train-args`: use a lake's exports and kNN indexes."""
-    search = sub.add_parser("search", help="search a subset's kNN index by text and/or image")
+    search = sub.add_parser(
+        "search", help="search a subset's kNN index by text and/or image",
+        description="Embed the query with the CLIP model of the space the subset's kNN index was built in and print "
+        "the nearest images: rank, cosine score, uid, url, caption. A text and an image together search their "
+        "normalised sum.",
+    )
     search.add_argument("query", nargs="?", help="text query, e.g. \"a red car\"")
     search.add_argument("--image", help="image file to search with (with a text query: both)")
     search.add_argument("--subset", help="subset to search (default: the first one with an index)")
-    search.add_argument("-k", type=int, default=10, help="results (default %(default)s)")
-    serve = sub.add_parser("serve", help="the search page on http://127.0.0.1:PORT")
-    serve.add_argument("--port", type=int, default=8000)
+    search.add_argument("-k", type=int, default=10, help="number of results (default: %(default)s)")
+    serve = sub.add_parser(
+        "serve", help="the search page on http://127.0.0.1:PORT",
+        description="Serve the search page (text box, image upload, a grid of results with thumbnails) and its JSON "
+        "API on 127.0.0.1, over every subset with a kNN index; query models load once, at start.",
+    )
+    serve.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (default: %(default)s)")
     for p, fn in ((search, cmd_search), (serve, cmd_serve)):
-        p.add_argument("--lake", default=env_lake)
+        add_lake(p, env_lake)
         p.add_argument("--config", default=env_config, help="pipeline config YAML (the one the index was built with)")
-        p.add_argument("--device", default="cpu", help="where the query model runs: cpu, cuda, auto (default %(default)s)")
+        p.add_argument("--device", default="cpu", help="where the query model runs: cpu, cuda, auto (default: %(default)s)")
         p.set_defaults(fn=fn)
-    train = sub.add_parser("train-args", help="print open_clip's --train-data/--train-num-samples for an export")
-    train.add_argument("--subset", required=True)
-    train.add_argument("--lake", default=env_lake)
+
+    train = sub.add_parser(
+        "train-args", help="print open_clip's --train-data/--train-num-samples for a webdataset export",
+        description="Print the open_clip training flags for a subset's webdataset export: --dataset-type webdataset, "
+        "--train-data with every tar (:: separated), --train-num-samples.",
+    )
+    train.add_argument("--subset", required=True, help="the exported subset (materialize webdataset/SUBSET first)")
+    add_lake(train, env_lake)
     train.set_defaults(fn=cmd_train_args)
