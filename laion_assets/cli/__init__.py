@@ -41,6 +41,18 @@ def version() -> str:
         return __version__
 
 
+class VersionAction(argparse.Action):
+    """`--version`, looked up only when asked: importlib.metadata scans site-packages (~50 ms
+    that every command would pay with argparse's own version action)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog} {version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="laion-assets", description=__doc__.split("\n\n")[0],
@@ -48,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Dagster instance (else the dagster.yaml of the current folder or the repository). "
         "`laion-assets COMMAND --help` describes a command.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     env_lake = os.environ.get(LAKE_ENV, "data/lake")
     env_config = os.environ.get(CONFIG_ENV)
