@@ -25,7 +25,7 @@ import sys
 import warnings
 
 from laion_assets.cli import exports, lake, pipeline
-from laion_assets.cli.options import CONFIG_ENV, LAKE_ENV
+from laion_assets.cli.options import CONFIG_ENV, LAKE_ENV, default_lake
 
 
 def version() -> str:
@@ -62,10 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
-    env_lake = os.environ.get(LAKE_ENV, "data/lake")
-    env_config = os.environ.get(CONFIG_ENV)
     for module in (pipeline, lake, exports):
-        module.add_commands(sub, env_lake, env_config)
+        module.add_commands(sub, default_lake(), os.environ.get(CONFIG_ENV))
     return parser
 
 

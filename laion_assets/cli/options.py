@@ -3,7 +3,14 @@ pipeline config to read, and the environment variables that set their defaults."
 
 from __future__ import annotations
 
+import os
+
 LAKE_ENV, CONFIG_ENV = "LAION_ASSETS_LAKE", "LAION_ASSETS_CONFIG"
+
+
+def default_lake() -> str:
+    """The default --lake."""
+    return os.environ.get(LAKE_ENV, "data/lake")
 
 
 def add_lake(parser, default: str, note: str = "") -> None:

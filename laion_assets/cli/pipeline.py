@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from laion_assets.cli.options import add_config, add_lake
+from laion_assets.cli.options import LAKE_ENV, add_config, add_lake, default_lake
 from laion_assets.cli.shard_runs import (
     INTERRUPTED,
     UP_TO_DATE,
@@ -20,7 +20,10 @@ from laion_assets.cli.shard_runs import (
 )
 
 REPO = Path(__file__).resolve().parent.parent.parent
+CLI = ".venv/bin/laion-assets"  # as `make install` puts it
+DATA = "data"
 DEMO_PORT = 8765
+UI_PORT = 3000  # `make ui`'s default PORT
 
 
 def dagster_instance():
@@ -141,6 +144,25 @@ def cmd_backfill(args) -> int:
     return 0
 
 
+def demo_hint(lake: str, data: str, sample_port: int, ui_port: int) -> str:
+    """The demo's closing lines: commands to look at its result, with the ports it used (the
+    shard's URLs name the sample port) and its lake and data folder where not the defaults."""
+    import shlex
+
+    own_lake = lake != default_lake()
+    lake_env = f"{LAKE_ENV}={shlex.quote(lake)} " if own_lake else ""
+    lake_arg = f" --lake {shlex.quote(lake)}" if own_lake else ""
+    data_arg = f" --data {shlex.quote(data)}" if data != DATA else ""
+    return (
+        "\nSee the same runs, checks and lineage in the UI:\n"
+        f"  {lake_env}make ui PORT={ui_port}   # then open http://127.0.0.1:{ui_port}\n"
+        f"To materialize the demo shard again from the UI, serve the sample meanwhile (its URLs name port {sample_port}):\n"
+        f"  {CLI} sample-server --port {sample_port}{data_arg}\n"
+        "Search the demo's kNN indexes (tiny random models: the neighbours mean nothing):\n"
+        f'  {CLI} search "a red car"{lake_arg}'
+    )
+
+
 def cmd_demo(args) -> int:
     from laion_assets.core.ingest.sample import SampleServer, write_demo_shard
 
@@ -149,15 +171,11 @@ def cmd_demo(args) -> int:
         shard = write_demo_shard(root, server.base_url, n_generated=300)
         print(f"sample shard {shard} served from {server.base_url}")
         summary = run_pipeline([str(shard)], args.lake, args.config, None)
+        sample_port = server.httpd.server_address[1]
     print("\nper-stage summary:")
     summary.print()
     _print_tables(args.lake)
-    print(
-        "\nSee the same runs, checks and lineage in the UI:\n"
-        "  make ui            # then open http://127.0.0.1:3000\n"
-        "To materialize the demo shard again from the UI, serve the sample meanwhile:\n"
-        "  .venv/bin/laion-assets sample-server"
-    )
+    print(demo_hint(args.lake, args.data, sample_port, args.ui_port))
     return 0 if summary.ok else 1
 
 
@@ -212,10 +230,13 @@ def add_commands(sub, env_lake: str, env_config: str | None) -> None:
     )
     add_lake(demo, env_lake)
     demo.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="pipeline config YAML (default: %(default)s)")
-    demo.add_argument("--data", default="data", help="folder for the sample site and its input shard (default: %(default)s)")
+    demo.add_argument("--data", default=DATA, help="folder for the sample site and its input shard (default: %(default)s)")
     demo.add_argument(
         "--port", type=int, default=DEMO_PORT,
         help="sample server port; the shard's URLs name it, so sample-server must serve on it later (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--ui-port", type=int, default=UI_PORT, help="the UI's port, for the closing hint: as in `make ui PORT=...` (default: %(default)s)",
     )
     demo.set_defaults(fn=cmd_demo)
 
@@ -224,6 +245,6 @@ def add_commands(sub, env_lake: str, env_config: str | None) -> None:
         description="Serve DATA/demo/site on 127.0.0.1:PORT until Ctrl-C. The demo shard's URLs name the port the "
         "demo served on: give the same one (the demo's closing hint prints the command).",
     )
-    sample.add_argument("--data", default="data", help="the demo's --data folder (default: %(default)s)")
+    sample.add_argument("--data", default=DATA, help="the demo's --data folder (default: %(default)s)")
     sample.add_argument("--port", type=int, default=DEMO_PORT, help="port to serve on: the demo's --port (default: %(default)s)")
     sample.set_defaults(fn=cmd_sample_server)
