@@ -86,13 +86,48 @@ def test_search_command_prints_the_planted_text_neighbour_first(planted, tmp_pat
     config = write_config(tmp_path / "config.yaml", planted["config"])
     args = ["--lake", str(tmp_path / "lake"), "--config", str(config)]
     assert main(["search", TEXT_QUERY, "--subset", "similar", "-k", "3", *args]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
     assert len(lines) == 4 and lines[0].split()[:3] == ["rank", "score", "uid"]
     rank, score, uid, url, *caption = lines[1].split()
     assert (rank, int(uid), " ".join(caption)) == ("1", planted["text_uid"], planted["text_caption"])
     assert float(score) == pytest.approx(1.0, abs=2e-3) and url.startswith("http://127.0.0.1:1/s0/")
 
+    # the index names its query model: no config, and the first subset with an index by default
+    assert main(["search", TEXT_QUERY, "-k", "3", "--lake", str(tmp_path / "lake")]) == 0
+    assert capsys.readouterr().out == out
+
     assert main(["search", TEXT_QUERY, "--subset", "nope", *args]) == 2
     assert "no kNN index" in capsys.readouterr().err
     assert main(["search", *args]) == 2
     assert "give a text query, an image, or both" in capsys.readouterr().err
+
+
+def test_an_index_from_before_manifests_named_their_model(planted, tmp_path, capsys):
+    """Searchable with its config; without one, a one-line error saying what to do; the next
+    sync records the model without re-reading a shard."""
+    lake = copy_lake(planted, tmp_path / "lake")
+    sync_index(lake, planted["config"], "similar")
+    manifest_path = tmp_path / "lake/knn/similar/manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["query_model"] == {"model": "tiny", "pretrained": "openai", "checkpoint": None}
+    del manifest["query_model"]
+    manifest_path.write_text(json.dumps(manifest))
+    search = ["search", TEXT_QUERY, "-k", "3", "--lake", str(tmp_path / "lake")]
+
+    assert main(search) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: the similar index does not name its query model (it predates that): give the config it was built "
+        "with (--config), or materialize knn/similar again to record it"
+    )
+    assert main([*search, "--config", str(write_config(tmp_path / "config.yaml", planted["config"]))]) == 0
+    with_config = capsys.readouterr().out
+    assert with_config.splitlines()[1].split()[2] == str(planted["text_uid"])
+
+    ids = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "lake/knn/similar/ids").iterdir()}
+    report = sync_index(lake, planted["config"], "similar")
+    assert (report.version, report.rebuilt, report.unchanged_shards) == (1, False, 2)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "lake/knn/similar/ids").iterdir()} == ids
+    assert main(search) == 0
+    assert capsys.readouterr().out == with_config

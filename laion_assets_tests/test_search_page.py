@@ -1,6 +1,7 @@
 """The search page in a real browser (Debian's chromium through Playwright): a text query and
 an image upload each show their planted neighbour first, with its thumbnail from the images
-table, caption and score."""
+table, caption and score. Served as `laion-assets serve` serves it: no pipeline config, the
+index names its query model."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def page_url(planted, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(search_app(Searcher(lake, planted["config"], "cpu")), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(search_app(Searcher(lake, device="cpu")), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

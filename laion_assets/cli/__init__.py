@@ -13,6 +13,7 @@ resources, runs recorded in the instance the UI reads).
     laion-assets search "a red car" [--image FILE] [--subset NAME] [-k N]
     laion-assets serve             # the search page on 127.0.0.1
     laion-assets train-args --subset NAME         # open_clip flags for a webdataset export
+    laion-assets --version
 """
 
 from __future__ import annotations
@@ -24,18 +25,50 @@ import sys
 import warnings
 
 from laion_assets.cli import exports, lake, pipeline
+from laion_assets.cli.options import CONFIG_ENV, LAKE_ENV, default_lake
+
+
+def version() -> str:
+    """The installed distribution's version; the package's own where it is not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("laion-assets")
+    except PackageNotFoundError:
+        from laion_assets import __version__
+
+        return __version__
+
+
+class VersionAction(argparse.Action):
+    """`--version`, looked up only when asked: importlib.metadata scans site-packages (~50 ms
+    that every command would pay with argparse's own version action)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog} {version()}")
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="laion-assets", description=__doc__.split("\n\n")[0],
+        epilog=f"${LAKE_ENV} and ${CONFIG_ENV} set the default --lake and --config; DAGSTER_HOME the "
+        "Dagster instance (else the dagster.yaml of the current folder or the repository). "
+        "`laion-assets COMMAND --help` describes a command.",
+    )
+    parser.add_argument("--version", action=VersionAction)
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+    for module in (pipeline, lake, exports):
+        module.add_commands(sub, default_lake(), os.environ.get(CONFIG_ENV))
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="laion-assets", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    env_lake = os.environ.get("LAION_ASSETS_LAKE", "data/lake")
-    env_config = os.environ.get("LAION_ASSETS_CONFIG")
-
-    for module in (pipeline, lake, exports):
-        module.add_commands(sub, env_lake, env_config)
-
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore")
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")

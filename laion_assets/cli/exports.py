@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from laion_assets.cli.options import add_lake
+
 
 def _searcher(args):
-    from laion_assets.core.config import load_config
+    """The index names its query model; a config is read only when given, as an override."""
     from laion_assets.core.exports.search import Searcher
     from laion_assets.core.lake.delta import Lake
 
-    return Searcher(Lake(args.lake), load_config(args.config), device=args.device)
+    cfg = None
+    if args.config:
+        from laion_assets.core.config import load_config
+
+        cfg = load_config(args.config)
+    return Searcher(Lake(args.lake), cfg, device=args.device)
 
 
 def cmd_search(args) -> int:
@@ -52,19 +59,36 @@ def cmd_train_args(args) -> int:
 
 def add_commands(sub, env_lake: str, env_config: str | None) -> None:
     """`search`, `serve` and `train-args`: use a lake's exports and kNN indexes."""
-    search = sub.add_parser("search", help="search a subset's kNN index by text and/or image")
+    search = sub.add_parser(
+        "search", help="search a subset's kNN index by text and/or image",
+        description="Embed the query with the CLIP model the subset's kNN index was built with (its manifest names it: "
+        "no config needed) and print the nearest images: rank, cosine score, uid, url, caption. A text and an image "
+        "together search their normalised sum. Each call loads the model (seconds): for many queries, `serve`.",
+    )
     search.add_argument("query", nargs="?", help="text query, e.g. \"a red car\"")
     search.add_argument("--image", help="image file to search with (with a text query: both)")
     search.add_argument("--subset", help="subset to search (default: the first one with an index)")
-    search.add_argument("-k", type=int, default=10, help="results (default %(default)s)")
-    serve = sub.add_parser("serve", help="the search page on http://127.0.0.1:PORT")
-    serve.add_argument("--port", type=int, default=8000)
+    search.add_argument("-k", type=int, default=10, help="number of results (default: %(default)s)")
+    serve = sub.add_parser(
+        "serve", help="the search page on http://127.0.0.1:PORT",
+        description="Serve the search page (text box, image upload, a grid of results with thumbnails) and its JSON "
+        "API on 127.0.0.1, over every subset with a kNN index; query models load once, at start.",
+    )
+    serve.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (default: %(default)s)")
     for p, fn in ((search, cmd_search), (serve, cmd_serve)):
-        p.add_argument("--lake", default=env_lake)
-        p.add_argument("--config", default=env_config, help="pipeline config YAML (the one the index was built with)")
-        p.add_argument("--device", default="cpu", help="where the query model runs: cpu, cuda, auto (default %(default)s)")
+        add_lake(p, env_lake)
+        p.add_argument(
+            "--config", help="only to override the query model the index names (an index from before indexes named "
+            "it): a pipeline config YAML whose space of that name is the same model ($LAION_ASSETS_CONFIG is not read)",
+        )
+        p.add_argument("--device", default="cpu", help="where the query model runs: cpu, cuda, auto (default: %(default)s)")
         p.set_defaults(fn=fn)
-    train = sub.add_parser("train-args", help="print open_clip's --train-data/--train-num-samples for an export")
-    train.add_argument("--subset", required=True)
-    train.add_argument("--lake", default=env_lake)
+
+    train = sub.add_parser(
+        "train-args", help="print open_clip's --train-data/--train-num-samples for a webdataset export",
+        description="Print the open_clip training flags for a subset's webdataset export: --dataset-type webdataset, "
+        "--train-data with every tar (:: separated), --train-num-samples.",
+    )
+    train.add_argument("--subset", required=True, help="the exported subset (materialize webdataset/SUBSET first)")
+    add_lake(train, env_lake)
     train.set_defaults(fn=cmd_train_args)

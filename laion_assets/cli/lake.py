@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from laion_assets.cli.options import add_config, add_lake
 from laion_assets.cli.pipeline import dagster_instance
 
 
@@ -75,32 +76,51 @@ def cmd_maintain(args) -> int:
 
 
 def add_commands(sub, env_lake: str, env_config: str | None) -> None:
-    store = sub.add_parser("check-store", help="check that the lake's object store is safe for concurrent writers")
-    store.add_argument("--lake", default=env_lake, help="lake root, e.g. s3://bucket/prefix")
+    store = sub.add_parser(
+        "check-store", help="check that the lake's object store is safe for concurrent writers",
+        description="Probe the lake's object store for the conditional writes (If-None-Match: *) Delta commits rely "
+        "on: on a store that ignores them, two writers of one table version overwrite each other's commit. Local "
+        "folders need no probe.",
+    )
+    add_lake(store, env_lake)
     store.set_defaults(fn=cmd_check_store)
 
     migrate = sub.add_parser(
         "migrate-embeddings", help="move a lake's single `embeddings` table to embeddings/<space> (no recompute)",
+        description="A lake from before embedding spaces has one `embeddings` table: move it to embeddings/SPACE and "
+        "record it as up to date, so `run` does not embed again. Refused when its vectors come from another model "
+        "than the space's (unless --force); an interrupted move is finished by running it again.",
     )
     migrate.add_argument("--space", required=True, help="the configured space those vectors belong to, e.g. b32")
-    migrate.add_argument("--lake", default=env_lake)
-    migrate.add_argument("--config", default=env_config, help="pipeline config YAML declaring the space")
+    add_lake(migrate, env_lake)
+    add_config(migrate, env_config, note=" declaring the space")
     migrate.add_argument("--force", action="store_true", help="move even if the vectors' model differs from the space's")
     migrate.set_defaults(fn=cmd_migrate_embeddings)
 
     adopt = sub.add_parser(
-        "adopt", help="record the published shards as made from the current config (a lake from before fingerprints): nothing is recomputed",
+        "adopt", help="record the published shards as made from the current config (a lake from before fingerprints)",
+        description="A lake from before fingerprints: record every published shard of every stage as made from the "
+        "current config and code, so `run` treats it as up to date. Nothing is recomputed.",
     )
-    adopt.add_argument("--lake", default=env_lake)
-    adopt.add_argument("--config", default=env_config)
+    add_lake(adopt, env_lake)
+    add_config(adopt, env_config, note=" the shards count as made from")
     adopt.set_defaults(fn=cmd_adopt)
 
-    maintain = sub.add_parser("maintain", help="remove leftover staging, compact and vacuum every table (honours the retention)")
-    maintain.add_argument("--lake", default=env_lake)
-    maintain.add_argument("--config", default=env_config, help="pipeline config YAML (maintenance: retention, file size)")
+    maintain = sub.add_parser(
+        "maintain", help="remove leftover staging, compact and vacuum every table (the nightly job)",
+        description="Run the lake_maintenance job through Dagster (recorded in the instance like the schedule's "
+        "runs): remove staging a killed run left, compact small files and vacuum old ones, honouring "
+        "maintenance.vacuum_retention_hours.",
+    )
+    add_lake(maintain, env_lake)
+    add_config(maintain, env_config, note=" (maintenance: retention, file size)")
     maintain.set_defaults(fn=cmd_maintain)
 
-    remove = sub.add_parser("remove-shard", help="delete shards from the lake, the registry and the UI's partitions")
+    remove = sub.add_parser(
+        "remove-shard", help="delete shards from the lake, the registry and the UI's partitions",
+        description="Delete shards from every table of the lake, their export files, the shard registry and the "
+        "Dagster partitions. The data goes first, so an interrupted removal is finished by running it again.",
+    )
     remove.add_argument("shards", nargs="+", help="shard keys (input file names without extensions)")
-    remove.add_argument("--lake", default=env_lake, help="lake root: folder or s3://bucket/prefix (default %(default)s)")
+    add_lake(remove, env_lake)
     remove.set_defaults(fn=cmd_remove_shard)

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from laion_assets.cli.options import LAKE_ENV, add_config, add_lake, default_lake
 from laion_assets.cli.shard_runs import (
     INTERRUPTED,
     UP_TO_DATE,
@@ -19,7 +20,10 @@ from laion_assets.cli.shard_runs import (
 )
 
 REPO = Path(__file__).resolve().parent.parent.parent
+CLI = ".venv/bin/laion-assets"  # as `make install` puts it
+DATA = "data"
 DEMO_PORT = 8765
+UI_PORT = 3000  # `make ui`'s default PORT
 
 
 def dagster_instance():
@@ -140,6 +144,25 @@ def cmd_backfill(args) -> int:
     return 0
 
 
+def demo_hint(lake: str, data: str, sample_port: int, ui_port: int) -> str:
+    """The demo's closing lines: commands to look at its result, with the ports it used (the
+    shard's URLs name the sample port) and its lake and data folder where not the defaults."""
+    import shlex
+
+    own_lake = lake != default_lake()
+    lake_env = f"{LAKE_ENV}={shlex.quote(lake)} " if own_lake else ""
+    lake_arg = f" --lake {shlex.quote(lake)}" if own_lake else ""
+    data_arg = f" --data {shlex.quote(data)}" if data != DATA else ""
+    return (
+        "\nSee the same runs, checks and lineage in the UI:\n"
+        f"  {lake_env}make ui PORT={ui_port}   # then open http://127.0.0.1:{ui_port}\n"
+        f"To materialize the demo shard again from the UI, serve the sample meanwhile (its URLs name port {sample_port}):\n"
+        f"  {CLI} sample-server --port {sample_port}{data_arg}\n"
+        "Search the demo's kNN indexes (tiny random models: the neighbours mean nothing):\n"
+        f'  {CLI} search "a red car"{lake_arg}'
+    )
+
+
 def cmd_demo(args) -> int:
     from laion_assets.core.ingest.sample import SampleServer, write_demo_shard
 
@@ -148,15 +171,11 @@ def cmd_demo(args) -> int:
         shard = write_demo_shard(root, server.base_url, n_generated=300)
         print(f"sample shard {shard} served from {server.base_url}")
         summary = run_pipeline([str(shard)], args.lake, args.config, None)
+        sample_port = server.httpd.server_address[1]
     print("\nper-stage summary:")
     summary.print()
     _print_tables(args.lake)
-    print(
-        "\nSee the same runs, checks and lineage in the UI:\n"
-        "  make ui            # then open http://127.0.0.1:3000\n"
-        "To materialize the demo shard again from the UI, serve the sample meanwhile:\n"
-        "  .venv/bin/laion-assets sample-server"
-    )
+    print(demo_hint(args.lake, args.data, sample_port, args.ui_port))
     return 0 if summary.ok else 1
 
 
@@ -177,30 +196,55 @@ def cmd_sample_server(args) -> int:
 
 
 def add_commands(sub, env_lake: str, env_config: str | None) -> None:
-    run = sub.add_parser("run", help="register shard files and materialize the selected assets")
+    run = sub.add_parser(
+        "run", help="register shard files and materialize the selected assets, through Dagster",
+        description="Check and register the shard files, then materialize per shard the selected assets that are "
+        "not already published and up to date, then the lake-wide ones (curation, kNN indexes, summary). The runs "
+        "are Dagster runs, recorded in the instance the UI reads. Ctrl-C stops within seconds; the same command "
+        "resumes.",
+    )
     run.add_argument("inputs", nargs="+", help="shard files or folders (.parquet/.csv/.tsv/.jsonl[.gz]; s3:// too)")
-    run.add_argument("--lake", default=env_lake, help="lake root: folder or s3://bucket/prefix (default %(default)s)")
+    add_lake(run, env_lake)
     run.add_argument("--select", help="comma-separated asset keys, e.g. raw_urls,images (default: all)")
-    run.add_argument("--config", default=env_config, help="pipeline config YAML (default: built-in)")
-    run.add_argument("--retry-failures", action="store_true", help="images: re-fetch only retryable failures")
+    add_config(run, env_config)
+    run.add_argument("--retry-failures", action="store_true", help="images: re-fetch only the retryable failures")
     run.add_argument("--force", action="store_true", help="redo the selected stages even when published and up to date")
     run.set_defaults(fn=cmd_run)
 
-    backfill = sub.add_parser("backfill", help="register shard files and queue them as one backfill for the daemon")
+    backfill = sub.add_parser(
+        "backfill", help="register shard files and queue them as one backfill for the daemon",
+        description="Register the shard files and queue one Dagster backfill of their shard stages; dagster-daemon "
+        "runs it (follow it in the UI, Overview > Backfills). Lake-wide assets follow by their own automation.",
+    )
     backfill.add_argument("inputs", nargs="+", help="shard files or folders (as for run)")
-    backfill.add_argument("--lake", default=env_lake, help="lake root (must be the one the code location uses)")
+    add_lake(backfill, env_lake, note=" (the one the code location uses)")
     backfill.add_argument("--select", help="comma-separated shard asset keys or prefixes (default: all)")
-    backfill.add_argument("--config", default=env_config, help="pipeline config YAML (to check the selection)")
+    add_config(backfill, env_config, note=" (to check the selection)")
     backfill.set_defaults(fn=cmd_backfill)
 
-    demo = sub.add_parser("demo", help="build the bundled sample, serve it on 127.0.0.1 and run every stage")
-    demo.add_argument("--lake", default=env_lake)
-    demo.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
-    demo.add_argument("--data", default="data")
-    demo.add_argument("--port", type=int, default=DEMO_PORT)
+    demo = sub.add_parser(
+        "demo", help="build the bundled sample, serve it on 127.0.0.1 and run every stage",
+        description="The offline demo: writes a LAION-style sample (photos, generated images, broken links) under "
+        "DATA/demo, serves it on 127.0.0.1:PORT, runs every stage on it with the demo config (tiny random CLIP "
+        "models: their scores are MEANINGLESS), then prints the tables and the commands to look at the result.",
+    )
+    add_lake(demo, env_lake)
+    demo.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="pipeline config YAML (default: %(default)s)")
+    demo.add_argument("--data", default=DATA, help="folder for the sample site and its input shard (default: %(default)s)")
+    demo.add_argument(
+        "--port", type=int, default=DEMO_PORT,
+        help="sample server port; the shard's URLs name it, so sample-server must serve on it later (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--ui-port", type=int, default=UI_PORT, help="the UI's port, for the closing hint: as in `make ui PORT=...` (default: %(default)s)",
+    )
     demo.set_defaults(fn=cmd_demo)
 
-    sample = sub.add_parser("sample-server", help="serve the demo sample on 127.0.0.1")
-    sample.add_argument("--data", default="data")
-    sample.add_argument("--port", type=int, default=DEMO_PORT)
+    sample = sub.add_parser(
+        "sample-server", help="serve the demo sample on 127.0.0.1 (to materialize the demo shard again from the UI)",
+        description="Serve DATA/demo/site on 127.0.0.1:PORT until Ctrl-C. The demo shard's URLs name the port the "
+        "demo served on: give the same one (the demo's closing hint prints the command).",
+    )
+    sample.add_argument("--data", default=DATA, help="the demo's --data folder (default: %(default)s)")
+    sample.add_argument("--port", type=int, default=DEMO_PORT, help="port to serve on: the demo's --port (default: %(default)s)")
     sample.set_defaults(fn=cmd_sample_server)

@@ -25,8 +25,9 @@ TINY_WARNING = (
     "embedding model '{model}' is a randomly initialised open_clip model (seed 0) for offline "
     "demos and tests: its embeddings, similarities and scores are MEANINGLESS"
 )
-for _config in TINY_PRESETS.values():
-    open_clip.add_model_config(Path(__file__).with_name(f"{_config}.json"))
+# The tiny presets' configs are the JSON files beside this module: registered as one folder,
+# as each registration re-reads every config open_clip knows (~150 files).
+open_clip.add_model_config(Path(__file__).parent)
 
 
 @dataclass

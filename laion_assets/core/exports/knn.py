@@ -1,8 +1,9 @@
 """A kNN index of a subset's image embeddings in one space (faiss, inner product on unit
 vectors = cosine), kept in sync with the subset shard by shard:
 
-    knn/<subset>/manifest.json          what the index holds: subset Delta version, per shard
-                                        its fingerprint, id range and id-mapping file
+    knn/<subset>/manifest.json          what the index holds: the space and how to load its model
+                                        (what a searcher embeds queries with), subset Delta
+                                        version, per shard its fingerprint, id range and id-mapping file
     knn/<subset>/index-<version>.faiss  the faiss index (read memory-mapped for search)
     knn/<subset>/ids/<shard>-<fp>.arrow uid, url, caption of the indexed rows, in id order
 
@@ -14,7 +15,9 @@ at build until recall@10 against exact search on sampled queries reaches `knn.re
 Ids are `shard ordinal << 32 | row`, so a shard's vectors are one id range: a new shard is
 added, a changed shard (new Delta version, e.g. a blocklist pass) is removed and re-added, and
 nothing is re-read for unchanged shards. The index is rebuilt when its type, space or code
-changes or the subset grew 4x past what the IVF was trained for.
+changes or the subset grew 4x past what the IVF was trained for. An index whose manifest does
+not name its query model (made before manifests did) gets it at its next sync, as a new
+version: nothing is re-read.
 """
 
 from __future__ import annotations
@@ -23,18 +26,23 @@ import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
 from laion_assets import __version__
-from laion_assets.core.config import PipelineConfig
 from laion_assets.core.embeddings import vectors
+from laion_assets.core.embeddings.config import SpaceConfig
 from laion_assets.core.lake.delta import Lake
 from laion_assets.core.lake.errors import LaionAssetsError
 from laion_assets.core.lake.files import LakeFiles, shard_fingerprint
 from laion_assets.core.lake.tables import embeddings_table, subset_table
+
+if TYPE_CHECKING:  # the searcher reads manifests without the pipeline config's sections
+    from laion_assets.core.config import PipelineConfig
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -45,6 +53,15 @@ ROW_BITS = 32
 
 def index_folder(subset: str = "") -> str:
     return f"knn/{subset}".rstrip("/")
+
+
+def query_model(space: SpaceConfig) -> dict:
+    """How a searcher loads the space's model to embed queries: open_clip name, pretrained tag,
+    checkpoint (absolute, so a search from another folder finds it)."""
+    model = space.model_dump(mode="json", include={"model", "pretrained", "checkpoint"})
+    if space.checkpoint:
+        model["checkpoint"] = str(Path(space.checkpoint).resolve())
+    return model
 
 
 def shard_ids(ordinal: int, rows: int) -> np.ndarray:
@@ -104,6 +121,7 @@ def sync_index(lake: Lake, cfg: PipelineConfig, subset: str) -> IndexReport:
     fps = {s: shard_fingerprint(lake, [table, emb], s) for s in sorted(counts)}
     total = sum(counts.values())
     kind = "flat" if total < cfg.knn.exact_below else "ivf"
+    model = query_model(cfg.embeddings.spaces[space])
     rebuild = (
         old is None or old["settings"] != settings or old["kind"] != kind
         or (kind == "ivf" and total > 4 * old["trained_for"])
@@ -111,7 +129,7 @@ def sync_index(lake: Lake, cfg: PipelineConfig, subset: str) -> IndexReport:
     known = {} if rebuild else old["shards"]
     changed = [s for s in fps if s not in known or known[s]["fingerprint"] != fps[s]]
     removed = [s for s in known if s not in fps]
-    if not rebuild and not changed and not removed:
+    if not rebuild and not changed and not removed and old.get("query_model") == model:
         return _report(old, files, rebuilt=False, counts=(0, 0, 0, len(fps)), seconds=time.monotonic() - start)
 
     shards = {s: dict(info) for s, info in known.items() if s not in removed}
@@ -150,7 +168,7 @@ def sync_index(lake: Lake, cfg: PipelineConfig, subset: str) -> IndexReport:
         name = f"index-{version:06d}.faiss"
         files.put_file(name, lambda path: faiss.write_index(index, path))
     manifest = {
-        "subset": subset, "space": space, "settings": settings, "kind": kind, "factory": factory, "dim": dim,
+        "subset": subset, "space": space, "query_model": model, "settings": settings, "kind": kind, "factory": factory, "dim": dim,
         "rows": int(index.ntotal), "trained_for": total if rebuild else old["trained_for"], "nprobe": nprobe,
         "recall_at_10": recall, "version": version, "index": name, "subset_version": subset_version,
         "shards": shards, "code_version": __version__, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -1,6 +1,7 @@
 """Search a subset by text or image: the query goes through the CLIP towers of the space the
-subset's kNN index was built in, the index (memory-mapped) gives ids, the id mapping gives
-uid, url and caption. Thumbnails are the images table's stored bytes."""
+subset's kNN index was built in (the model its manifest names; a pipeline config may stand in
+for it), the index (memory-mapped) gives ids, the id mapping gives uid, url and caption.
+Thumbnails are the images table's stored bytes."""
 
 from __future__ import annotations
 
@@ -10,17 +11,20 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
-from laion_assets.core.config import PipelineConfig
 from laion_assets.core.embeddings.config import SpaceConfig
 from laion_assets.core.exports.knn import MANIFEST, ROW_BITS, index_folder
 from laion_assets.core.lake.delta import Lake
 from laion_assets.core.lake.errors import LaionAssetsError
 from laion_assets.core.lake.files import LakeFiles
 from laion_assets.core.lake.tables import IMAGES
+
+if TYPE_CHECKING:  # a search needs no pipeline config: the index names its model
+    from laion_assets.core.config import PipelineConfig
 
 CACHE = Path(tempfile.gettempdir()) / "laion-assets-knn"  # local copies of object-store indexes
 
@@ -112,13 +116,15 @@ class QueryEncoder:
 
 
 class Searcher:
-    """What `laion-assets search` and `serve` use: the indexes of the configured subsets
-    (reopened when a new index version is published), query encoders per space, thumbnails."""
+    """What `laion-assets search` and `serve` use: the indexes of the lake's subsets (reopened
+    when a new index version is published), query encoders per space, thumbnails. The query
+    model is the one each index's manifest names; `cfg`, when given, overrides it (its space of
+    that name must be the same model, e.g. to point at a checkpoint that has moved)."""
 
-    def __init__(self, lake: Lake, cfg: PipelineConfig, device: str = "auto"):
+    def __init__(self, lake: Lake, cfg: PipelineConfig | None = None, device: str = "auto"):
         self.lake, self.cfg, self.device = lake, cfg, device
         self._indexes: dict[str, tuple[float, SubsetIndex]] = {}
-        self._encoders: dict[str, QueryEncoder] = {}
+        self._encoders: dict[SpaceConfig, QueryEncoder] = {}
         self._lock = threading.Lock()
         self.thumbnails = Thumbnails(lake)
 
@@ -141,16 +147,23 @@ class Searcher:
             return idx
 
     def encoder(self, idx: SubsetIndex) -> QueryEncoder:
-        space = idx.manifest["space"]
-        cfg = self.cfg.embeddings.spaces.get(space)
-        built_in = idx.manifest["settings"]["embedding_space"]
-        if cfg is None or cfg.identity != built_in:
+        space, built_in = idx.manifest["space"], idx.manifest["settings"]["embedding_space"]
+        if self.cfg is not None:
+            model, precision = self.cfg.embeddings.spaces.get(space), self.cfg.embeddings.precision
+            if model is None or model.identity != built_in:
+                raise LaionAssetsError(
+                    f"the {idx.subset} index holds {built_in} vectors (space {space}) but the config's space {space} is "
+                    f"{model.identity if model else 'missing'}: use the config the index was built with, or none"
+                )
+        elif "query_model" in idx.manifest:
+            model, precision = SpaceConfig(**idx.manifest["query_model"]), "auto"
+        else:
             raise LaionAssetsError(
-                f"the {idx.subset} index holds {built_in} vectors (space {space}) but the config's space {space} is "
-                f"{cfg.identity if cfg else 'missing'}: use the config the index was built with"
+                f"the {idx.subset} index does not name its query model (it predates that): give the config it was "
+                f"built with (--config), or materialize knn/{idx.subset} again to record it"
             )
         with self._lock:
-            return self._encoders.setdefault(space, QueryEncoder(cfg, self.device, self.cfg.embeddings.precision))
+            return self._encoders.setdefault(model, QueryEncoder(model, self.device, precision))
 
     def warm_up(self) -> list[str]:
         """Open every index and load its query model now, not on the first query."""
