@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from dagster import AssetKey
 
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -108,6 +109,20 @@ def shard_rows(site, server):
 @pytest.fixture
 def lake(tmp_path) -> Lake:
     return Lake(tmp_path / "lake")
+
+
+def asset_key(table: str) -> AssetKey:
+    """The asset of a lake table or export folder (defs/keys.py: `embeddings/b32` is the asset
+    `embeddings_b32`, `webdataset/x` is `webdataset_x`; most tables are their own key)."""
+    from laion_assets.defs import keys
+
+    kind, _, name = table.partition("/")
+    named = {"embeddings": keys.embeddings_key, "webdataset": keys.webdataset_key, "knn": keys.knn_key}
+    if kind in named:
+        return named[kind](name)
+    if table.startswith("curation/semdedup/"):
+        return keys.semdedup_key(table.rsplit("/", 1)[1])
+    return AssetKey(table.split("/"))
 
 
 def make_config(**overrides) -> PipelineConfig:

@@ -16,12 +16,13 @@ from pathlib import Path
 import polars as pl
 import yaml
 
-from laion_assets_tests.conftest import REPO, make_config, write_config
+from laion_assets_tests.conftest import REPO, asset_key, make_config, write_config
 
 # The shard assets of make_config (one tiny embedding space) and their tables; every one but
 # curation/dedup_keys has a quality_gate.
 STAGES = ["raw_urls", "images", "language", "curation/dedup_keys", "embeddings/tiny", "scores", "subsets/similar", "subsets/pretty"]
 GATED = [s for s in STAGES if s != "curation/dedup_keys"]
+SELECT = ",".join(asset_key(s).to_user_string() for s in STAGES)  # their asset keys, for --select
 BIN = Path(sys.executable).parent
 
 
@@ -197,7 +198,7 @@ def assert_every_shard_once(lake_uri: str, shards: list[str], rows: int) -> dict
 
 def assert_every_gate_passed(logs: RunLogs, shards: list[str]) -> None:
     """Each stage of each shard was materialized and its latest quality_gate passed."""
-    want = {(stage, shard) for stage in STAGES for shard in shards}
+    want = {(asset_key(stage).to_user_string(), shard) for stage in STAGES for shard in shards}
     assert want <= logs.materialized, f"not materialized: {sorted(want - logs.materialized)[:10]}"
-    failing = sorted((stage, shard) for stage in GATED for shard in shards if logs.gates.get((stage, shard)) is not True)
+    failing = sorted((stage, shard) for stage in GATED for shard in shards if logs.gates.get((asset_key(stage).to_user_string(), shard)) is not True)
     assert not failing, f"gate missing or failed: {failing[:10]}"

@@ -22,7 +22,7 @@ from laion_assets_tests import netns
 from laion_assets_tests.conftest import REPO
 from laion_assets_tests.deployment import (
     BIN,
-    STAGES,
+    SELECT,
     RunLogs,
     assert_every_gate_passed,
     assert_every_shard_once,
@@ -158,7 +158,7 @@ def test_celery_workers_on_two_hosts_run_shard_steps_and_take_over_a_killed_step
     try:
         runs = [
             subprocess.Popen(
-                [str(BIN / "dagster"), "asset", "materialize", "-m", "laion_assets.defs.definitions", "--select", ",".join(STAGES), "--partition", shard],
+                [str(BIN / "dagster"), "asset", "materialize", "-m", "laion_assets.defs.definitions", "--select", SELECT, "--partition", shard],
                 env=env, stdout=open(tmp_path / f"{shard}.log", "wb"), stderr=subprocess.STDOUT,
             )
             for shard in shards

@@ -60,7 +60,7 @@ def test_lake_wide_assets_sit_between_the_shard_stages_and_the_subsets(setup):
     assert parents["curation/dedup_keys"] == {"images"}
     assert parents["curation/duplicates"] == {"curation/dedup_keys"} and parents["curation/blocked"] == {"images"}
     assert {"curation/duplicates", "curation/blocked"} <= parents["subsets/unique"]
-    assert parents["curation/semdedup/unique"] == {"subsets/unique", "embeddings/tiny"}
+    assert parents["curation/semdedup_unique"] == {"subsets/unique", "embeddings_tiny"}
     assert graph.get(AssetKey(["curation", "dedup_keys"])).partitions_def.name == "shards"
     for key in ("duplicates", "blocked"):
         node = graph.get(AssetKey(["curation", key]))
@@ -85,7 +85,7 @@ def test_passes_through_dagster_show_figures_and_update_subsets(setup):
         records = instance.fetch_materializations(AssetKey(["subsets", subset]), limit=100).records
         assert {r.partition_key for r in records} == {"b"}
     # SemDeDup over what is left of `unique`, through Dagster too
-    semdedup = next(a for a in defs.assets if getattr(a, "key", None) == AssetKey(["curation", "semdedup", "unique"]))
+    semdedup = next(a for a in defs.assets if getattr(a, "key", None) == AssetKey(["curation", "semdedup_unique"]))
     assert materialize([semdedup], resources=resources, instance=instance).success
     sem = instance.get_latest_materialization_event(semdedup.key).asset_materialization.metadata
     assert sem["rows"].value == 2 and sem["recipe"].data["space"] == "tiny"

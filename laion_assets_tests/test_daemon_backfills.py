@@ -14,6 +14,7 @@ import time
 import pytest
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
+from laion_assets_tests.conftest import asset_key
 from laion_assets_tests.deployment import (
     BIN,
     STAGES,
@@ -88,14 +89,8 @@ def wait_done(instance: DagsterInstance, backfill_id: str, shards: list[str], ti
             on_tick(records)
         time.sleep(1)
     statuses = sorted(r.dagster_run.status.value for r in records)
-    missing = {s: sorted(set(shards) - instance.get_materialized_partitions(_key(s)))[:5] for s in STAGES}
+    missing = {s: sorted(set(shards) - instance.get_materialized_partitions(asset_key(s)))[:5] for s in STAGES}
     raise TimeoutError(f"backfill {backfill_id} not done after {timeout} s: runs {statuses}, not materialized {missing}")
-
-
-def _key(stage: str):
-    from dagster import AssetKey
-
-    return AssetKey(stage.split("/"))
 
 
 def run_worker_pid(instance: DagsterInstance, run_id: str) -> int | None:

@@ -119,7 +119,7 @@ def test_an_index_from_before_manifests_named_their_model(planted, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err == (
         "error: the similar index does not name its query model (it predates that): give the config it was built "
-        "with (--config), or materialize knn/similar again to record it"
+        "with (--config), or materialize knn_similar again to record it"
     )
     assert main([*search, "--config", str(write_config(tmp_path / "config.yaml", planted["config"]))]) == 0
     with_config = capsys.readouterr().out

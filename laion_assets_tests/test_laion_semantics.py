@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from dagster import AssetKey, instance_for_test
+from dagster import instance_for_test
 
 from laion_assets.cli.pipeline import run_pipeline
 from laion_assets.core.embeddings import vectors
@@ -23,7 +23,7 @@ from laion_assets.core.scores.heads import file_sha256, load_head
 from laion_assets.core.scores.watermark import build
 from laion_assets.core.stages import run_subset
 from laion_assets.core.subsets.rules import SubsetConfig, from_recipe
-from laion_assets_tests.conftest import BUNDLED, b32_heads, make_config, write_config
+from laion_assets_tests.conftest import BUNDLED, asset_key, b32_heads, make_config, write_config
 
 CAPTIONS = {
     "en": ["a ginger cat sleeping on a wooden chair", "aerial view of the coastline at sunset", "a cup of black coffee on a saucer",
@@ -83,7 +83,7 @@ def test_two_spaces_language_split_watermark_and_recipes(env):
     with instance_for_test() as instance:
         summary = run_pipeline([str(env["inputs"])], env["lake"], env["config"], None, instance=instance)
         assert summary.ok, [(line.asset, line.detail) for line in summary.lines if line.status != "materialized"]
-        meta = {k: instance.get_latest_materialization_event(AssetKey(k.split("/"))).asset_materialization.metadata
+        meta = {k: instance.get_latest_materialization_event(asset_key(k)).asset_materialization.metadata
                 for k in ("scores", "watermark", "language", "subsets/laion2b_en", "subsets/laion_aesthetics_v1")}
     lake = Lake(env["lake"])
     raw, images, lang = table(lake, "raw_urls"), table(lake, "images"), table(lake, "language")

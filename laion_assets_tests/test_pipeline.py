@@ -26,7 +26,7 @@ from laion_assets.cli.pipeline import run_pipeline
 from laion_assets.core.lake.delta import Lake
 from laion_assets.defs.definitions import build_defs
 from laion_assets.defs.resources import InputsResource, LakeResource, Settings
-from laion_assets_tests.conftest import make_config, write_config
+from laion_assets_tests.conftest import asset_key, make_config, write_config
 
 STAGES = ["raw_urls", "images", "language", "embeddings/tiny", "scores", "subsets/similar", "subsets/pretty"]
 CURATION = ["curation/dedup_keys", "curation/duplicates", "curation/blocked"]  # no GX gate; lake-wide except dedup_keys
@@ -70,14 +70,14 @@ def test_asset_graph_snapshot(env):
         "raw_urls": [],
         "images": ["raw_urls"],
         "language": ["raw_urls"],
-        "embeddings/tiny": ["images"],
-        "scores": ["embeddings/tiny", "images"],
-        "subsets/similar": ["curation/blocked", "curation/duplicates", "embeddings/tiny", "images", "language", "raw_urls", "scores"],
-        "subsets/pretty": ["curation/blocked", "curation/duplicates", "embeddings/tiny", "images", "language", "raw_urls", "scores"],
+        "embeddings_tiny": ["images"],
+        "scores": ["embeddings_tiny", "images"],
+        "subsets/similar": ["curation/blocked", "curation/duplicates", "embeddings_tiny", "images", "language", "raw_urls", "scores"],
+        "subsets/pretty": ["curation/blocked", "curation/duplicates", "embeddings_tiny", "images", "language", "raw_urls", "scores"],
         "curation/dedup_keys": ["images"],
         "curation/duplicates": ["curation/dedup_keys"],
         "curation/blocked": ["images"],
-        "lake_summary": ["curation/dedup_keys", "embeddings/tiny", "images", "language", "raw_urls", "scores", "subsets/pretty", "subsets/similar"],
+        "lake_summary": ["curation/dedup_keys", "embeddings_tiny", "images", "language", "raw_urls", "scores", "subsets/pretty", "subsets/similar"],
     }
     for key in (k for k in graph.get_all_asset_keys() if k.path[0] not in ("curation", "lake_summary")):
         node = graph.get(key)
@@ -87,9 +87,26 @@ def test_asset_graph_snapshot(env):
         assert graph.get(check).partitions_def.name == "shards"  # one result per shard
     assert {graph.get(k).group_name for k in graph.get_all_asset_keys()} == {"laion"}  # one group: the chain shows
     assert graph.get(AssetKey("images")).pools == {"download"}
-    assert graph.get(AssetKey(["embeddings", "tiny"])).pools == {"gpu"}
+    assert graph.get(AssetKey("embeddings_tiny")).pools == {"gpu"}
     assert graph.get(AssetKey("raw_urls")).automation_condition is None  # the sensor starts it
     assert "all_deps_blocking_checks_passed" in str(graph.get(AssetKey("images")).automation_condition)
+
+
+def test_lineage_labels_name_each_node_once(env):
+    """The UI labels a node with the last part of its key: a subset, its export, its index and
+    its SemDeDup must not all read `similar`, nor a space's embeddings just `tiny`."""
+    from laion_assets.defs.keys import lake_paths
+
+    cfg = make_config(export={}, knn={}, curation={"semantic": [{"subset": "similar"}]})
+    defs = build_defs(Settings(lake=env["lake"], inputs=str(env["inputs"]), config=str(write_config(env["tmp"] / "all.yaml", cfg))))
+    graph = defs.resolve_asset_graph()
+    labels = [k.path[-1] for k in graph.get_all_asset_keys()]
+    assert len(labels) == len(set(labels)), sorted(labels)
+    assert {"embeddings_tiny", "similar", "webdataset_similar", "knn_similar", "semdedup_similar"} <= set(labels)
+    paths = lake_paths(graph)  # where each lives in the lake is unchanged
+    assert paths[AssetKey("embeddings_tiny")] == "embeddings/tiny" and paths[AssetKey("knn_similar")] == "knn/similar"
+    assert paths[AssetKey(["curation", "semdedup_similar"])] == "curation/semdedup/similar"
+    assert graph.get(AssetKey("webdataset_similar")).tags["stage"] == "export"
 
 
 @pytest.mark.slow
@@ -136,7 +153,7 @@ def test_end_to_end_every_stage(env, instance, site):
     preview = instance.get_latest_materialization_event(AssetKey("raw_urls")).asset_materialization.metadata["preview"].value
     assert preview.startswith("| uid | url | caption |") and preview.count("\n") == 6  # header, rule, 5 rows
     for stage in STAGES:
-        key = AssetCheckKey(AssetKey(stage.split("/")), "quality_gate")
+        key = AssetCheckKey(asset_key(stage), "quality_gate")
         [record] = instance.event_log_storage.get_asset_check_execution_history(key, limit=5)  # one per run
         assert (record.status.value, record.partition) == ("SUCCEEDED", "shard-a"), stage
     logged = [e.message for r in instance.get_run_records() for e in instance.all_logs(r.dagster_run.run_id)]
@@ -182,7 +199,7 @@ def test_failed_gate_publishes_nothing_and_stops_downstream(env, instance):
     # the stages after images did not run: their gates say nothing of this shard (no "Execution
     # failed" for a check that never ran)
     for stage in ("embeddings/tiny", "scores", "subsets/similar", "subsets/pretty"):
-        assert not instance.event_log_storage.get_asset_check_execution_history(AssetCheckKey(AssetKey(stage.split("/")), "quality_gate"), limit=5), stage
+        assert not instance.event_log_storage.get_asset_check_execution_history(AssetCheckKey(asset_key(stage), "quality_gate"), limit=5), stage
 
 
 def test_a_run_that_selects_the_gate_gets_it_as_its_result(env, instance):
@@ -234,18 +251,18 @@ def test_downstream_follows_only_passed_checks(env, instance, tmp_path):
     assert after_raw.get_requested_partitions(AssetKey("images")) == {"shard-a"}
     # with a per-shard blocking gate, the next stage comes along in the same run: there, a
     # failed images gate stops it (the requests below show the same across runs)
-    assert after_raw.get_requested_partitions(AssetKey(["embeddings", "tiny"])) == {"shard-a"}
+    assert after_raw.get_requested_partitions(AssetKey("embeddings_tiny")) == {"shard-a"}
 
     # images fails its gate: nothing is published, so embeddings is not requested
     strict = write_config(tmp_path / "strict.yaml", make_config(download=make_config().download.model_copy(update={"min_success_rate": 1.0})))
     assert statuses(run(env, instance, config=str(strict), select="images")) == {"images": "FAILED"}
     after_fail = evaluate_automation_conditions(defs=defs, instance=instance, cursor=after_raw.cursor)
-    assert after_fail.get_num_requested(AssetKey(["embeddings", "tiny"])) == 0
+    assert after_fail.get_num_requested(AssetKey("embeddings_tiny")) == 0
 
     # images passes: embeddings follows
     assert statuses(run(env, instance, select="images")) == {"images": "materialized"}
     after_ok = evaluate_automation_conditions(defs=defs, instance=instance, cursor=after_fail.cursor)
-    assert after_ok.get_requested_partitions(AssetKey(["embeddings", "tiny"])) == {"shard-a"}
+    assert after_ok.get_requested_partitions(AssetKey("embeddings_tiny")) == {"shard-a"}
 
 
 @pytest.mark.slow
@@ -307,13 +324,17 @@ def test_maintenance_job_compacts_and_vacuums(env, instance):
     lake = Lake(env["lake"])
     for i in range(3):
         lake.publish_shard("raw_urls", "a", pl.DataFrame({"uid": [i]}))
+    lake.publish_shard("raw_urls_rejected", "a", pl.DataFrame({"uid": [7]}))  # a table, not an asset
+    lake.publish_shard("embeddings/tiny", "a", pl.DataFrame({"uid": [2]}))  # the table of asset embeddings_tiny
     cfg = write_config(env["tmp"] / "m.yaml", make_config(maintenance={"vacuum_retention_hours": 0, "target_file_size_mb": 1}))
     defs = build_defs(Settings(lake=env["lake"], inputs=str(env["inputs"]), config=str(cfg)))
     nightly = defs.resolve_schedule_def("nightly_maintenance")
     assert nightly.cron_schedule == "0 3 * * *" and nightly.default_status == DefaultScheduleStatus.RUNNING  # on without a click
     result = defs.resolve_job_def("lake_maintenance").execute_in_process(instance=instance)
     assert result.success
-    [observed] = [e.asset_observation_data.asset_observation for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]
-    assert observed.asset_key == AssetKey("raw_urls") and observed.metadata["maintenance"].data["files_vacuumed"] >= 1
+    observed = {e.asset_key: e.asset_observation_data.asset_observation for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"}
+    # each table's result on its asset; no observation of raw_urls_rejected (it would show as an orphan asset)
+    assert set(observed) == {AssetKey("raw_urls"), AssetKey("embeddings_tiny")}
+    assert observed[AssetKey("raw_urls")].metadata["maintenance"].data["files_vacuumed"] >= 1
     assert len(list(Path(lake.table_uri("raw_urls")).rglob("*.parquet"))) == 1
     assert pl.read_delta(lake.table_uri("raw_urls"))["uid"].to_list() == [2]

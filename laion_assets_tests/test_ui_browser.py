@@ -34,8 +34,8 @@ CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync",
 ]
-STAGES = [  # node labels
-    "raw_urls", "images", "language", "tiny", "scores", "similar", "pretty", "lake_summary",
+STAGES = [  # node labels: the last part of each asset key, one per node
+    "raw_urls", "images", "language", "embeddings_tiny", "scores", "similar", "pretty", "lake_summary",
     "dedup_keys", "duplicates", "blocked",
 ]
 DONE = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
@@ -277,7 +277,7 @@ def test_ui_runs_shards_and_shows_checks_and_pictures(ui):
 
         # thumbnails and histograms render from the event log (no source server needed)
         for asset, label in [
-            ("images", "thumbnails"), ("images", "image_sizes"), ("embeddings/tiny", "similarity_histogram"),
+            ("images", "thumbnails"), ("images", "image_sizes"), ("embeddings_tiny", "similarity_histogram"),
             ("scores", "score_histograms"), ("scores", "thumbnails"), ("subsets/pretty", "kept_histograms"),
         ]:
             page.goto(f"{ui.base}/assets/{asset}?view=partitions&partition=shard-a")

@@ -21,7 +21,7 @@ from laion_assets.core.lake.delta import Lake
 from laion_assets.defs.definitions import build_defs
 from laion_assets.defs.resources import Settings
 from laion_assets.defs.runs import run_shard
-from laion_assets_tests.conftest import make_config, write_config
+from laion_assets_tests.conftest import asset_key, make_config, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def lake_run(tmp_path_factory, site, server):
 
 
 def checks(instance, asset: str) -> dict:
-    key = AssetCheckKey(AssetKey(asset.split("/")), "quality_gate")
+    key = AssetCheckKey(asset_key(asset), "quality_gate")
     history = instance.event_log_storage.get_asset_check_execution_history(key, limit=20)
     latest = {}
     for record in history:  # newest first
@@ -61,7 +61,7 @@ def checks(instance, asset: str) -> dict:
 
 
 def materialization(instance, asset: str, shard: str | None):
-    filt = AssetRecordsFilter(asset_key=AssetKey(asset.split("/")), asset_partitions=[shard] if shard else None)
+    filt = AssetRecordsFilter(asset_key=asset_key(asset), asset_partitions=[shard] if shard else None)
     return instance.fetch_materializations(filt, limit=1).records[0].asset_materialization.metadata
 
 

@@ -52,7 +52,7 @@ def cmd_train_args(args) -> int:
 
     urls, samples = train_shards(Lake(args.lake), args.subset)
     if not urls:
-        raise LaionAssetsError(f"subset '{args.subset}' has no webdataset export in {args.lake}: materialize webdataset/{args.subset} first")
+        raise LaionAssetsError(f"subset '{args.subset}' has no webdataset export in {args.lake}: materialize webdataset_{args.subset} first")
     print(f"--dataset-type webdataset --train-data {shlex.quote('::'.join(urls))} --train-num-samples {samples}")
     return 0
 
@@ -89,6 +89,6 @@ def add_commands(sub, env_lake: str, env_config: str | None) -> None:
         description="Print the open_clip training flags for a subset's webdataset export: --dataset-type webdataset, "
         "--train-data with every tar (:: separated), --train-num-samples.",
     )
-    train.add_argument("--subset", required=True, help="the exported subset (materialize webdataset/SUBSET first)")
+    train.add_argument("--subset", required=True, help="the exported subset (materialize webdataset_SUBSET first)")
     add_lake(train, env_lake)
     train.set_defaults(fn=cmd_train_args)

@@ -55,6 +55,7 @@ def run_pipeline(
     from laion_assets.core.lake.delta import Lake
     from laion_assets.defs.backfills import ensure_pools, register_shards, select_assets
     from laion_assets.defs.definitions import LAKE_JOB, SHARD_JOB, build_defs
+    from laion_assets.defs.keys import lake_paths
     from laion_assets.defs.recovery import Interrupts, recover_dead_runs
     from laion_assets.defs.resources import Settings
     from laion_assets.defs.runs import run_shard
@@ -68,7 +69,8 @@ def run_pipeline(
     # the UI's own jobs, with an asset selection: runs started here re-execute from the UI
     job, lake_job = defs.resolve_job_def(SHARD_JOB), defs.resolve_job_def(LAKE_JOB)
     shard_keys, lake_keys = set(job.asset_layer.executable_asset_keys), set(lake_job.asset_layer.executable_asset_keys)
-    chosen = select_assets(shard_keys | lake_keys, select)
+    paths = lake_paths(graph)
+    chosen = select_assets(shard_keys | lake_keys, select, paths)
     instance = instance or dagster_instance()
     keys = register_shards(lk, inputs, instance)
     ensure_pools(defs, instance)
@@ -83,24 +85,24 @@ def run_pipeline(
         for key in keys:
             if not order:
                 break
-            to_run = skip_up_to_date(lk, cfg, order, key, force, retry_failures, summary)
+            to_run = skip_up_to_date(lk, cfg, order, paths, key, force, retry_failures, summary)
             if not to_run:
                 print(f"shard {key}: every selected stage is up to date", flush=True)
                 continue
-            print(f"shard {key}: running {', '.join(k.to_user_string() for k in to_run)}", flush=True)
-            execute_shard(job, graph, instance, key, to_run, retry_failures, summary)
+            print(f"shard {key}: running {', '.join(paths[k] for k in to_run)}", flush=True)
+            execute_shard(job, graph, paths, instance, key, to_run, retry_failures, summary)
             if interrupts.seen() or any(line.detail.startswith(INTERRUPTED) for line in summary.lines):
                 raise KeyboardInterrupt
         # Lake-wide assets read every shard: once, after the shards, if one of them went through
         # all its selected stages (or only lake-wide assets were selected).
         failed = {line.shard for line in summary.lines if line.status not in ("materialized", UP_TO_DATE)}
         if lake_order and (not order or set(keys) - failed):
-            print(f"lake: running {', '.join(k.to_user_string() for k in lake_order)}", flush=True)
-            summarize(summary, "(lake)", lake_order, graph, run_shard(instance, lake_job, None, lake_order, run_config))
+            print(f"lake: running {', '.join(paths[k] for k in lake_order)}", flush=True)
+            summarize(summary, "(lake)", lake_order, graph, paths, run_shard(instance, lake_job, None, lake_order, run_config))
             if interrupts.seen() or any(line.detail.startswith(INTERRUPTED) for line in summary.lines):
                 raise KeyboardInterrupt
         elif lake_order:
-            summary.lines += [StageLine("(lake)", k.to_user_string(), "skipped", detail="no shard went through") for k in lake_order]
+            summary.lines += [StageLine("(lake)", paths[k], "skipped", detail="no shard went through") for k in lake_order]
     summary.notes += remove_garbage(lk, cfg, {line.asset for line in summary.lines if line.status == "materialized"})
     return summary
 

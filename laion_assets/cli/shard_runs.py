@@ -39,12 +39,13 @@ class RunSummary:
 UP_TO_DATE = "up to date"
 
 
-def skip_up_to_date(lk, cfg, order, shard, force, retry_failures, summary) -> list:
+def skip_up_to_date(lk, cfg, order, paths, shard, force, retry_failures, summary) -> list:
     """The selected asset keys to run for a shard; the others are up to date and get a line
-    saying so (their leftover staging, if a kill left some, is removed)."""
+    saying so (their leftover staging, if a kill left some, is removed). `paths`: each asset's
+    table, which names it in the summary."""
     from laion_assets.core.stages import fingerprints, staging
 
-    tables = [k.to_user_string() for k in order]
+    tables = [paths[k] for k in order]
     redo = set(tables) if force else ({"images"} & set(tables) if retry_failures else set())
     plan = fingerprints.plan(lk, cfg, tables, shard, redo)
     to_run = []
@@ -62,19 +63,19 @@ def skip_up_to_date(lk, cfg, order, shard, force, retry_failures, summary) -> li
 INTERRUPTED = "interrupted"
 
 
-def execute_shard(job, graph, instance, shard, keys, retry_failures, summary) -> None:
+def execute_shard(job, graph, paths, instance, shard, keys, retry_failures, summary) -> None:
     """One Dagster run materializing `keys` for a shard; a line per asset in `summary`."""
     from laion_assets.defs.runs import run_shard
 
     run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     if retry_failures and any(k.to_user_string() == "images" for k in keys):
         run_config["ops"] = {"images": {"config": {"retry_failures": True}}}
-    summarize(summary, shard, keys, graph, run_shard(instance, job, shard, keys, run_config))
+    summarize(summary, shard, keys, graph, paths, run_shard(instance, job, shard, keys, run_config))
 
 
-def summarize(summary: RunSummary, key: str, order, graph, result) -> None:
-    """One summary line per selected asset of a finished run: materialized, failed (a step
-    stopped by Ctrl-C or SIGTERM says so), skipped."""
+def summarize(summary: RunSummary, key: str, order, graph, paths, result) -> None:
+    """One summary line per selected asset of a finished run, named by its table (`paths`):
+    materialized, failed (a step stopped by Ctrl-C or SIGTERM says so), skipped."""
     from dagster import DagsterEventType
 
     materialized, failed = {}, {}
@@ -91,7 +92,7 @@ def summarize(summary: RunSummary, key: str, order, graph, result) -> None:
         elif event.event_type == DagsterEventType.RUN_FAILURE and "interrupted" in (event.message or "").lower() and not failed:
             failed[None] = f"{INTERRUPTED} (Ctrl-C or SIGTERM) while waiting for a pool slot: rerun to resume"
     for asset_key in order:
-        name = asset_key.to_user_string()
+        name = paths[asset_key]
         node = graph.get(asset_key)
         step = node.assets_def.node_def.name
         if asset_key in materialized:

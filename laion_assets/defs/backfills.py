@@ -16,18 +16,20 @@ from laion_assets.core.ingest import registry
 from laion_assets.core.ingest.reader import SUPPORTED, check_shard_file, scan_inputs, shard_key
 from laion_assets.core.lake.delta import Lake
 from laion_assets.core.lake.errors import LaionAssetsError
+from laion_assets.defs.keys import lake_paths
 from laion_assets.defs.partitions import shards
 
 
-def select_assets(all_keys: set[AssetKey], select: str | None) -> set[AssetKey]:
-    """The keys of a comma-separated `--select` (all when empty); an item is a key or a prefix
-    of keys: `embeddings` is every embeddings/<space>."""
+def select_assets(all_keys: set[AssetKey], select: str | None, paths: dict[AssetKey, str]) -> set[AssetKey]:
+    """The keys of a comma-separated `--select` (all when empty); an item is a key, a lake path
+    (`paths`: `embeddings/b32` is `embeddings_b32`) or a prefix of either: `embeddings` is every
+    embeddings/<space>, `subsets` every subset."""
     if not select:
         return set(all_keys)
     chosen, missing = set(), []
     for item in (s.strip() for s in select.split(",") if s.strip()):
         path = item.split("/")
-        hits = {k for k in all_keys if k.path[: len(path)] == path}
+        hits = {k for k in all_keys if path in (k.path[: len(path)], paths[k].split("/")[: len(path)])}
         chosen |= hits
         missing += [] if hits else [item]
     if missing:
@@ -108,7 +110,7 @@ def backfill_shards(inputs: list[str], lake: str, config: str | None, select: st
 
     defs = build_defs(Settings(lake=lake, inputs=inputs[0], config=config))
     graph, shard_keys = defs.resolve_asset_graph(), set(defs.resolve_job_def(SHARD_JOB).asset_layer.executable_asset_keys)
-    chosen = select_assets(shard_keys, select)
+    chosen = select_assets(shard_keys, select, lake_paths(graph))
     lk = Lake(lake)
     lk.ensure_writable()
     keys = register_shards(lk, inputs, instance)

@@ -32,11 +32,12 @@ from dagster import (
 from laion_assets.core.config import PipelineConfig
 from laion_assets.core.curation import blocklists
 from laion_assets.core.curation.config import SemanticDedupConfig
+from laion_assets.core.curation.semdedup import semdedup_table
 from laion_assets.core.lake.errors import LaionAssetsError
 from laion_assets.core.stages import curation as stages
-from laion_assets.defs.embeddings import embeddings_key
 from laion_assets.defs.gate import markdown_table
 from laion_assets.defs.images import images
+from laion_assets.defs.keys import embeddings_key, lake_path, semdedup_key, subset_key
 from laion_assets.defs.partitions import shard_asset
 from laion_assets.defs.resources import LakeResource, PipelineResource
 
@@ -68,7 +69,7 @@ def _log_subset_changes(context, report: dict) -> None:
         shards = {**{s: n for s, n in change.get("per_shard", {}).items()}, **{s: None for s in change.get("shards_rerun", [])}}
         for shard, removed in shards.items():
             context.log_event(AssetMaterialization(
-                asset_key=AssetKey(["subsets", name]), partition=shard,
+                asset_key=subset_key(name), partition=shard,
                 metadata={"delta_version": change["version"], "changed_by": context.asset_key.to_user_string(),
                           **({"rows_removed": removed} if removed is not None else {"rerun": True})},
             ))
@@ -127,7 +128,8 @@ def semdedup_asset(sem: SemanticDedupConfig, cfg: PipelineConfig) -> AssetsDefin
     space = cfg.semantic_space(sem)
 
     @asset(
-        key=AssetKey(["curation", "semdedup", sem.subset]), deps=[AssetKey(["subsets", sem.subset]), embeddings_key(space)],
+        key=semdedup_key(sem.subset), deps=[subset_key(sem.subset), embeddings_key(space)],
+        metadata=lake_path(semdedup_table(sem.subset)),
         kinds={"delta", "faiss"}, group_name="curation", pool="curation", automation_condition=LAKE_WIDE_AUTOMATION,
         description=(
             f"SemDeDup of subset `{sem.subset}` in space `{space}`: k-means (k={sem.clusters}), rows with cosine "

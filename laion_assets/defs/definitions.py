@@ -31,12 +31,13 @@ from laion_assets.defs.curation import after_lake_wide, blocklist_files, dedup_k
 from laion_assets.defs.embeddings import embeddings_assets
 from laion_assets.defs.executors import executor_for
 from laion_assets.defs.images import images
+from laion_assets.defs.keys import LAKE_PATH
 from laion_assets.defs.knn import knn_assets
 from laion_assets.defs.language import language
 from laion_assets.defs.raw_urls import raw_urls
 from laion_assets.defs.recovery import dead_runs, fix_slot_wait
 from laion_assets.defs.resources import InputsResource, LakeResource, PipelineResource, Settings
-from laion_assets.defs.schedules import lake_maintenance, nightly_maintenance
+from laion_assets.defs.schedules import lake_maintenance
 from laion_assets.defs.scores import scores_asset
 from laion_assets.defs.sensors import automation, shard_files
 from laion_assets.defs.subsets import subset_assets
@@ -47,7 +48,7 @@ FOLLOW_UPSTREAM = AutomationCondition.eager() & AutomationCondition.all_deps_blo
 SUMMARY_CRON = "0 4 * * *"  # after the nightly maintenance (03:00)
 DAILY = AutomationCondition.cron_tick_passed(SUMMARY_CRON).since_last_handled().with_label(f"daily ({SUMMARY_CRON} UTC)")
 GROUP = "laion"
-# `stage` tag by the asset key's first part (embeddings/<space> and subsets/<name> included)
+# `stage` tag by the first part of the asset's lake path (embeddings/<space>, subsets/<name>...)
 STAGES = {
     "raw_urls": "ingest", "images": "download", "language": "ingest", "embeddings": "embed", "scores": "score",
     "subsets": "filter", "webdataset": "export", "knn": "export", "curation": "curate", "lake_summary": "report",
@@ -60,11 +61,12 @@ fix_slot_wait()  # runs waiting for a pool slot sleep (and hear Ctrl-C) instead 
 def _policies(spec):
     owners = [o.strip() for o in os.environ.get("LAION_ASSETS_OWNERS", "team:laion_assets").split(",") if o.strip()]
     summary = spec.key.path[0] == "lake_summary"
+    top = spec.metadata.get(LAKE_PATH, spec.key.to_user_string()).split("/")[0]
     return spec.replace_attributes(
         group_name=GROUP, owners=owners, code_version=__version__,
         automation_condition=DAILY if summary else spec.automation_condition,
         freshness_policy=FreshnessPolicy.time_window(fail_window=timedelta(hours=26), warn_window=timedelta(hours=25)) if summary else None,
-    ).merge_attributes(tags={"stage": STAGES.get(spec.key.path[0], spec.key.path[0])})
+    ).merge_attributes(tags={"stage": STAGES.get(top, top)})
 
 
 def build_defs(settings: Settings) -> Definitions:
@@ -77,6 +79,7 @@ def build_defs(settings: Settings) -> Definitions:
     # across shards; knn and curation: their own automation (defs/knn.py, defs/curation.py)
     lake_assets = [*knn_assets(cfg), *lake_wide_assets(cfg), summary_asset(shard_assets)]
     assets = with_source_code_references(map_asset_specs(_policies, [*shard_assets, *lake_assets]))
+    maintenance, nightly = lake_maintenance({s.metadata.get(LAKE_PATH, s.key.to_user_string()): s.key for a in assets for s in a.specs})
     s3 = S3Resource()
     return Definitions(
         assets=assets,
@@ -94,7 +97,7 @@ def build_defs(settings: Settings) -> Definitions:
                 LAKE_JOB, selection=AssetSelection.assets(*lake_assets).without_checks(),
                 description="Lake-wide assets (all, or the selected ones), after the shards they read.",
             ),
-            lake_maintenance,
+            maintenance,
         ],
         # A shard's stages are a chain: by default one process per run starts each stage
         # without a new interpreter (5-10 s of imports each) and keeps the model loaded, as
@@ -102,7 +105,7 @@ def build_defs(settings: Settings) -> Definitions:
         # deployment may send steps elsewhere instead (LAION_ASSETS_EXECUTOR: celery, k8s).
         executor=executor_for(settings.executor, settings.celery_config),
         sensors=[shard_files, automation, blocklist_files, dead_runs],
-        schedules=[nightly_maintenance],
+        schedules=[nightly],
         resources={
             "lake": LakeResource(uri=settings.lake, s3=s3),
             "pipeline": PipelineResource(config_path=settings.config),

@@ -1,24 +1,18 @@
-"""embeddings/<space>: open_clip image and text embeddings of the successful images, one asset
+"""embeddings_<space> (table embeddings/<space>): open_clip image and text embeddings of the successful images, one asset
 (and Delta table) per configured space, all computed by one step that decodes each image once."""
 
 from functools import lru_cache
 
-from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, AssetSpec, multi_asset
+from dagster import AssetExecutionContext, AssetsDefinition, AssetSpec, multi_asset
 
 from laion_assets.core import stages
 from laion_assets.core.config import PipelineConfig
 from laion_assets.core.ui import views
 from laion_assets.defs.gate import gate_spec, run_stages
 from laion_assets.defs.images import images
+from laion_assets.defs.keys import WATERMARK, embeddings_key, lake_path
 from laion_assets.defs.partitions import pool_op_tags, shard_backfill, shards
 from laion_assets.defs.resources import LakeResource, PipelineResource
-
-
-def embeddings_key(space: str) -> AssetKey:
-    return AssetKey(stages.embeddings_table(space).split("/"))
-
-
-WATERMARK = AssetKey("watermark")
 
 
 @lru_cache(maxsize=2)
@@ -57,7 +51,7 @@ def embeddings_assets(cfg: PipelineConfig) -> AssetsDefinition:
                 "(float16 bytes by default) and their cosine `similarity`, with the "
                 "`embedding_space` they live in."
             ),
-            metadata={"embedding_space": space.identity},
+            metadata={"embedding_space": space.identity, **lake_path(stages.embeddings_table(name))},
             skippable=True,
         )
         for name, space in cfg.embeddings.spaces.items()

@@ -1,8 +1,8 @@
-"""knn/<subset>: a kNN index of the subset's image embeddings, synced with every shard."""
+"""knn_<subset> (folder knn/<subset>): a kNN index of the subset's image embeddings, synced with
+every shard."""
 
 from dagster import (
     AssetExecutionContext,
-    AssetKey,
     AssetsDefinition,
     AutomationCondition,
     MaterializeResult,
@@ -11,11 +11,11 @@ from dagster import (
 )
 
 from laion_assets.core.config import PipelineConfig
-from laion_assets.core.exports.knn import sync_index
+from laion_assets.core.exports.knn import index_folder, sync_index
 from laion_assets.core.lake.errors import LaionAssetsError
 from laion_assets.core.subsets.rules import SubsetConfig
-from laion_assets.defs.embeddings import embeddings_key
 from laion_assets.defs.gate import ShardFailed
+from laion_assets.defs.keys import embeddings_key, knn_key, lake_path, subset_key
 from laion_assets.defs.resources import LakeResource, PipelineResource
 
 # Follow the subset: after shards were updated and none is in progress, whether or not every
@@ -27,8 +27,9 @@ def knn_asset(sub: SubsetConfig, cfg: PipelineConfig) -> AssetsDefinition:
     space = cfg.knn_space(sub)
 
     @asset(
-        key=AssetKey(["knn", sub.name]),
-        deps=[AssetKey(["subsets", sub.name]), embeddings_key(space)],
+        key=knn_key(sub.name),
+        deps=[subset_key(sub.name), embeddings_key(space)],
+        metadata=lake_path(index_folder(sub.name)),
         kinds={"faiss"},
         group_name="exports",
         pool="knn",

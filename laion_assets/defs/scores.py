@@ -5,9 +5,9 @@ from dagster import AssetExecutionContext, AssetsDefinition
 from laion_assets.core import stages
 from laion_assets.core.config import PipelineConfig
 from laion_assets.core.ui import views
-from laion_assets.defs.embeddings import embeddings_key
 from laion_assets.defs.gate import gate_spec, run_stage
 from laion_assets.defs.images import images
+from laion_assets.defs.keys import embeddings_key
 from laion_assets.defs.partitions import shard_asset
 from laion_assets.defs.resources import LakeResource, PipelineResource
 

@@ -3,16 +3,16 @@
 
 import json
 
-from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, MetadataValue
+from dagster import AssetExecutionContext, AssetsDefinition, MetadataValue
 
 from laion_assets.core import stages
 from laion_assets.core.config import PipelineConfig
 from laion_assets.core.stages.curation import run_curated_subset
 from laion_assets.core.subsets.rules import SubsetConfig
 from laion_assets.core.ui import views
-from laion_assets.defs.embeddings import WATERMARK, embeddings_key
 from laion_assets.defs.gate import gate_spec, run_stage
 from laion_assets.defs.images import images
+from laion_assets.defs.keys import WATERMARK, embeddings_key, subset_key
 from laion_assets.defs.language import language
 from laion_assets.defs.partitions import shard_asset
 from laion_assets.defs.raw_urls import raw_urls
@@ -20,7 +20,7 @@ from laion_assets.defs.resources import LakeResource, PipelineResource
 
 
 def subset_asset(sub: SubsetConfig, cfg: PipelineConfig) -> AssetsDefinition:
-    key = AssetKey(["subsets", sub.name])
+    key = subset_key(sub.name)
     space = cfg.similarity_space(sub)
     rule = {"rule": sub.rule(), "similarity_space": space, "embedding_space": cfg.embeddings.spaces[space].identity}
     uses_watermark = "pwatermark" in cfg.score_columns(sub)

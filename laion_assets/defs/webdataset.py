@@ -1,21 +1,23 @@
-"""webdataset/<subset>: the subset as webdataset tars for training, one folder per shard."""
+"""webdataset_<subset> (folder webdataset/<subset>): the subset as webdataset tars for training,
+one folder per shard."""
 
-from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, MaterializeResult, MetadataValue
+from dagster import AssetExecutionContext, AssetsDefinition, MaterializeResult, MetadataValue
 
 from laion_assets.core.config import PipelineConfig
-from laion_assets.core.exports.webdataset import export_shard
+from laion_assets.core.exports.webdataset import export_folder, export_shard
 from laion_assets.core.lake.errors import LaionAssetsError
 from laion_assets.core.subsets.rules import SubsetConfig
 from laion_assets.defs.gate import ShardFailed
 from laion_assets.defs.images import images
+from laion_assets.defs.keys import lake_path, subset_key, webdataset_key
 from laion_assets.defs.partitions import shard_asset
 from laion_assets.defs.resources import LakeResource, PipelineResource
 
 
 def webdataset_asset(sub: SubsetConfig) -> AssetsDefinition:
     @shard_asset(
-        key=AssetKey(["webdataset", sub.name]),
-        deps=[AssetKey(["subsets", sub.name]), images],
+        key=webdataset_key(sub.name),
+        deps=[subset_key(sub.name), images],
         kinds={"webdataset", "parquet"},
         group_name="exports",
         description=(
@@ -23,6 +25,7 @@ def webdataset_asset(sub: SubsetConfig) -> AssetsDefinition:
             "parquet of the same metadata per tar; stats.json), ordered and keyed by uid. A shard whose "
             "subset and images files are unchanged keeps its tars."
         ),
+        metadata=lake_path(export_folder(sub.name)),
     )
     def _webdataset(context: AssetExecutionContext, lake: LakeResource, pipeline: PipelineResource):
         try:

@@ -52,7 +52,7 @@ class SubsetIndex:
         self.files = LakeFiles(lake, index_folder(subset))
         self.manifest = m = self.files.read_json(MANIFEST)
         if m is None:
-            raise LaionAssetsError(f"subset '{subset}' has no kNN index in {lake.uri}: materialize knn/{subset} first")
+            raise LaionAssetsError(f"subset '{subset}' has no kNN index in {lake.uri}: materialize its index (asset knn_{subset}) first")
         self.cache = CACHE / lake.uri.replace("/", "_").replace(":", "")
         mmap = faiss.IO_FLAG_MMAP if m["kind"] == "ivf" else faiss.IO_FLAG_MMAP_IFC
         self.index = faiss.read_index(self.files.local_path(m["index"], self.cache), mmap | faiss.IO_FLAG_READ_ONLY)
@@ -136,7 +136,7 @@ class Searcher:
     def index(self, subset: str | None = None) -> SubsetIndex:
         subset = subset or next(iter(self.subsets()), None)
         if subset is None:
-            raise LaionAssetsError(f"no subset of lake {self.lake.uri} has a kNN index yet: materialize knn/<subset> first")
+            raise LaionAssetsError(f"no subset of lake {self.lake.uri} has a kNN index yet: materialize a subset's index (asset knn_<subset>) first")
         with self._lock:
             checked, idx = self._indexes.get(subset, (0.0, None))
             if idx is None or time.monotonic() - checked > 2:
@@ -160,7 +160,7 @@ class Searcher:
         else:
             raise LaionAssetsError(
                 f"the {idx.subset} index does not name its query model (it predates that): give the config it was "
-                f"built with (--config), or materialize knn/{idx.subset} again to record it"
+                f"built with (--config), or materialize knn_{idx.subset} again to record it"
             )
         with self._lock:
             return self._encoders.setdefault(model, QueryEncoder(model, self.device, precision))
