@@ -10,7 +10,7 @@ export AWS_EC2_METADATA_DISABLED := true
 DEMO_ENV := VIRTUAL_ENV=$(CURDIR)/$(VENV) PATH=$(CURDIR)/$(BIN):$$PATH \
 	LAION_ASSETS_CONFIG=configs/demo.yaml LAION_ASSETS_INPUT=data/demo/input
 
-.PHONY: install system-packages demo test ui sample-server check-defs clean
+.PHONY: install system-packages demo test ui sample-server check-defs launch clean
 
 $(BIN)/laion-assets: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ sample-server: install
 check-defs: install
 	$(DEMO_ENV) dg check defs
 	$(DEMO_ENV) dg list defs --json > /dev/null
+
+# materialize assets of one shard of the demo lake through dg, e.g.
+# make launch ASSETS=images,language PARTITION=demo-00000
+launch: install
+	$(DEMO_ENV) dg launch --assets $(ASSETS) --partition $(PARTITION)
 
 clean:
 	rm -rf data
