@@ -35,7 +35,7 @@ def dagster_instance():
     if not os.environ.get("DAGSTER_HOME"):
         home = Path.cwd() if (Path.cwd() / "dagster.yaml").is_file() else REPO
         if not (home / "dagster.yaml").is_file():
-            raise LaionAssetsError("set DAGSTER_HOME to a folder with a dagster.yaml (see README)")
+            raise LaionAssetsError("set DAGSTER_HOME to a folder with a dagster.yaml (see docs/CLI.md)")
         os.environ["DAGSTER_HOME"] = str(home)
     return DagsterInstance.get()
 

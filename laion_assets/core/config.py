@@ -1,7 +1,7 @@
 """Pipeline configuration: one typed object per stage, validated once at the boundary.
 
 A config file is YAML with the top-level keys below; every key is optional and unknown keys
-are an error (a typo must not silently fall back to a default). README.md documents each key.
+are an error (a typo must not silently fall back to a default). docs/CONFIGURATION.md documents each key.
 """
 
 from __future__ import annotations
@@ -186,5 +186,5 @@ def load_config(path: str | os.PathLike | None) -> PipelineConfig:
             else:
                 problems.append(f"'{where}': {err['msg']}")
         raise LaionAssetsError(
-            f"config file {p}: " + "; ".join(problems) + " (see README.md, Configuration)"
+            f"config file {p}: " + "; ".join(problems) + " (see docs/CONFIGURATION.md)"
         ) from None

@@ -1,4 +1,4 @@
-"""Definitions for the Dagster UI, `dagster dev` and `laion-assets run`, built from Settings.
+"""Definitions for the Dagster UI, `dg dev` and `laion-assets run`, built from Settings.
 
 Policies are applied here, once, for every asset:
 - automation: each downstream stage runs for a shard when its upstream stage was materialized
@@ -52,6 +52,7 @@ GROUP = "laion"
 STAGES = {
     "raw_urls": "ingest", "images": "download", "language": "ingest", "embeddings": "embed", "scores": "score",
     "subsets": "filter", "webdataset": "export", "knn": "export", "curation": "curate", "lake_summary": "report",
+    "watermark": "score",
 }
 SHARD_JOB = "shard_pipeline"
 LAKE_JOB = "lake_pipeline"

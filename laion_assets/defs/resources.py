@@ -56,7 +56,7 @@ class LakeResource(ConfigurableResource):
 
 
 class PipelineResource(ConfigurableResource):
-    """The pipeline config file (YAML; see README); empty means the built-in defaults."""
+    """The pipeline config file (YAML; see docs/CONFIGURATION.md); empty means the built-in defaults."""
 
     config_path: str | None = None
 

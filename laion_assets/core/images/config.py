@@ -14,7 +14,7 @@ ResizeMode = Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center
 class DownloadConfig(Section):
     """How the images stage fetches URLs."""
 
-    concurrency: int | None = Field(None, ge=1, description="total requests in flight; default 32 per core")
+    concurrency: int | None = Field(None, ge=1, description="total requests in flight; default 64 per core, at most 512")
     per_host: int = Field(16, ge=1, description="requests in flight per host")
     connect_timeout_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(10.0, gt=0, description="max wait between two reads")

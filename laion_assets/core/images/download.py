@@ -62,7 +62,7 @@ IMAGES_SCHEMA = pa.schema(
     ]
 )
 
-# Every status an images row can have: the single source of truth (gate, README table, UI).
+# Every status an images row can have: the single source of truth (gate, docs/TABLES.md, UI).
 STATUSES = (
     "success", "http_error", "failed_download", "failed_decode", "opted_out", "refused_address",
     "refused_scheme", "blocked", "too_small", "bad_aspect_ratio", "too_large",
@@ -85,7 +85,7 @@ def default_concurrency() -> int:
 
 
 def max_unstaged(dcfg: DownloadConfig) -> int:
-    """Rows fetched but not yet staged, at most: what a kill can cost a rerun (README, Resume)."""
+    """Rows fetched but not yet staged, at most: what a kill can cost a rerun (docs/RESUME.md)."""
     return (dcfg.concurrency or default_concurrency()) + 2 * dcfg.chunk_rows
 
 

@@ -5,7 +5,7 @@ Each preset is the published rule as data: the space its similarity threshold wa
 columns a preset thresholds come from the heads the config maps to them: `punsafe` (CLIP-based
 NSFW head on ViT-L/14), `aesthetic` (aesthetic predictor V1, linear on ViT-L/14), `aesthetic_v2`
 (improved aesthetic predictor, MLP on ViT-L/14), `pwatermark` (the watermark classifier).
-README.md ("LAION's published subsets") cites where each number comes from and which could not
+docs/LAION.md cites where each number comes from and which could not
 be verified.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 B32 = "ViT-B-32/openai"
 # LAION filtered 2B-multi and 1B-nolang with OpenAI ViT-B/32 images against a multilingual text
-# encoder distilled into that space; open_clip's nearest multilingual model is this one (README).
+# encoder distilled into that space; open_clip's nearest multilingual model is this one (docs/LAION.md).
 MCLIP = "xlm-roberta-base-ViT-B-32/laion5b_s13b_b90k"
 PREFILTERS = {"min_caption_chars": 5, "min_image_bytes": 5000}
 
@@ -59,7 +59,7 @@ PRESETS: dict[str, dict] = {
         **PREFILTERS,
     ),
     "relaion_research_safe": _preset(
-        "Re-LAION-5B research-safe: research plus NSFW removed, punsafe < 0.5 (cut not verified, see README)",
+        "Re-LAION-5B research-safe: research plus NSFW removed, punsafe < 0.5 (cut not verified, see docs/LAION.md)",
         below={"punsafe": 0.5}, **PREFILTERS,
     ),
 }

@@ -34,7 +34,7 @@ class SubsetConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    preset: str | None = Field(None, description="published rule it starts from (README, Presets); fields here override it")
+    preset: str | None = Field(None, description="published rule it starts from (docs/LAION.md); fields here override it")
     description: str = ""
     similarity_space: str | None = Field(None, description="space of min_similarity (default: the one whose model is similarity_model, else the only one)")
     similarity_model: str | None = Field(None, description="model the similarity threshold was published for, e.g. ViT-B-32/openai")

@@ -16,7 +16,7 @@ COMPUTED = {
     "detail": "what exactly was wrong with the kept-out row",
     "duplicate_of_row": "for a duplicate (url, caption): the source_row it repeats",
     # images
-    "status": "what happened to the row: success or the failure kind (see README, Tables)",
+    "status": "what happened to the row: success or the failure kind (docs/TABLES.md)",
     "error": "why the row failed, one line; null on success",
     "retryable": "true when the failure may pass on a retry (timeouts, 429, 5xx): --retry-failures refetches these",
     "http_status": "HTTP status of the final response (after redirects); null when none came",
