@@ -89,7 +89,7 @@ def test_asset_graph_snapshot(env):
     assert graph.get(AssetKey("images")).pools == {"download"}
     assert graph.get(AssetKey("embeddings_tiny")).pools == {"gpu"}
     assert graph.get(AssetKey("raw_urls")).automation_condition is None  # the sensor starts it
-    assert "all_deps_blocking_checks_passed" in str(graph.get(AssetKey("images")).automation_condition)
+    assert "upstream gates passed" in str(graph.get(AssetKey("images")).automation_condition)
 
 
 def test_lineage_labels_name_each_node_once(env):

@@ -108,6 +108,6 @@ def test_export_and_index_assets_in_the_graph(tmp_path):
         "knn_pretty": ["embeddings_tiny", "subsets/pretty"],
     }
     export = graph.get(AssetKey("webdataset_similar"))
-    assert export.partitions_def.name == "shards" and "all_deps_blocking_checks_passed" in str(export.automation_condition)
+    assert export.partitions_def.name == "shards" and "upstream gates passed" in str(export.automation_condition)
     index = graph.get(AssetKey("knn_similar"))
     assert index.partitions_def is None and index.pools == {"knn"} and index.automation_condition is not None

@@ -44,7 +44,15 @@ from laion_assets.defs.subsets import subset_assets
 from laion_assets.defs.summary import summary_asset
 from laion_assets.defs.webdataset import webdataset_assets
 
-FOLLOW_UPSTREAM = AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed()
+# A stage follows its upstream stages for a shard once their gates passed, or in the same run as
+# them: a gate that fails there fails its step, and Dagster skips what follows. (Dagster's own
+# all_deps_blocking_checks_passed() counts the gates' checks as requested, which runs that do not
+# select the checks never do: defs/gate.py.)
+UPSTREAM_PASSED = AutomationCondition.all_deps_match(
+    AutomationCondition.all_checks_match(AutomationCondition.check_passed(), blocking_only=True)
+    | AutomationCondition.will_be_requested()
+).with_label("upstream gates passed, or upstream runs first in the same run")
+FOLLOW_UPSTREAM = AutomationCondition.eager() & UPSTREAM_PASSED
 SUMMARY_CRON = "0 4 * * *"  # after the nightly maintenance (03:00)
 DAILY = AutomationCondition.cron_tick_passed(SUMMARY_CRON).since_last_handled().with_label(f"daily ({SUMMARY_CRON} UTC)")
 GROUP = "laion"
