@@ -338,3 +338,22 @@ def test_maintenance_job_compacts_and_vacuums(env, instance):
     assert observed[AssetKey("raw_urls")].metadata["maintenance"].data["files_vacuumed"] >= 1
     assert len(list(Path(lake.table_uri("raw_urls")).rglob("*.parquet"))) == 1
     assert pl.read_delta(lake.table_uri("raw_urls"))["uid"].to_list() == [2]
+
+
+def test_a_run_that_selected_the_later_gates_takes_them_back_when_a_stage_fails(env, instance, tmp_path):
+    """Backfills select every check of their assets, so Dagster plans the later stages' gates:
+    when images fails its gate, those stages will not run, and their planned gates are taken
+    back instead of showing "Execution failed" for the shard."""
+    run(env, instance, select="raw_urls")
+    strict = write_config(tmp_path / "strict.yaml", make_config(download=make_config().download.model_copy(update={"min_success_rate": 1.0})))
+    defs = build_defs(Settings(lake=env["lake"], inputs=str(env["inputs"]), config=str(strict)))
+    job = defs.resolve_job_def("shard_pipeline")
+    assets = {AssetKey("images"), AssetKey("language"), AssetKey("embeddings_tiny"), AssetKey("scores")}
+    gates = {AssetCheckKey(key, "quality_gate") for key in assets}
+    result = job.get_subset(asset_selection=assets, asset_check_selection=gates).execute_in_process(
+        instance=instance, partition_key="shard-a", raise_on_error=False,
+    )
+    assert not result.success
+    history = {key.asset_key.to_user_string(): [(r.status.value, r.partition) for r in instance.event_log_storage.get_asset_check_execution_history(key, limit=5)]
+               for key in gates}
+    assert history == {"images": [("FAILED", "shard-a")], "language": [("SUCCEEDED", "shard-a")], "embeddings_tiny": [], "scores": []}

@@ -12,7 +12,9 @@ and each stage records its gate as a check evaluation of its own step. A selecte
 planned when its run starts, and Dagster shows a planned check whose step never ran (a later
 stage of a shard that failed earlier) as "Execution failed": the gates of stages that did not
 run would look failed for that shard. A run that does select the check (materializing one
-asset from its page) gets the result as Dagster expects it."""
+asset from its page) gets the result as Dagster expects it. Backfills select every check of
+their assets (Dagster gives no choice there): when a stage fails in such a run, the gates
+Dagster planned for the stages after it are taken back (`_forget_later_gates`)."""
 
 from __future__ import annotations
 
@@ -152,6 +154,33 @@ def _gate(context, result: AssetCheckResult, materialization: MaterializeResult 
     context.log_event(result.to_asset_check_evaluation(step))
 
 
+def _forget_later_gates(context, failed: set[AssetKey]) -> None:
+    """Take back the gates this run planned for the stages after `failed`: those steps will not
+    run now, and Dagster would show their planned gates as "Execution failed" for this shard
+    once the run fails. Only the planned rows of this run are removed (Dagster's check index,
+    through its storage: no public API does this); the evaluations of steps that ran stay."""
+    from dagster._core.storage.event_log.schema import AssetCheckExecutionsTable
+    from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
+
+    storage = context.instance.event_log_storage
+    if context.run.asset_check_selection == frozenset() or not isinstance(storage, SqlEventLogStorage):
+        return  # nothing planned, or a storage without that index
+    graph = context.job_def.asset_layer.asset_graph
+    later, todo = set(), list(failed)
+    while todo:
+        key = todo.pop()
+        for child in (graph.get(key).child_keys if graph.has(key) else set()) - later:
+            later.add(child)
+            todo.append(child)
+    if later:
+        table = AssetCheckExecutionsTable
+        with storage.index_connection() as conn:
+            conn.execute(table.delete().where(
+                (table.c.run_id == context.run_id) & (table.c.execution_status == "PLANNED")
+                & table.c.asset_key.in_([key.to_string() for key in later])
+            ))
+
+
 def _materialization(context, lake: Lake, key: AssetKey | None, table: str, out: StageOutput, view) -> Iterator:
     shard = context.partition_key
     pictures = {}
@@ -189,9 +218,11 @@ def run_stage(
         out = fn()
     except ValidationFailed as e:
         yield from _gate(context, failed_gate(None, e))
+        _forget_later_gates(context, set(context.selected_asset_keys))
         raise ShardFailed(str(e), {"failing expectations": "\n".join(e.failures)}) from None
     except LaionAssetsError as e:
         yield from _gate(context, not_checked(None, context.partition_key, e))
+        _forget_later_gates(context, set(context.selected_asset_keys))
         raise ShardFailed(str(e)) from None
     yield from _materialization(context, lake, None, table, out, view)
 
@@ -208,6 +239,7 @@ def run_stages(
     except LaionAssetsError as e:
         for key in tables:
             yield from _gate(context, not_checked(key, context.partition_key, e))
+        _forget_later_gates(context, set(tables))
         raise ShardFailed(str(e)) from None
     failed = []
     for key, out in outs.items():
@@ -217,6 +249,7 @@ def run_stages(
         else:
             yield from _materialization(context, lake, key, tables[key], out, (views or {}).get(key))
     if failed:
+        _forget_later_gates(context, {key for key, out in outs.items() if isinstance(out, ValidationFailed)})
         raise ShardFailed(
             "; ".join(str(e) for e in failed)[:2000], {"failing expectations": "\n".join(f for e in failed for f in e.failures)},
         )
