@@ -2,7 +2,7 @@
 
 Each picture is a small WebP embedded in markdown as a data URI (Dagster renders markdown
 metadata, images included), so it travels in the event log: grids and charts are kept to a few
-tens of KB (see README, "The UI"). matplotlib is imported only when a picture is drawn (its
+tens of KB (docs/UI.md). matplotlib is imported only when a picture is drawn (its
 charts; the caption font it ships), so the UI and the CLI start without it.
 """
 
@@ -57,15 +57,21 @@ def _webp(img: Image.Image, lossless: bool = False) -> bytes:
     return buf.getvalue()
 
 
+TEXT_H = (CAPTION_LINES + FACT_LINES) * LINE_H + PAD  # under each tile
+
+
+def tile_origin(i: int, columns: int = 4, size: int = 112) -> tuple[int, int]:
+    """Top-left corner of tile `i` in a grid; its caption starts `size + 2` pixels below."""
+    return PAD + (i % columns) * (size + PAD), PAD + (i // columns) * (size + TEXT_H + PAD)
+
+
 def thumbnail_grid(tiles: list[Tile], columns: int = 4, size: int = 112) -> bytes:
     """A grid of thumbnails with captions and facts under each, as one WebP."""
-    text_h = (CAPTION_LINES + FACT_LINES) * LINE_H + PAD
     rows = max(1, math.ceil(len(tiles) / columns))
-    grid = Image.new("RGB", (columns * (size + PAD) + PAD, rows * (size + text_h + PAD) + PAD), "white")
+    grid = Image.new("RGB", (columns * (size + PAD) + PAD, rows * (size + TEXT_H + PAD) + PAD), "white")
     draw = ImageDraw.Draw(grid)
     for i, tile in enumerate(tiles):
-        x = PAD + (i % columns) * (size + PAD)
-        y = PAD + (i // columns) * (size + text_h + PAD)
+        x, y = tile_origin(i, columns, size)
         try:
             with Image.open(io.BytesIO(tile.image)) as im:
                 im.draft("RGB", (size, size))  # JPEG: decode at reduced scale
