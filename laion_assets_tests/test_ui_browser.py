@@ -335,8 +335,8 @@ def test_ui_runs_shards_and_shows_checks_and_pictures(ui):
         expect(page.get_by_text("Execution failed")).to_have_count(0)
         check_tabs.get_by_role("tab", name="Partitions").click()
         expect(page.get_by_text("Passed (2)", exact=True)).to_be_visible()
-        expect(page.get_by_text(re.compile(r"^(Execution failed|Failed) \(\d+\)$"))).to_have_count(0)
         shot("04-later-gate")
+        expect(page.get_by_text(re.compile(r"^(Execution failed|Failed) \([1-9]\d*\)$"))).to_have_count(0)
         for stage in ("scores", "embeddings_tiny", "subsets/similar"):
             records = ui.instance.event_log_storage.get_asset_check_execution_history(AssetCheckKey(AssetKey(stage.split("/")), "quality_gate"), limit=50)
             assert not [r for r in records if r.partition in ("shard-c", None)], stage
