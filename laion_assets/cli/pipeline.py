@@ -207,7 +207,7 @@ def add_commands(sub, env_lake: str, env_config: str | None) -> None:
     )
     run.add_argument("inputs", nargs="+", help="shard files or folders (.parquet/.csv/.tsv/.jsonl[.gz]; s3:// too)")
     add_lake(run, env_lake)
-    run.add_argument("--select", help="comma-separated asset keys, e.g. raw_urls,images (default: all)")
+    run.add_argument("--select", help="comma-separated asset keys or lake paths, or prefixes of either, e.g. raw_urls,images,embeddings (default: all)")
     add_config(run, env_config)
     run.add_argument("--retry-failures", action="store_true", help="images: re-fetch only the retryable failures")
     run.add_argument("--force", action="store_true", help="redo the selected stages even when published and up to date")
@@ -220,7 +220,7 @@ def add_commands(sub, env_lake: str, env_config: str | None) -> None:
     )
     backfill.add_argument("inputs", nargs="+", help="shard files or folders (as for run)")
     add_lake(backfill, env_lake, note=" (the one the code location uses)")
-    backfill.add_argument("--select", help="comma-separated shard asset keys or prefixes (default: all)")
+    backfill.add_argument("--select", help="comma-separated shard asset keys or lake paths, or prefixes of either (default: all)")
     add_config(backfill, env_config, note=" (to check the selection)")
     backfill.set_defaults(fn=cmd_backfill)
 
