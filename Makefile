@@ -12,10 +12,13 @@ DEMO_ENV := VIRTUAL_ENV=$(CURDIR)/$(VENV) PATH=$(CURDIR)/$(BIN):$$PATH \
 
 .PHONY: install system-packages demo test ui sample-server check-defs launch clean
 
+# clip-retrieval goes in with --no-deps: the interop test loads only its clip_client.py (which
+# needs requests) by path; the package itself pins numpy<2 and open_clip 2.
 $(BIN)/laion-assets: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps clip-retrieval==2.45.0
 	touch $@
 
 install: $(BIN)/laion-assets
