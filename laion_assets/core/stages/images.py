@@ -15,7 +15,7 @@ from laion_assets.core.config import PipelineConfig
 from laion_assets.core.images.download import IMAGES_SCHEMA, STATUSES, Progress, ShardDownloader
 from laion_assets.core.lake import quality
 from laion_assets.core.lake.delta import Lake
-from laion_assets.core.lake.errors import StagingUnusable, ValidationFailed, explained
+from laion_assets.core.lake.errors import LaionAssetsError, StagingUnusable, ValidationFailed, explained
 from laion_assets.core.lake.tables import IMAGES, RAW_URLS, STAGING_IMAGES
 from laion_assets.core.stages import fingerprints, staging
 from laion_assets.core.stages.publish import StageOutput, gate, publish_stream
@@ -44,7 +44,7 @@ def run_images(
 
 
 def _run_images(lake: Lake, cfg: PipelineConfig, shard: str, retry_failures: bool, on_progress, resolver) -> StageOutput:
-    raw = lake.read_shard(RAW_URLS, shard, ["uid", "url"])
+    raw = lake.read_shard(RAW_URLS, shard, ["uid", "url", *_boxes_column(lake, cfg)])
     recipe = fingerprints.current(lake, cfg, IMAGES, shard, gate=False)
     staged = staging.usable(lake, STAGING_IMAGES, shard, recipe, {"uid": pl.Int64, "retryable": pl.Boolean})
     if staged["retryable"].fill_null(False).any():  # fetched again: dropped first, so a uid is staged once
@@ -103,6 +103,17 @@ def _run_images(lake: Lake, cfg: PipelineConfig, shard: str, retry_failures: boo
         lake, IMAGES, shard, IMAGES_SCHEMA, (b for part in batches for b in part), rows.height,
         report, stats, {"recipe": recipe}, STAGING_IMAGES, fingerprints.current(lake, cfg, IMAGES, shard),
     )
+
+
+def _boxes_column(lake: Lake, cfg: PipelineConfig) -> list[str]:
+    """The raw_urls column of boxes to blur (images.bbox_col), checked to exist."""
+    col = cfg.images.bbox_col
+    if col is None:
+        return []
+    names = lake.scan(RAW_URLS).collect_schema().names()
+    if col not in names:
+        raise LaionAssetsError(f"images.bbox_col '{col}' is not a raw_urls column (it has {', '.join(names)}): name the column of boxes to blur")
+    return [col]
 
 
 def top_errors(rows: pl.DataFrame, raw: pl.DataFrame, n: int = 10) -> dict[str, dict]:
