@@ -2,7 +2,8 @@
 127.0.0.1: every case img2dataset's own tests cover (tests/test_resizer.py, test_main.py,
 test_downloader.py: resize mode x resize_only_if_bigger x skip_reencode x format x size; the
 three filters; every input format; box blurring; the X-Robots-Tag route) must give the same
-success or failure, the same sizes, the same border colour.
+success or failure, the same sizes, the same border colour (and the same hashes of the
+downloaded bytes).
 
 Both sides run in this process (~4 min on 2 busy cores, most of it the 78 resize cases):
 img2dataset's own Reader, Downloader and Resizer on one shard per case (and its `download()`
@@ -128,7 +129,7 @@ def i2d_run(folder: Path, urls: list[str], opts: dict, boxes: list | None = None
     Downloader(
         ParquetSampleWriter, resizer, thread_count=8, save_caption=False, extract_exif=False,
         output_folder=str(folder), column_list=list(columns), timeout=10, number_sample_per_shard=len(urls),
-        oom_shard_count=5, compute_hash=None, verify_hash_type=None, encode_format=opts.get("encode_format", "jpg"),
+        oom_shard_count=5, compute_hash="sha256", verify_hash_type=None, encode_format=opts.get("encode_format", "jpg"),
         retries=0, user_agent_token=None, disallowed_header_directives=DIRECTIVES,
         blurring_bbox_col="bboxes" if boxes is not None else None,
     ).download_shard((0, str(shard)))
@@ -153,6 +154,7 @@ def assert_same(theirs: dict[str, dict], mine: dict[str, dict], originals: dict[
         size = (t["width"], t["height"])
         assert (o["width"], o["height"]) == size == pixels(t["image"]).size == pixels(o["image"]).size, case
         assert (o["original_width"], o["original_height"]) == (t["original_width"], t["original_height"]), case
+        assert o["sha256"] == t["sha256"], case  # of the downloaded bytes
         assert pixels(o["image"]).format == pixels(t["image"]).format, case
         original = originals[url.rsplit("/", 1)[1]]
         assert (o["image"] == original) == (t["image"] == original), f"{case}: original bytes kept by one side only"
@@ -227,14 +229,14 @@ def i2d_download(path: Path, fmt: str, out: Path, whole: bool) -> list[dict]:
     if whole:
         download(str(path), image_size=256, output_folder=str(out), thread_count=8, input_format=fmt,
                  output_format="parquet", url_col="url", caption_col="caption", resize_mode="keep_ratio",
-                 extract_exif=False, compute_hash=None)
+                 extract_exif=False, compute_hash="md5")
     else:
         (out / "_tmp").mkdir(parents=True)
         reader = Reader(str(path), fmt, "url", "caption", None, None, None, 10_000, set(), str(out / "_tmp"))
         downloader = Downloader(
             ParquetSampleWriter, Resizer(256, "keep_ratio", False), thread_count=8, save_caption=True,
             extract_exif=False, output_folder=str(out), column_list=reader.column_list, timeout=10,
-            number_sample_per_shard=10_000, oom_shard_count=5, compute_hash=None, verify_hash_type=None,
+            number_sample_per_shard=10_000, oom_shard_count=5, compute_hash="md5", verify_hash_type=None,
             encode_format="jpg", retries=0, user_agent_token=None, disallowed_header_directives=DIRECTIVES,
         )
         for shard in reader:
@@ -271,7 +273,7 @@ def test_every_input_format_matches_img2dataset(photos, base_url, tmp_path, fmt)
         o = mine[t["url"]]
         assert I2D_STATUS[o["status"]] == t["status"], t["url"]
         if t["status"] == "success":
-            assert (o["width"], o["height"]) == (t["width"], t["height"])
+            assert (o["width"], o["height"], o["md5"]) == (t["width"], t["height"], t["md5"])
         else:
             assert ERRORS[o["status"]] == t["error_message"]
 
