@@ -2,8 +2,9 @@
 
 Same resize semantics as img2dataset (no, border, keep_ratio, keep_ratio_largest,
 center_crop; resize_only_if_bigger; white borders; its filters in its order; its box blur),
-checked against img2dataset itself by test_img2dataset_parity.py. JPEGs are decoded at a reduced DCT scale when the target is much smaller
-(Pillow's `draft`), which is where most of the CPU time goes on large photos.
+checked against img2dataset itself by test_img2dataset_parity.py. JPEGs are decoded at a
+reduced DCT scale when the target is much smaller (Pillow's `draft`), which is where most of
+the CPU time goes on large photos.
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ class ImageProcessor:
         if framed and cfg.resize_mode == "center_crop":
             left, top = (tw - cfg.size) // 2, (th - cfg.size) // 2
             img = img.crop((left, top, left + cfg.size, top + cfg.size))
-        elif framed:
+        elif framed and cfg.resize_mode == "border":
             canvas = Image.new("RGB", (cfg.size, cfg.size), cfg.border_color)
             canvas.paste(img, ((cfg.size - tw) // 2, (cfg.size - th) // 2))
             img = canvas
@@ -260,8 +261,8 @@ def _eight_bit(img: Image.Image) -> Image.Image:
 # no multiprocessing (whose spawn re-imports the caller's __main__, and whose fork deltalake
 # does not survive), a plain pipe protocol, and a crash or hang costs one worker, not the run.
 # Request: 8-byte little-endian length + the downloaded bytes, then 8-byte length + the row's
-# blur boxes as JSON (length 0: none). Reply: 8-byte length + pickle
-# of (sha256 hex of the bytes, ImageResult). EOF on stdin ends the worker. A worker writes one
+# blur boxes as JSON (length 0: none). Reply: 8-byte length + pickle of (sha256 hex of the
+# bytes, ImageResult). EOF on stdin ends the worker. A worker writes one
 # byte, b"R", once its imports are done, so fetching starts when decoding can.
 
 WORKER_CMD = "from laion_assets.core.images.imaging import worker_main; worker_main()"
