@@ -36,7 +36,7 @@ def write_folder(out: Path, n: int) -> None:
     """One img2dataset webdataset shard of `n` samples, by img2dataset's own writer."""
     import numpy as np
     import pyarrow as pa
-    from img2dataset.logger import write_stats
+    from img2dataset.logger import CappedCounter, write_stats
     from img2dataset.writer import WebDatasetSampleWriter
     from PIL import Image
 
@@ -75,7 +75,7 @@ def write_folder(out: Path, n: int) -> None:
         writer.write(buf.getvalue(), key, meta["caption"], meta)
         ok += 1
     writer.close()
-    write_stats(str(out), 0, n, ok, n - ok, 0, started, time.time(), {}, 5)
+    write_stats(str(out), 0, n, ok, n - ok, 0, started, time.time(), CappedCounter(), 5)
 
 
 def adopt_once(folder: Path, lake_dir: Path) -> dict:
@@ -86,13 +86,13 @@ def adopt_once(folder: Path, lake_dir: Path) -> dict:
 
     shutil.rmtree(lake_dir, ignore_errors=True)
     lake, cfg = Lake(lake_dir), PipelineConfig()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     (key,), _ = register_folder(lake, str(folder))
     raw = stages.run_raw_urls(lake, cfg, key)
     t1 = time.perf_counter()
     images = stages.run_images(lake, cfg, key)
-    t2 = time.perf_counter()
-    return {"rows": raw.rows, "raw_urls_s": t1 - t0, "images_s": t2 - t1, "total_s": t2 - t0,
+    t2, c2 = time.perf_counter(), time.process_time()
+    return {"rows": raw.rows, "raw_urls_s": t1 - t0, "images_s": t2 - t1, "total_s": t2 - t0, "cpu_s": c2 - c0,
             "rows_per_s": raw.rows / (t2 - t0), "status_counts": images.stats["status_counts"]}
 
 
@@ -115,12 +115,14 @@ def main() -> None:
         res = adopt_once(folder, work / "lake")
         rounds.append(res)
         log(f"round {r + 1}: {res['rows']} rows in {res['total_s']:.2f} s (raw_urls {res['raw_urls_s']:.2f} s, "
-            f"images {res['images_s']:.2f} s): {res['rows_per_s']:.0f} rows/s")
+            f"images {res['images_s']:.2f} s, {res['cpu_s']:.1f} CPU-s): {res['rows_per_s']:.0f} rows/s")
     summary = {
         "rows": rounds[0]["rows"], "folder_mib": round(size / 2**20, 1), "cores": os.cpu_count(),
         "rows_per_s_median": round(statistics.median(r["rows_per_s"] for r in rounds)),
         "images_stage_rows_per_s_median": round(statistics.median(r["rows"] / r["images_s"] for r in rounds)),
-        "rounds_s": [round(r["total_s"], 2) for r in rounds], "status_counts": rounds[0]["status_counts"],
+        "rounds_s": [round(r["total_s"], 2) for r in rounds], "cpu_s": [round(r["cpu_s"], 1) for r in rounds],
+        # what the CPU time allows on idle cores (the wall rate is lower on a shared machine)
+        "rows_per_cpu_s_median": round(statistics.median(r["rows"] / r["cpu_s"] for r in rounds)), "status_counts": rounds[0]["status_counts"],
     }
     print(json.dumps(summary, indent=2))
 
