@@ -43,17 +43,19 @@ def dagster_instance():
 def run_pipeline(
     inputs: list[str], lake: str, config: str | None, select: str | None, instance=None,
     retry_failures: bool = False, force: bool = False, summary: RunSummary | None = None,
+    adopt: tuple[str, str | None] | None = None,
 ) -> RunSummary:
     """Check and register the shard files, then materialize per shard the selected assets that
     are not already published and up to date (`force`: all of them), then the lake-wide ones.
 
     Bad input (a file that cannot be read or has no URL column, an unknown asset) raises
     LaionAssetsError before anything is registered; files skipped in a folder are listed.
-    Ctrl-C or SIGTERM stops it within seconds: KeyboardInterrupt, `summary` holding what was done."""
+    Ctrl-C or SIGTERM stops it within seconds: KeyboardInterrupt, `summary` holding what was done.
+    `adopt` (an img2dataset folder, a key prefix) registers that folder's shards instead."""
 
     from laion_assets.core.config import load_config
     from laion_assets.core.lake.delta import Lake
-    from laion_assets.defs.backfills import ensure_pools, register_shards, select_assets
+    from laion_assets.defs.backfills import ensure_pools, register_adopted, register_shards, select_assets
     from laion_assets.defs.definitions import LAKE_JOB, SHARD_JOB, build_defs
     from laion_assets.defs.keys import lake_paths
     from laion_assets.defs.recovery import Interrupts, recover_dead_runs
@@ -72,7 +74,7 @@ def run_pipeline(
     paths = lake_paths(graph)
     chosen = select_assets(shard_keys | lake_keys, select, paths)
     instance = instance or dagster_instance()
-    keys = register_shards(lk, inputs, instance)
+    keys = register_adopted(lk, *adopt, instance) if adopt else register_shards(lk, inputs, instance)
     ensure_pools(defs, instance)
     summary = summary if summary is not None else RunSummary()
     summary.notes += recover_dead_runs(instance)

@@ -131,7 +131,11 @@ def current(lake: Lake, cfg: PipelineConfig, table: str, shard: str, gate: bool 
     else:  # an input not materialized yet counts too: its first publish changes the fingerprint
         ups = [up for up in upstream(cfg, table) if marks or up not in MARKS]
         inputs = {up: marks_id(lake, up, shard) if up in MARKS else files_id(lake, up, shard) if lake.exists(up) else None for up in ups}
-    body = {"stage": stage, "code": [__version__, CODE_VERSIONS[stage]], "config": config_of(cfg, table), "inputs": inputs}
+    config = config_of(cfg, table)
+    if stage == "images" and (found := registry.adoption(lake, shard)):
+        # adopted images are kept as img2dataset stored them, whatever the download config says
+        config = {"adopted": found, "files": [_file_id(found["source"]), _file_id(found["container"])]}
+    body = {"stage": stage, "code": [__version__, CODE_VERSIONS[stage]], "config": config, "inputs": inputs}
     if gate:
         body["gate"] = gate_of(cfg, table)
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:24]
