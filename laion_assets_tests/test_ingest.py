@@ -1,6 +1,4 @@
 import gzip
-import io
-import tarfile
 
 import mmh3
 import polars as pl
@@ -274,28 +272,3 @@ def test_list_shard_files_and_what_is_skipped(tmp_path):
     }
     with pytest.raises(LaionAssetsError, match="does not exist"):
         list_shard_files(str(tmp_path / "nope"))
-
-
-@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
-def test_img2dataset_tar_reader_reads_what_tarfile_wrote(tmp_path, fmt):
-    """The adopt path's own tar reader sees the members Python's tarfile wrote (what webdataset's
-    TarWriter uses), long names, a folder and an empty member included."""
-    import pyarrow.fs as pafs
-
-    from laion_assets.core.ingest.img2dataset import _tar_members
-
-    members = {"000001.jpg": b"\xff\xd8" + bytes(range(256)) * 9, "000001.json": b"{}", "empty.txt": b"",
-               "d/" + "x" * 90 + "/000002.jpg": b"y" * 1025}
-    path = tmp_path / "00000.tar"
-    with tarfile.open(path, "w", format=fmt) as tar:
-        folder = tarfile.TarInfo("d")
-        folder.type = tarfile.DIRTYPE
-        tar.addfile(folder)
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime = len(data), 1.5
-            tar.addfile(info, io.BytesIO(data))
-    got = {m["fname"]: m["data"] for m in _tar_members(pafs.LocalFileSystem(), str(path), lambda n: True)}
-    assert got == members
-    jpgs = [m["fname"] for m in _tar_members(pafs.LocalFileSystem(), str(path), lambda n: n.endswith(".jpg"))]
-    assert jpgs == ["000001.jpg", "d/" + "x" * 90 + "/000002.jpg"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -154,53 +155,12 @@ def stored_images(shard: I2dShard) -> Iterator[tuple[str, bytes]]:
 
 
 def _tar_members(fs: pafs.FileSystem, path: str, select) -> Iterator[dict]:
-    """The tar's members whose name passes `select`, read as a stream (POSIX ustar with pax
-    or GNU long-name headers, as Python's tarfile writes for webdataset). Not tarfile itself:
-    its header parsing cost ~1 ms a member, more than checking the image; not webdataset's
-    reader, which is tarfile's and imports torch (~4 s per process)."""
-    with fs.open_input_stream(path, compression=None, buffer_size=4 * 2**20) as f:
-        long_name, pax = None, {}
-        while len(header := f.read(512)) == 512 and header.strip(b"\0"):
-            size, kind = _tar_size(header[124:136]), header[156:157]
-            padded = -(-size // 512) * 512
-            if kind in (b"x", b"L", b"g"):  # pax or GNU long-name header of the next member
-                data = f.read(padded)[:size]
-                if kind == b"x":
-                    pax = _pax_records(data)
-                elif kind == b"L":
-                    long_name = data.rstrip(b"\0").decode()
-                continue
-            name = pax.get("path") or long_name or _ustar_name(header)
-            size = int(pax.get("size", size))
-            padded = -(-size // 512) * 512
-            long_name, pax = None, {}
-            if kind in (b"0", b"\0", b"7") and select(name):
-                yield {"fname": name, "data": f.read(padded)[:size]}
-            elif padded:
-                f.read(padded)
-
-
-def _tar_size(field: bytes) -> int:
-    if field[0] & 0x80:  # base-256, for sizes past 8 GiB
-        return int.from_bytes(field[1:], "big")
-    return int(field.strip(b"\0 ") or b"0", 8)
-
-
-def _ustar_name(header: bytes) -> str:
-    name = header[:100].split(b"\0", 1)[0].decode()
-    prefix = header[345:500].split(b"\0", 1)[0].decode() if header[257:262] == b"ustar" else ""
-    return f"{prefix}/{name}" if prefix else name
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    """`<length> <key>=<value>\\n` records (POSIX pax extended header)."""
-    out, i = {}, 0
-    while i < len(data) and (space := data.find(b" ", i)) > 0:
-        end = i + int(data[i:space])
-        key, _, value = data[space + 1:end - 1].partition(b"=")
-        out[key.decode()] = value.decode("utf-8", "surrogateescape")
-        i = end
-    return out
+    """The tar's regular members whose name passes `select`, read as a stream with Python's
+    tarfile (~0.05 ms a member; webdataset's reader is the same tarfile behind a torch import)."""
+    with fs.open_input_stream(path, compression=None, buffer_size=4 * 2**20) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            if member.isreg() and select(member.name):
+                yield {"fname": member.name, "data": tar.extractfile(member).read()}
 
 
 def register_folder(lake: Lake, location: str, prefix: str | None = None) -> tuple[list[str], list[tuple[str, str]]]:
