@@ -21,7 +21,7 @@ from laion_assets_tests.test_s3 import s3  # noqa: F401 (fixture: moto server pr
 @pytest.mark.slow
 def test_export_and_index_on_s3(s3):  # noqa: F811
     lake = Lake("s3://laion/lake")
-    cfg = make_config(export={"samples_per_tar": 20}, knn={"exact_below": 50})
+    cfg = make_config(export={"samples_per_tar": 20, "layout": "shards"}, knn={"exact_below": 50})
     vector = unit(np.random.default_rng(7), 1, 512)[0]
     publish_shard(lake, cfg, "s0", 60, 1, 512, planted={4: vector})
 
