@@ -1,11 +1,15 @@
 """The exports of a real pipeline run: webdataset tars read by the `webdataset` library and by
-open_clip's own training data pipeline, one training step of the tiny model on them, and the
-kNN index built in the same run finding an image of the subset from its bytes."""
+open_clip's own training data pipeline, one training step of the tiny model on them, open_clip's
+trainer run from `train-args` output unedited, and the kNN index built in the same run finding an
+image of the subset from its bytes."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import subprocess
 
 import numpy as np
 import polars as pl
@@ -74,6 +78,22 @@ def test_pipeline_exports_train_open_clip_and_search(tmp_path, shard_rows, capsy
     optimizer.step()
     assert math.isfinite(loss.item()) and loss.item() > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+    # `train-args` prints open_clip's command for this export, which runs as printed (the tiny
+    # model given as a local-dir config): fewer workers than asked, a precision for this device
+    from laion_assets.core.exports.training import precision
+
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny/open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config("tiny_clip")}))
+    capsys.readouterr()
+    assert main(["train-args", "--subset", "similar", "--lake", lake_uri, "--model", f"local-dir:{tmp_path / 'tiny'}",
+                 "--batch-size", "4", "--workers", "64", "--epochs", "1"]) == 0
+    command = capsys.readouterr().out.strip()
+    assert f"{{00000..{len(urls) - 1:05d}}}.tar" in command and f"--train-num-samples {samples}" in command
+    assert f"--workers {min(len(urls), os.cpu_count())} " in command and f"--precision {precision()[0]}" in command
+    trained = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert list(tmp_path.glob("logs/*/checkpoints/epoch_1.pt")), trained.stderr[-3000:]
 
     # the index of the same run: a subset image's own bytes find it first (the image least like
     # any other: resized copies of one photo are near-ties in the tiny model's space)
