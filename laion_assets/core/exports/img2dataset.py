@@ -161,8 +161,7 @@ def _drop_shard_folders(lake: Lake, subset: str) -> None:
     for folder in LakeFiles(lake, export_folder(subset)).folders():
         if folder != RECORDS:
             old = LakeFiles(lake, export_folder(subset, folder))
-            for name in old.names():
-                old.delete(name)
+            old.fs.delete_dir(old.root)  # the folder too: an object store keeps an emptied one as a marker
 
 
 def flat_train_data(lake: Lake, subset: str) -> tuple[str, list[int]] | None:
