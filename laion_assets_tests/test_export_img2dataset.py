@@ -127,6 +127,21 @@ def test_renumbered_incremental_and_deterministic(exported, planted, tmp_path):
     assert samples == 157 and [u.rsplit("/", 1)[1] for u in urls] == [f"{t:05d}.tar" for t in range(4)]
 
 
+def test_removed_shard_leaves_no_trainable_tars(exported, tmp_path):
+    """Removing a shard takes sizes.json away (nothing trains on its tars); the next export of
+    the subset renumbers the rest."""
+    from laion_assets.core.ingest import registry
+
+    lake, cfg, _, _ = exported
+    assert registry.remove_shard(lake, "s0")["webdataset/similar/_shards/s0.json"] == 1
+    assert train_data(lake, "similar") == ("", [])
+    report = export_shard(lake, cfg, "similar", "s1")
+    assert report.tars == ["00000.tar", "00001.tar"] and report.rewritten
+    pattern, sizes = train_data(lake, "similar")
+    assert pattern.endswith("/{00000..00001}.tar") and sizes == [40, 38] and len(read_all(pattern)) == 78
+    assert sorted(p.name for p in (tmp_path / "lake/webdataset/similar").glob("*.tar")) == ["00000.tar", "00001.tar"]
+
+
 @pytest.mark.slow
 def test_fields_match_what_img2dataset_writes(exported, tmp_path):
     """img2dataset 1.47.0 itself downloads four URLs (one missing) from a server on 127.0.0.1
