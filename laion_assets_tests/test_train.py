@@ -131,3 +131,18 @@ def test_export_and_index_assets_in_the_graph(tmp_path):
     assert export.partitions_def.name == "shards" and "upstream gates passed" in str(export.automation_condition)
     index = graph.get(AssetKey("knn_similar"))
     assert index.partitions_def is None and index.pools == {"knn"} and index.automation_condition is not None
+
+
+def test_train_command_fits_the_export():
+    """Workers no more than the tars (and cores); a batch the worker with the fewest samples can
+    fill: open_clip refuses more workers than tars, and a batch larger than a worker's samples
+    trains nothing."""
+    from laion_assets.core.exports.training import fitting
+
+    sizes = [8, 8, 8, 3]
+    assert fitting(sizes, 256, 1) == (27, 1)
+    assert fitting(sizes, 4, 1) == (4, 1)
+    assert fitting([5], 256, 0) == (5, 0)
+    workers = min(2, os.cpu_count())
+    assert fitting(sizes, 256, 2) == ({1: 27, 2: 11}[workers], workers)  # at worst the 3- and an 8-sample tar
+    assert fitting(sizes, 256, 64)[1] == min(4, os.cpu_count())
