@@ -143,6 +143,13 @@ def remove_shard(lake: Lake, shard: str) -> dict[str, int]:
         if names := files.names():
             files.fs.delete_dir(files.root)
             deleted[f"{EXPORTS}/{subset}/{shard}"] = len(names)
+        # img2dataset's layout numbers tars across shards: the next export of the subset renumbers
+        # them; until then it has no sizes.json, so nothing trains on the removed shard's tars
+        flat = LakeFiles(lake, f"{EXPORTS}/{subset}")
+        if flat.exists(f"_shards/{shard}.json"):
+            flat.delete(f"_shards/{shard}.json")
+            flat.delete("sizes.json")
+            deleted[f"{EXPORTS}/{subset}/_shards/{shard}.json"] = 1
     if not known and not deleted:
         raise LaionAssetsError(f"shard '{shard}' is neither registered nor has rows in lake {lake.uri}: check the key")
     lake.delete_where(TABLE, predicate)  # an adoption record left behind names a source no longer registered
