@@ -46,13 +46,16 @@ def cmd_serve(args) -> int:
 def cmd_train_args(args) -> int:
     import shlex
 
+    from laion_assets.core.exports import freshness
     from laion_assets.core.exports.webdataset import train_shards
     from laion_assets.core.lake.delta import Lake
     from laion_assets.core.lake.errors import LaionAssetsError
 
-    urls, samples = train_shards(Lake(args.lake), args.subset)
+    lake = Lake(args.lake)
+    urls, samples = train_shards(lake, args.subset)
     if not urls:
         raise LaionAssetsError(f"subset '{args.subset}' has no webdataset export in {args.lake}: materialize webdataset_{args.subset} first")
+    freshness.refuse_stale_export(lake, args.subset)
     print(f"--dataset-type webdataset --train-data {shlex.quote('::'.join(urls))} --train-num-samples {samples}")
     return 0
 

@@ -3,9 +3,9 @@ blocklist passes (between the per-shard stages and the subsets in lineage), SemD
 subset, and the sensor on the blocklist location.
 
 The lake-wide passes are incremental and update the published subsets themselves (rows taken
-out in one new Delta version per subset); they log a materialization for every subset shard
-they changed, so what reads the subsets downstream sees the change. They share the
-`curation` pool: one pass at a time.
+out in one new Delta version per subset), and the subsets' webdataset tars and kNN indexes
+with them; they log a materialization for every subset shard, export shard and index they
+changed. They share the `curation` pool: one pass at a time.
 """
 
 import json
@@ -37,7 +37,7 @@ from laion_assets.core.lake.errors import LaionAssetsError
 from laion_assets.core.stages import curation as stages
 from laion_assets.defs.gate import markdown_table
 from laion_assets.defs.images import images
-from laion_assets.defs.keys import embeddings_key, lake_path, semdedup_key, subset_key
+from laion_assets.defs.keys import embeddings_key, knn_key, lake_path, semdedup_key, subset_key, webdataset_key
 from laion_assets.defs.partitions import shard_asset
 from laion_assets.defs.resources import LakeResource, PipelineResource
 
@@ -64,15 +64,22 @@ def _metadata(report: dict) -> dict:
 
 
 def _log_subset_changes(context, report: dict) -> None:
-    """A materialization event for each subset shard a pass changed (rows removed or re-run)."""
+    """A materialization event for each subset shard a pass changed (rows removed or re-run),
+    then for the webdataset shards and kNN index it brought up to date with them: the UI shows
+    the exports in sync with the subset (an export left behind shows as unsynced)."""
+    by = {"changed_by": context.asset_key.to_user_string()}
     for name, change in report.get("subsets_updated", {}).items():
         shards = {**{s: n for s, n in change.get("per_shard", {}).items()}, **{s: None for s in change.get("shards_rerun", [])}}
         for shard, removed in shards.items():
             context.log_event(AssetMaterialization(
                 asset_key=subset_key(name), partition=shard,
-                metadata={"delta_version": change["version"], "changed_by": context.asset_key.to_user_string(),
+                metadata={"delta_version": change["version"], **by,
                           **({"rows_removed": removed} if removed is not None else {"rerun": True})},
             ))
+        for shard in change.get("webdataset_shards_rewritten", []):
+            context.log_event(AssetMaterialization(asset_key=webdataset_key(name), partition=shard, metadata={"subset_version": change["version"], **by}))
+        if "knn_version" in change:
+            context.log_event(AssetMaterialization(asset_key=knn_key(name), metadata={"version": change["knn_version"], "subset_version": change["version"], **by}))
 
 
 def _guard(fn):

@@ -79,8 +79,9 @@ def export_shard(lake: Lake, cfg: PipelineConfig, subset: str, shard: str) -> Ex
     files = LakeFiles(lake, export_folder(subset, shard))
     fingerprint = shard_fingerprint(lake, [table, IMAGES], shard, LAYOUT, cfg.export.samples_per_tar)
     subset_version = lake.table(table).version()
+    subset_files = shard_fingerprint(lake, [table], shard)  # what exports/freshness.py compares
     old = files.read_json(STATS)
-    if old and old["fingerprint"] == fingerprint and all(files.exists(t["name"]) for t in old["tars"]):
+    if old and old["fingerprint"] == fingerprint and old.get("subset_files") == subset_files and all(files.exists(t["name"]) for t in old["tars"]):
         return _report(old, files, rewritten=False)
 
     start = time.monotonic()
@@ -104,7 +105,7 @@ def export_shard(lake: Lake, cfg: PipelineConfig, subset: str, shard: str) -> Ex
     for stale in set(files.names()) - keep:
         files.delete(stale)
     stats = {
-        "subset": subset, "shard": shard, "fingerprint": fingerprint, "subset_version": subset_version,
+        "subset": subset, "shard": shard, "fingerprint": fingerprint, "subset_version": subset_version, "subset_files": subset_files,
         "samples": rows.height, "missing_images": spill.missing, "formats": formats, "tars": tars,
         "bytes": sum(t["bytes"] for t in tars), "samples_per_tar": per_tar, "layout": LAYOUT,
         "code_version": __version__, "duration_s": round(time.monotonic() - start, 3),
