@@ -16,6 +16,7 @@ from dagster import instance_for_test
 
 from laion_assets.cli import main
 from laion_assets.cli.pipeline import run_pipeline
+from laion_assets.cli.shard_runs import UP_TO_DATE
 from laion_assets.core.curation import passes
 from laion_assets.core.curation.config import BlocklistConfig, CurationConfig
 from laion_assets.core.embeddings import vectors
@@ -112,6 +113,11 @@ def test_one_run_after_a_blocklist_leaves_no_excluded_row_in_any_export(site, se
         blocked = excluded(lake)["similar"]
         assert len(blocked) == 5  # 2 images x 2 shards + 1
         assert_consumers_see_the_subsets(lake, capsys)
+
+        # a plain rerun of the finished lake: every stage, export and lake-wide asset up to date
+        third = run_pipeline(inputs, lake.uri, str(config), None, instance=instance)
+        assert third.ok and all(line.status == UP_TO_DATE for line in third.lines), third.lines
+        assert {"webdataset/unique", "knn/unique", "curation/duplicates", "curation/blocked", "lake_summary"} <= {line.asset for line in third.lines}
 
         # a subset changed behind the exports' back (no pass, no run): train-args and search refuse
         victim = pl.read_delta(lake.table_uri("subsets/similar")).select("shard", "uid").head(1)

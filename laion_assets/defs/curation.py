@@ -35,6 +35,7 @@ from laion_assets.core.curation.config import SemanticDedupConfig
 from laion_assets.core.curation.semdedup import semdedup_table
 from laion_assets.core.lake.errors import LaionAssetsError
 from laion_assets.core.stages import curation as stages
+from laion_assets.core.stages import lakewide
 from laion_assets.defs.gate import markdown_table
 from laion_assets.defs.images import images
 from laion_assets.defs.keys import embeddings_key, knn_key, lake_path, semdedup_key, subset_key, webdataset_key
@@ -106,8 +107,8 @@ def duplicates(context: AssetExecutionContext, lake: LakeResource, pipeline: Pip
     duplicates across every shard: a row is marked with the smallest (shard, uid) that it
     duplicates; survivors are unmarked. Incremental: only key groups touched since the last
     pass are recomputed. Subsets with `exclude_duplicates` lose the new duplicates."""
-    lk = lake.lake()
-    report = _guard(lambda: stages.run_duplicates(lk, pipeline.config()))
+    lk, cfg = lake.lake(), pipeline.config()
+    report = _guard(lambda: lakewide.tracked(lk, cfg, "curation/duplicates", lambda: stages.run_duplicates(lk, cfg)))
     _log_subset_changes(context, report)
     context.log.info(f"duplicates pass ({report['mode']}): new {report['newly_marked']}, total {report['duplicates_total']}")
     return MaterializeResult(metadata={
@@ -122,8 +123,8 @@ def blocked(context: AssetExecutionContext, lake: LakeResource, pipeline: Pipeli
     in every shard. Each pass publishes its diff (`curation/blocklist_diff` and a parquet + CSV
     file) and takes newly blocked rows out of every subset in a new Delta version. Runs when
     shards change and when the lists change (sensor `blocklist_files`)."""
-    lk = lake.lake()
-    report = _guard(lambda: stages.run_blocklists(lk, pipeline.config()))
+    lk, cfg = lake.lake(), pipeline.config()
+    report = _guard(lambda: lakewide.tracked(lk, cfg, "curation/blocked", lambda: stages.run_blocklists(lk, cfg)))
     _log_subset_changes(context, report)
     context.log.info(f"blocklist pass ({report['mode']}): {report['rows_blocked_total']} rows blocked, diff {report['diff_rows']}")
     return MaterializeResult(metadata={
@@ -148,7 +149,7 @@ def semdedup_asset(sem: SemanticDedupConfig, cfg: PipelineConfig) -> AssetsDefin
         lk = lake.lake()
         cfg_now = pipeline.config()
         current = next(s for s in cfg_now.curation.semantic if s.subset == sem.subset)
-        report = _guard(lambda: stages.run_semdedup(lk, cfg_now, current))
+        report = _guard(lambda: lakewide.tracked(lk, cfg_now, semdedup_table(sem.subset), lambda: stages.run_semdedup(lk, cfg_now, current)))
         return MaterializeResult(metadata={"dagster/row_count": report["removed"], **_metadata(report)})
 
     return _semdedup

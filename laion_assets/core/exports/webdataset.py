@@ -77,11 +77,10 @@ def export_shard(lake: Lake, cfg: PipelineConfig, subset: str, shard: str) -> Ex
     if not lake.exists(table):
         raise LaionAssetsError(f"subset '{subset}' has no table yet: materialize {table} first")
     files = LakeFiles(lake, export_folder(subset, shard))
-    fingerprint = shard_fingerprint(lake, [table, IMAGES], shard, LAYOUT, cfg.export.samples_per_tar)
+    fingerprint, subset_files = _fingerprints(lake, cfg, subset, shard)
     subset_version = lake.table(table).version()
-    subset_files = shard_fingerprint(lake, [table], shard)  # what exports/freshness.py compares
-    old = files.read_json(STATS)
-    if old and old["fingerprint"] == fingerprint and old.get("subset_files") == subset_files and all(files.exists(t["name"]) for t in old["tars"]):
+    old = current_export(lake, cfg, subset, shard)
+    if old:
         return _report(old, files, rewritten=False)
 
     start = time.monotonic()
@@ -112,6 +111,23 @@ def export_shard(lake: Lake, cfg: PipelineConfig, subset: str, shard: str) -> Ex
     }
     files.write_json(STATS, stats)
     return _report(stats, files, rewritten=True)
+
+
+def _fingerprints(lake: Lake, cfg: PipelineConfig, subset: str, shard: str) -> tuple[str, str]:
+    """What a shard's tars are made from (subset and images files, layout), and the subset
+    shard's files alone (what exports/freshness.py compares)."""
+    table = subset_table(subset)
+    return shard_fingerprint(lake, [table, IMAGES], shard, LAYOUT, cfg.export.samples_per_tar), shard_fingerprint(lake, [table], shard)
+
+
+def current_export(lake: Lake, cfg: PipelineConfig, subset: str, shard: str) -> dict | None:
+    """The shard's stats.json when its tars are made from the subset and images as they are
+    now, with these settings, and all still there; else None (the shard must be written)."""
+    files = LakeFiles(lake, export_folder(subset, shard))
+    old = files.read_json(STATS) if lake.exists(subset_table(subset)) else None
+    if not old or [old["fingerprint"], old.get("subset_files")] != list(_fingerprints(lake, cfg, subset, shard)):
+        return None
+    return old if all(files.exists(t["name"]) for t in old["tars"]) else None
 
 
 def _report(stats: dict, files: LakeFiles, rewritten: bool) -> ExportReport:
