@@ -14,6 +14,7 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
+    AssetRecordsFilter,
     AssetsDefinition,
     AssetSelection,
     AssetSpec,
@@ -28,6 +29,7 @@ from dagster import (
     asset,
     sensor,
 )
+from dagster._core.definitions.data_version import DATA_VERSION_TAG, get_input_data_version_tag, get_input_event_pointer_tag
 
 from laion_assets.core.config import PipelineConfig
 from laion_assets.core.curation import blocklists
@@ -76,11 +78,33 @@ def _log_subset_changes(context, report: dict) -> None:
                 asset_key=subset_key(name), partition=shard,
                 metadata={"delta_version": change["version"], **by,
                           **({"rows_removed": removed} if removed is not None else {"rerun": True})},
+                tags={DATA_VERSION_TAG: f"{name}/{shard}/v{change['version']}"},
             ))
         for shard in change.get("webdataset_shards_rewritten", []):
-            context.log_event(AssetMaterialization(asset_key=webdataset_key(name), partition=shard, metadata={"subset_version": change["version"], **by}))
+            context.log_event(AssetMaterialization(
+                asset_key=webdataset_key(name), partition=shard, metadata={"subset_version": change["version"], **by},
+                tags=_made_from_new_subset(context.instance, webdataset_key(name), subset_key(name), shard),
+            ))
         if "knn_version" in change:
             context.log_event(AssetMaterialization(asset_key=knn_key(name), metadata={"version": change["knn_version"], "subset_version": change["version"], **by}))
+
+
+def _made_from_new_subset(instance, key: AssetKey, subset: AssetKey, shard: str) -> dict:
+    """The provenance tags Dagster's own step would record for an export shard the pass wrote:
+    its previous inputs, with the subset shard's event just logged as its subset input (without
+    them the UI calls the export unsynced although it follows the subset)."""
+    def latest(k: AssetKey):
+        records = instance.fetch_materializations(AssetRecordsFilter(asset_key=k, asset_partitions=[shard]), limit=1).records
+        return records[0] if records else None
+
+    before, now = latest(key), latest(subset)
+    tags = dict(before.asset_materialization.tags or {}) if before else {}
+    if now is not None:
+        version = (now.asset_materialization.tags or {}).get(DATA_VERSION_TAG, str(now.storage_id))
+        tags[get_input_data_version_tag(subset)] = version
+        tags[get_input_event_pointer_tag(subset)] = str(now.storage_id)
+        tags[DATA_VERSION_TAG] = f"{key.to_user_string()}/{shard}/{version}"
+    return tags
 
 
 def _guard(fn):
