@@ -14,6 +14,7 @@ from laion_assets.cli.shard_runs import (
     RunSummary,
     StageLine,
     execute_shard,
+    lake_wide_to_run,
     remove_garbage,
     skip_up_to_date,
     summarize,
@@ -98,11 +99,14 @@ def run_pipeline(
         # Lake-wide assets read every shard: once, after the shards, if one of them went through
         # all its selected stages (or only lake-wide assets were selected).
         failed = {line.shard for line in summary.lines if line.status not in ("materialized", UP_TO_DATE)}
-        if lake_order and (not order or set(keys) - failed):
-            print(f"lake: running {', '.join(paths[k] for k in lake_order)}", flush=True)
-            summarize(summary, "(lake)", lake_order, graph, paths, run_shard(instance, lake_job, None, lake_order, run_config))
+        lake_run = lake_wide_to_run(lk, cfg, lake_order, graph, paths, force, summary) if lake_order and (not order or set(keys) - failed) else []
+        if lake_run:
+            print(f"lake: running {', '.join(paths[k] for k in lake_run)}", flush=True)
+            summarize(summary, "(lake)", lake_run, graph, paths, run_shard(instance, lake_job, None, lake_run, run_config))
             if interrupts.seen() or any(line.detail.startswith(INTERRUPTED) for line in summary.lines):
                 raise KeyboardInterrupt
+        elif lake_order and (not order or set(keys) - failed):
+            print("lake: every selected lake-wide asset is up to date", flush=True)
         elif lake_order:
             summary.lines += [StageLine("(lake)", paths[k], "skipped", detail="no shard went through") for k in lake_order]
     summary.notes += remove_garbage(lk, cfg, {line.asset for line in summary.lines if line.status == "materialized"})
