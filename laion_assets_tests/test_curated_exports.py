@@ -10,6 +10,7 @@ import hashlib
 import re
 import shlex
 
+import braceexpand
 import polars as pl
 import pytest
 from dagster import instance_for_test
@@ -78,7 +79,8 @@ def assert_consumers_see_the_subsets(lake: Lake, capsys) -> None:
             assert not {h.uid for row in hits for h in row} & out[subset]
         assert main(["train-args", "--subset", subset, "--lake", lake.uri]) == 0
         printed = capsys.readouterr().out
-        named = shlex.split(printed)[shlex.split(printed).index("--train-data") + 1].split("::")
+        data = shlex.split(printed)[shlex.split(printed).index("--train-data") + 1]
+        named = [url for part in data.split("::") for url in braceexpand.braceexpand(part)]
         assert named == train_shards(lake, subset)[0] and len(named) == tars
         assert f"--train-num-samples {len(rows)}" in printed
 
