@@ -80,7 +80,7 @@ def _policies(spec):
 
 def build_defs(settings: Settings) -> Definitions:
     cfg = load_config(settings.config)
-    downstream = [images, language, embeddings_assets(cfg), scores_asset(cfg), dedup_keys, *subset_assets(cfg), *webdataset_assets(cfg)]
+    downstream = [images, language, *embeddings_assets(cfg), scores_asset(cfg), dedup_keys, *subset_assets(cfg), *webdataset_assets(cfg)]
     shard_assets = [
         raw_urls,
         *map_asset_specs(after_lake_wide, map_asset_specs(lambda s: s.replace_attributes(automation_condition=FOLLOW_UPSTREAM), downstream)),

@@ -23,6 +23,9 @@ class SpaceConfig(Section):
     pretrained: str | None = Field("openai", description="open_clip pretrained tag")
     checkpoint: str | None = Field(None, description="local checkpoint path; overrides pretrained")
     batch_size: int | None = Field(None, ge=1, description="overrides embeddings.batch_size for this model")
+    adopted: bool = Field(
+        False, description="vectors are published ones read by `laion-assets adopt-embeddings` (e.g. LAION's L/14), not computed from images"
+    )
 
     @property
     def identity(self) -> str:

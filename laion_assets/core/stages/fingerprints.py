@@ -67,6 +67,9 @@ def upstream(cfg: PipelineConfig, table: str) -> list[str]:
     stage = stage_of(table)
     if stage in ("images", "language"):
         return ["raw_urls"]
+    space = cfg.embeddings.spaces.get(table.split("/", 1)[-1])
+    if stage == "embeddings" and space is not None and space.adopted:
+        return ["raw_urls"]  # published vectors beside the metadata raw_urls was read from
     if stage in ("embeddings", "watermark", "dedup_keys"):
         return ["images"]
     if stage == "scores":
