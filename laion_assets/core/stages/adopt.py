@@ -68,10 +68,10 @@ def check_part(part: Part, space: str, dim: int, tolerance: float, values: bool 
         for f in files if values else []:
             for start in range(0, rows, CHUNK_ROWS):
                 v = f.read(start, min(rows, start + CHUNK_ROWS)).astype(np.float32)
-                finite = np.isfinite(v).all(axis=1)
+                norms = np.sqrt(np.einsum("ij,ij->i", v, v))  # NaN or inf in a vector makes its norm so
+                finite = np.isfinite(norms)
                 if not finite.all():
                     raise LaionAssetsError(f"{_name(f.uri)} row {start + int(np.argmin(finite))} has NaN or infinite values: the file is corrupt")
-                norms = np.linalg.norm(v, axis=1)
                 off = np.abs(norms - 1) > tolerance
                 if off.any():
                     at = int(np.argmax(off))
@@ -111,19 +111,16 @@ def run_adopted_embeddings(lake: Lake, cfg: PipelineConfig, shard: str, space: s
     if part.text is None and SIMILARITY_COLUMN not in raw.columns:
         raise LaionAssetsError(f"{_name(part.metadata)} has no text embeddings and no {SIMILARITY_COLUMN} column: there is no similarity to adopt")
 
-    def similarity(rows: pl.DataFrame, img: np.ndarray, txt: np.ndarray | None) -> pa.Array:
-        if txt is None:
-            return rows[SIMILARITY_COLUMN].cast(pl.Float32).to_arrow()
-        return pa.array((img.astype(np.float32) * txt.astype(np.float32)).sum(axis=1))
-
-    audit = []
+    audit = []  # one frame per chunk; its similarity is published with the chunk's vectors
     for rows, img, txt in _chunks(lake, shard, part, raw):
+        x = img.astype(np.float32)  # float16 -> float32 is the cost here: once per vector
+        y = None if txt is None else txt.astype(np.float32)
         audit.append(pl.DataFrame({
-            "uid": rows["uid"], "similarity": pl.from_arrow(similarity(rows, img, txt)), "shape_ok": np.full(rows.height, True),
-            "image_norm": np.linalg.norm(img.astype(np.float32), axis=1),
-            "text_norm": np.ones(rows.height) if txt is None else np.linalg.norm(txt.astype(np.float32), axis=1),
+            "uid": rows["uid"], "shape_ok": np.full(rows.height, True), "image_norm": np.sqrt(np.einsum("ij,ij->i", x, x)),
+            "text_norm": np.ones(rows.height) if y is None else np.sqrt(np.einsum("ij,ij->i", y, y)),
+            "similarity": rows[SIMILARITY_COLUMN].cast(pl.Float32) if y is None else np.einsum("ij,ij->i", x, y),
         }))
-    audit = pl.concat(audit) if audit else pl.DataFrame(schema={"uid": pl.Int64, "similarity": pl.Float32, "shape_ok": pl.Boolean, "image_norm": pl.Float64, "text_norm": pl.Float64})
+    frames, audit = audit, pl.concat(audit) if audit else pl.DataFrame(schema={"uid": pl.Int64, "similarity": pl.Float32, "shape_ok": pl.Boolean, "image_norm": pl.Float64, "text_norm": pl.Float64})
     table = embeddings_table(space)
     stats = {
         "space": space, "embedding_space": identity, "embedding_dim": dim, "adopted_from": part.image,
@@ -140,9 +137,9 @@ def run_adopted_embeddings(lake: Lake, cfg: PipelineConfig, shard: str, space: s
         pa.record_batch([
             rows["uid"].to_arrow(), vectors.to_column(img, "float16"),
             pa.nulls(rows.height, vec) if txt is None else vectors.to_column(txt, "float16"),
-            similarity(rows, img, txt), pa.array([identity] * rows.height, pa.string()),
+            checked["similarity"].cast(pl.Float32).to_arrow(), pa.array([identity] * rows.height, pa.string()),
         ], schema=schema)
-        for rows, img, txt in _chunks(lake, shard, part, raw)
+        for (rows, img, txt), checked in zip(_chunks(lake, shard, part, raw), frames)
     )
     out = publish_stream(
         lake, table, shard, schema, batches, raw.height, report, stats,
