@@ -139,3 +139,25 @@ def test_a_space_not_declared_adopted_is_refused(tmp_path):
     run_raw_urls(lake, cfg, key)
     with pytest.raises(LaionAssetsError, match="space 'l14' is not in embeddings.spaces"):
         run_adopted_embeddings(lake, cfg, key, "l14")
+
+
+def test_rows_kept_out_at_ingest_leave_the_others_vectors_in_place(tmp_path):
+    """raw_urls keeps out rows (no fetchable URL, a repeated url+caption): every other row
+    still gets the vector of its own metadata row."""
+    root = tmp_path / "laion"
+    write_parquet_npy(root, [30, 30])
+    path = root / "metadata" / "metadata_0001.parquet"
+    meta = pl.read_parquet(path)
+    urls, texts = meta["URL"].to_list(), meta["TEXT"].to_list()
+    urls[5] = "ftp://example.org/x.jpg"
+    urls[9], texts[9] = urls[8], texts[8]
+    meta.with_columns(URL=pl.Series(urls), TEXT=pl.Series(texts)).write_parquet(path)
+    lake, cfg = Lake(tmp_path / "lake"), adopt_config()
+    adopt(lake, cfg, root)
+
+    emb = lake.scan("embeddings/l14").join(lake.scan(RAW_URLS).select("shard", "uid", "source_row"), on=["shard", "uid"]).sort("shard", "source_row").collect()
+    assert emb.height == 58
+    theirs, _ = reader_vectors(root)
+    at = np.array([r + (30 if s == "metadata_0001" else 0) for s, r in zip(emb["shard"], emb["source_row"])])
+    assert 35 not in at and 39 not in at
+    assert np.array_equal(vectors.from_column(emb["image_embedding"]).astype(np.float16), theirs[at].astype(np.float16))

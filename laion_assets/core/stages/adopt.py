@@ -95,7 +95,8 @@ def _chunks(lake: Lake, shard: str, part: Part, raw: pl.DataFrame) -> Iterator[t
             rows = raw.slice(start, CHUNK_ROWS)
             at = rows["source_row"].to_numpy()
             lo, hi = int(at[0]), int(at[-1]) + 1
-            yield rows, *(None if f is None else f.read(lo, hi)[at - lo] for f in files)
+            whole = hi - lo == len(at)  # no row kept out in this range: no gather, no copy
+            yield rows, *(None if f is None else f.read(lo, hi) if whole else f.read(lo, hi)[at - lo] for f in files)
 
 
 @explained
