@@ -12,6 +12,7 @@ from embedding_reader import EmbeddingReader
 from laion_assets.cli import main
 from laion_assets.core.embeddings import vectors
 from laion_assets.core.embeddings.config import EmbeddingConfig, SpaceConfig
+from laion_assets.core.embeddings.published import find_parts
 from laion_assets.core.ingest import registry
 from laion_assets.core.ingest.reader import laion_uid
 from laion_assets.core.lake.delta import Lake
@@ -161,3 +162,23 @@ def test_rows_kept_out_at_ingest_leave_the_others_vectors_in_place(tmp_path):
     at = np.array([r + (30 if s == "metadata_0001" else 0) for s, r in zip(emb["shard"], emb["source_row"])])
     assert 35 not in at and 39 not in at
     assert np.array_equal(vectors.from_column(emb["image_embedding"]).astype(np.float16), theirs[at].astype(np.float16))
+
+
+def test_a_folder_on_s3_is_adopted_like_a_local_one(tmp_path, moto_s3):
+    """The same parts read from an object store (row ranges through pyarrow's S3 filesystem)."""
+    import boto3
+
+    root = tmp_path / "laion"
+    write_parquet_npy(root, [40, 30], text=False)
+    s3 = boto3.client("s3", endpoint_url=moto_s3.endpoint)
+    for path in root.rglob("*.*"):
+        s3.upload_file(str(path), "laion", f"published/{path.relative_to(root)}")
+    lake, cfg = Lake(tmp_path / "lake"), adopt_config()
+    parts = find_parts("s3://laion/published")
+    assert [p.text for p in parts] == [None, None]
+    for key in registry.register(lake, [p.metadata for p in parts]):
+        run_raw_urls(lake, cfg, key)
+        run_adopted_embeddings(lake, cfg, key, "l14")
+    emb = lake.scan("embeddings/l14").join(lake.scan(RAW_URLS).select("shard", "uid", "source_row"), on=["shard", "uid"]).sort("shard", "source_row").collect()
+    theirs, _ = reader_vectors(root)
+    assert np.array_equal(vectors.from_column(emb["image_embedding"]).astype(np.float16), theirs.astype(np.float16))
