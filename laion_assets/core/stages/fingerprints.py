@@ -91,13 +91,14 @@ def config_of(cfg: PipelineConfig, table: str) -> dict:
     if stage == "images":
         download = cfg.download.model_dump(mode="json", exclude=NOT_ROWS["download"])
         blocklists = {k: _file_id(download[k]) for k in ("url_blocklist", "image_blocklist") if download[k]}
-        only = cfg.fetch_filter()
-        return {"download": download, "blocklists": blocklists, "images": cfg.images.model_dump(mode="json"), "only_subset": only and only.rule()}
+        only = cfg.fetch_filter()  # named only when set: a lake's published images stay up to date
+        download.pop("only_subset")
+        return {"download": download, "blocklists": blocklists, "images": cfg.images.model_dump(mode="json"), **({"only_subset": only.rule()} if only else {})}
     if stage == "embeddings":
         space = cfg.embeddings.spaces[name]
         return {
             "embeddings": cfg.embeddings.model_dump(mode="json", exclude=NOT_ROWS["embeddings"]),
-            "space": space.model_dump(mode="json", exclude={"batch_size"}),
+            "space": space.model_dump(mode="json", exclude={"batch_size", *(() if space.adopted else ("adopted",))}),  # as before adopted spaces
             "checkpoint": _file_id(space.checkpoint) if space.checkpoint else None,
         }
     if stage == "watermark":
