@@ -126,6 +126,8 @@ def test_laion_aesthetics_from_published_vectors_downloads_only_its_rows(tmp_pat
 
 
 def test_lineage_shows_images_chosen_by_scores_of_adopted_vectors(tmp_path):
+    from dagster import AssetKey
+
     from laion_assets.defs.definitions import build_defs
     from laion_assets.defs.resources import Settings
 
@@ -138,7 +140,7 @@ def test_lineage_shows_images_chosen_by_scores_of_adopted_vectors(tmp_path):
     graph = build_defs(Settings(lake=str(tmp_path / "lake"), config=str(write_config(tmp_path / "c.yaml", cfg)))).resolve_asset_graph()
 
     def parents(key: str) -> set[str]:
-        return {k.to_user_string() for k in graph.get(graph.get_all_asset_keys() and next(k for k in graph.get_all_asset_keys() if k.to_user_string() == key)).parent_keys}
+        return {k.to_user_string() for k in graph.get(AssetKey.from_user_string(key)).parent_keys}
 
     assert parents("embeddings_l14") == {"raw_urls"}  # adopted: no image needed
     assert parents("scores") == {"embeddings_l14"}

@@ -6,13 +6,12 @@ vectors costs a pass over the files.
 Before anything is registered, every part is checked (`check_part`): the same row count in the
 npy files and the metadata, the space's dimension, no NaN, unit norm within the embeddings
 gate's tolerance; each refusal is one line. The stage then audits a shard's vectors with the
-embeddings gate and publishes them as a stream, `chunk_rows` at a time, so memory stays flat
+embeddings gate and publishes them as a stream, `CHUNK_ROWS` at a time, so memory stays flat
 in the file size. Without text embeddings, `similarity` is the metadata's own column.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -34,8 +33,6 @@ from laion_assets.core.stages.publish import StageOutput, gate, publish_stream
 
 CHUNK_ROWS = 65_536  # vectors read at a time: 96 MiB of float32 for 768-d
 SIMILARITY_COLUMN = "similarity"  # LAION's metadata column: the B/32 (400M) or L/14 (5B) cosine
-
-log = logging.getLogger(__name__)
 
 
 def adopted_space(cfg: PipelineConfig, space: str) -> tuple[str, int]:
@@ -86,7 +83,7 @@ def _source_part(lake: Lake, shard: str) -> Part:
     return part_of(registry.source_of(lake, shard))
 
 
-def _chunks(lake: Lake, shard: str, part: Part, raw: pl.DataFrame) -> Iterator[tuple[pl.DataFrame, np.ndarray, np.ndarray | None]]:
+def _chunks(part: Part, raw: pl.DataFrame) -> Iterator[tuple[pl.DataFrame, np.ndarray, np.ndarray | None]]:
     """(raw_urls rows, their image vectors, text vectors or None) `CHUNK_ROWS` rows at a time,
     each row's vectors at its `source_row` (raw_urls keeps out rows, so rows can be skipped)."""
     with ExitStack() as stack:
@@ -113,7 +110,7 @@ def run_adopted_embeddings(lake: Lake, cfg: PipelineConfig, shard: str, space: s
         raise LaionAssetsError(f"{_name(part.metadata)} has no text embeddings and no {SIMILARITY_COLUMN} column: there is no similarity to adopt")
 
     audit = []  # one frame per chunk; its similarity is published with the chunk's vectors
-    for rows, img, txt in _chunks(lake, shard, part, raw):
+    for rows, img, txt in _chunks(part, raw):
         x = img.astype(np.float32)  # float16 -> float32 is the cost here: once per vector
         y = None if txt is None else txt.astype(np.float32)
         audit.append(pl.DataFrame({
@@ -140,7 +137,7 @@ def run_adopted_embeddings(lake: Lake, cfg: PipelineConfig, shard: str, space: s
             pa.nulls(rows.height, vec) if txt is None else vectors.to_column(txt, "float16"),
             checked["similarity"].cast(pl.Float32).to_arrow(), pa.array([identity] * rows.height, pa.string()),
         ], schema=schema)
-        for (rows, img, txt), checked in zip(_chunks(lake, shard, part, raw), frames)
+        for (rows, img, txt), checked in zip(_chunks(part, raw), frames)
     )
     out = publish_stream(
         lake, table, shard, schema, batches, raw.height, report, stats,
