@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -160,17 +162,16 @@ H14_WIDTHS = [1024, 1024, 2048, 1024, 256, 128, 16, 1]
 @pytest.mark.parametrize(
     "shapes, message",
     [
-        # the ViT-H/14 NSFW head's layout: its ReLU/Dropout positions cannot be read from a
-        # state_dict and its output has no sigmoid, so it is refused, not run as an aesthetic MLP
+        # the ViT-H/14 NSFW head's layout without its last layer: not the published network
         ({f"layers.{i}.{p}": ((H14_WIDTHS[n + 1], H14_WIDTHS[n]) if p == "weight" else (H14_WIDTHS[n + 1],))
-          for n, i in enumerate((0, 3, 6, 9, 12, 15, 16)) for p in ("weight", "bias")}, "match no known head"),
+          for n, i in enumerate((0, 3, 6, 9, 12, 15)) for p in ("weight", "bias")}, "match no known head"),
         ({"norm.mean": (8,), "norm.variance": (8,), "linear_1.weight": (4, 8), "linear_1.bias": (4,), "linear_3.weight": (1, 4), "linear_3.bias": (1,)}, "match no known head"),
         ({"norm.mean": (8,), "norm.variance": (8,), "linear_1.weight": (4, 8), "linear_1.bias": (4,), "linear_2.weight": (1, 5), "linear_2.bias": (1,)}, "has shape"),
         ({"norm.mean": (8,), "norm.variance": (8,), "linear_1.weight": (4, 8), "linear_1.bias": (4,), "linear_2.weight": (2, 4), "linear_2.bias": (2,)}, "2 outputs"),
         ({"norm.mean": (6,), "norm.variance": (6,), "linear_1.weight": (4, 8), "linear_1.bias": (4,), "linear_2.weight": (1, 4), "linear_2.bias": (1,)}, "norm is"),
         ({"weight": (1, 8), "bias": (1,), "extra": (3,)}, "match no known head"),
     ],
-    ids=["h14-layout", "gap-in-layers", "chain-mismatch", "two-outputs", "norm-width", "extra-key"],
+    ids=["h14-layout-cut", "gap-in-layers", "chain-mismatch", "two-outputs", "norm-width", "extra-key"],
 )
 def test_heads_of_unknown_structure_are_refused(tmp_path, shapes, message):
     path = tmp_path / "head.pth"
@@ -212,3 +213,62 @@ def test_a_rows_score_does_not_depend_on_the_rows_batched_with_it():
         sliced[order[start:stop]] = head(emb[order[start:stop]]).astype(np.float32)
     alone = np.array([head(emb[i:i + 1])[0] for i in range(len(emb))], np.float32)
     assert whole.tobytes() == sliced.tobytes() == alone.tobytes()
+
+
+def clip_retrieval_h14_detector(state: dict) -> torch.nn.Module:
+    """clip-retrieval's own H14_NSFW_Detector (its module, loaded by file path: the package's
+    __init__ imports Flask code not installed), given `state` instead of the file it downloads."""
+    import importlib.util
+
+    path = Path(importlib.util.find_spec("clip_retrieval").submodule_search_locations[0]) / "h14_nsfw_model.py"
+    spec = importlib.util.spec_from_file_location("h14_nsfw_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    local = type("LocalH14", (module.H14_NSFW_Detector,), {"load_state": lambda self, folder: state})
+    return local().eval()
+
+
+def h14_state(seed: int = 0) -> dict:
+    """A state dict in the published H/14 NSFW head's layout, weights seeded, big enough that
+    every ReLU cuts some units."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        f"layers.{i}.{p}": torch.randn(*((H14_WIDTHS[n + 1], H14_WIDTHS[n]) if p == "weight" else (H14_WIDTHS[n + 1],)), generator=g)
+        * (H14_WIDTHS[n] ** -0.5 if p == "weight" else 0.1)
+        for n, i in enumerate((0, 3, 6, 9, 12, 15, 16)) for p in ("weight", "bias")
+    }
+
+
+def test_h14_nsfw_head_is_the_published_network(tmp_path):
+    """LAION's ViT-H/14 NSFW head (h14_nsfw.pth): Linear, ReLU, Dropout five times, then two
+    Linears and no sigmoid. Our head equals clip-retrieval's module and a numpy forward pass
+    written from that architecture; moving one ReLU would change the scores."""
+    state = h14_state()
+    path = tmp_path / "h14_nsfw.pth"
+    torch.save(state, path)
+    head = load_head("punsafe", HeadConfig(path=str(path), trained_on="ViT-H-14/laion2b_s32b_b79k"))
+    assert head.kind == "nsfw_h14" and head.dim == 1024
+    x = np.random.default_rng(0).normal(size=(32, 1024)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+
+    w = {k: v.numpy() for k, v in state.items()}
+    h = x
+    for i in (0, 3, 6, 9, 12):
+        h = np.maximum(h @ w[f"layers.{i}.weight"].T + w[f"layers.{i}.bias"], 0)
+    for i in (15, 16):
+        h = h @ w[f"layers.{i}.weight"].T + w[f"layers.{i}.bias"]
+    with torch.no_grad():
+        theirs = clip_retrieval_h14_detector(state)(torch.from_numpy(x))[:, 0].numpy()
+    got = head(x)
+    np.testing.assert_allclose(got, h[:, 0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got, theirs, rtol=1e-4, atol=1e-5)
+    assert got.std() > 1e-3
+    # a ReLU after layers.15 too (a plausible misreading) gives other scores
+    pre16 = x
+    for i in (0, 3, 6, 9, 12, 15):
+        pre16 = np.maximum(pre16 @ w[f"layers.{i}.weight"].T + w[f"layers.{i}.bias"], 0)
+    wrong = (pre16 @ w["layers.16.weight"].T + w["layers.16.bias"])[:, 0]
+    assert not np.allclose(got, wrong, atol=1e-4)
+    check_compatible(head, 1024, "ViT-H-14/laion2b_s32b_b79k", allow_space_mismatch=False)
+    with pytest.raises(LaionAssetsError, match="expects 1024-d embeddings"):
+        check_compatible(head, 768, "ViT-L-14/openai", allow_space_mismatch=True)

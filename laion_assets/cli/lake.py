@@ -1,4 +1,5 @@
-"""`check-store`, `migrate-embeddings`, `adopt`, `adopt-images`, `maintain`, `remove-shard`: looking after a lake."""
+"""`check-store`, `migrate-embeddings`, `adopt`, `adopt-images`, `adopt-embeddings`, `maintain`,
+`remove-shard`: looking after a lake, and bringing in what a lab already holds."""
 
 from __future__ import annotations
 
@@ -85,6 +86,26 @@ def cmd_adopt_images(args) -> int:
     return 0 if summary.ok else 1
 
 
+def cmd_adopt_embeddings(args) -> int:
+    """Check a parquet_npy folder whole (nothing is registered if a part is refused), then
+    ingest its metadata files as shards and publish their vectors, through Dagster."""
+    from laion_assets.cli.pipeline import run_pipeline
+    from laion_assets.core.config import load_config
+    from laion_assets.core.embeddings.published import METADATA, find_parts
+    from laion_assets.core.stages.adopt import adopted_space, check_part
+
+    cfg = load_config(args.config)
+    identity, dim = adopted_space(cfg, args.space)
+    parts = find_parts(args.location)
+    rows = sum(check_part(p, args.space, dim, cfg.quality.embedding_norm_tolerance) for p in parts)
+    texts = sum(p.text is not None for p in parts)
+    print(f"{len(parts)} parts checked: {rows} rows of {dim}-d {identity} vectors, text embeddings in {texts} of them", flush=True)
+    summary = run_pipeline([f"{args.location.rstrip('/')}/{METADATA}"], args.lake, args.config, f"raw_urls,embeddings/{args.space}")
+    print("\nper-stage summary:")
+    summary.print()
+    return 0 if summary.ok else 1
+
+
 def cmd_maintain(args) -> int:
     """The lake_maintenance job, through Dagster (recorded in the instance like the schedule's)."""
     from laion_assets.defs.definitions import build_defs
@@ -143,6 +164,19 @@ def add_commands(sub, env_lake: str, env_config: str | None) -> None:
     add_lake(images, env_lake)
     add_config(images, env_config)
     images.set_defaults(fn=cmd_adopt_images)
+
+    embeddings = sub.add_parser(
+        "adopt-embeddings", help="ingest published embeddings and metadata (LAION's parquet_npy layout) without images",
+        description="Read a folder in LAION's published-embeddings layout (metadata/metadata_NNNN.parquet, "
+        "img_emb/img_emb_NNNN.npy, optional text_emb/text_emb_NNNN.npy; local or s3://): each metadata file becomes a "
+        "shard, its rows raw_urls (LAION's uids) and its vectors embeddings/SPACE, a space declared with adopted: true. "
+        "Every part is checked first (row counts, dimension, NaN, unit norm): nothing is registered if one is refused.",
+    )
+    embeddings.add_argument("location", help="the folder holding metadata/, img_emb/ (and text_emb/)")
+    embeddings.add_argument("--space", required=True, help="the configured adopted space the vectors belong to, e.g. l14")
+    add_lake(embeddings, env_lake)
+    add_config(embeddings, env_config, note=" declaring the space")
+    embeddings.set_defaults(fn=cmd_adopt_embeddings)
 
     maintain = sub.add_parser(
         "maintain", help="remove leftover staging, compact and vacuum every table (the nightly job)",

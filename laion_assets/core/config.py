@@ -78,6 +78,49 @@ class PipelineConfig(Section):
             raise ValueError(f"subset {sub.name} thresholds {', '.join(missing)}, which nothing computes: {hint}")
         return sub.threshold_columns & ours
 
+    @model_validator(mode="after")
+    def _fetch_filter_resolves(self) -> PipelineConfig:
+        """A subset that filters before the download may read only what exists without images."""
+        name = self.download.only_subset
+        if name is None:
+            return self
+        sub = self.fetch_filter()
+        if sub is None:
+            raise ValueError(f"download.only_subset '{name}' is not declared in subsets ({', '.join(s.name for s in self.subsets)})")
+        space = self.similarity_space(sub)
+        if sub.min_similarity is not None and not self.embeddings.spaces[space].adopted:
+            raise ValueError(
+                f"download.only_subset: subset {name} filters on similarity in space {space}, which is computed from images: "
+                "adopt that space, or filter on LAION's source_similarity"
+            )
+        ours = self.score_columns(sub)
+        if "pwatermark" in ours or (ours and not self.scores_from_adopted()):
+            raise ValueError(
+                f"download.only_subset: subset {name} thresholds {', '.join(sorted(ours))}, computed from images here: "
+                "before the download only heads on adopted spaces and source columns (source_punsafe, source_pwatermark...) can filter"
+            )
+        return self
+
+    def fetch_filter(self) -> SubsetConfig | None:
+        """The subset `download.only_subset` names (None: every row is fetched)."""
+        return next((s for s in self.subsets if s.name == self.download.only_subset), None)
+
+    def fetch_filter_tables(self) -> list[str]:
+        """What the images stage reads to choose its rows: the subset's rules without images."""
+        sub = self.fetch_filter()
+        if sub is None:
+            return []
+        return [
+            *(["language"] if sub.uses_language or sub.min_caption_chars is not None else []),
+            *([f"embeddings/{self.similarity_space(sub)}"] if sub.min_similarity is not None else []),
+            *(["scores"] if self.score_columns(sub) else []),
+        ]
+
+    def scores_from_adopted(self) -> bool:
+        """Every head reads an adopted space: scores need no image (they run on published vectors)."""
+        fed = {self.head_space(name) for name in self.scores.heads}
+        return bool(fed) and all(self.embeddings.spaces[space].adopted for space in fed)
+
     def exported_subsets(self) -> list[SubsetConfig]:
         return [s for s in self.subsets if self.export.subsets is None or s.name in self.export.subsets]
 

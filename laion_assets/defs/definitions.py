@@ -15,6 +15,7 @@ import os
 from datetime import timedelta
 
 from dagster import (
+    AssetKey,
     AssetSelection,
     AutomationCondition,
     Definitions,
@@ -30,8 +31,8 @@ from laion_assets.core.config import load_config
 from laion_assets.defs.curation import after_lake_wide, blocklist_files, dedup_keys, lake_wide_assets
 from laion_assets.defs.embeddings import embeddings_assets
 from laion_assets.defs.executors import executor_for
-from laion_assets.defs.images import images
-from laion_assets.defs.keys import LAKE_PATH
+from laion_assets.defs.images import images, images_asset
+from laion_assets.defs.keys import LAKE_PATH, embeddings_key
 from laion_assets.defs.knn import knn_assets
 from laion_assets.defs.language import language
 from laion_assets.defs.raw_urls import raw_urls
@@ -78,9 +79,17 @@ def _policies(spec):
     ).merge_attributes(tags={"stage": STAGES.get(top, top)})
 
 
+def _fetch_after(cfg) -> list[AssetKey]:
+    """What `download.only_subset` reads to choose the rows images fetches (filter before fetch:
+    adopted embeddings, their scores, the language): images runs after them, lineage shows it."""
+    keys = {"language": language.key, "scores": AssetKey("scores")}
+    return [keys.get(t) or embeddings_key(t.split("/", 1)[1]) for t in cfg.fetch_filter_tables()]
+
+
 def build_defs(settings: Settings) -> Definitions:
     cfg = load_config(settings.config)
-    downstream = [images, language, embeddings_assets(cfg), scores_asset(cfg), dedup_keys, *subset_assets(cfg), *webdataset_assets(cfg)]
+    fetch = images_asset(_fetch_after(cfg)) if cfg.download.only_subset else images
+    downstream = [fetch, language, *embeddings_assets(cfg), scores_asset(cfg), dedup_keys, *subset_assets(cfg), *webdataset_assets(cfg)]
     shard_assets = [
         raw_urls,
         *map_asset_specs(after_lake_wide, map_asset_specs(lambda s: s.replace_attributes(automation_condition=FOLLOW_UPSTREAM), downstream)),

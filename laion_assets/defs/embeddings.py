@@ -8,10 +8,12 @@ from dagster import AssetExecutionContext, AssetsDefinition, AssetSpec, multi_as
 from laion_assets.core import stages
 from laion_assets.core.config import PipelineConfig
 from laion_assets.core.ui import views
-from laion_assets.defs.gate import gate_spec, run_stages
+from laion_assets.core.stages.adopt import run_adopted_embeddings
+from laion_assets.defs.gate import gate_spec, run_stage, run_stages
 from laion_assets.defs.images import images
 from laion_assets.defs.keys import WATERMARK, embeddings_key, lake_path
-from laion_assets.defs.partitions import pool_op_tags, shard_backfill, shards
+from laion_assets.defs.partitions import pool_op_tags, shard_asset, shard_backfill, shards
+from laion_assets.defs.raw_urls import raw_urls
 from laion_assets.defs.resources import LakeResource, PipelineResource
 
 
@@ -41,8 +43,36 @@ def encoder_for(cfg: PipelineConfig, towers) -> object:
     return _encoder(cfg.embeddings.model_dump_json(), wm, tuple(towers))
 
 
-def embeddings_assets(cfg: PipelineConfig) -> AssetsDefinition:
-    """One asset per space; a run may select any of them, and the step computes only those."""
+def embeddings_assets(cfg: PipelineConfig) -> list[AssetsDefinition]:
+    """One asset per space: the computed ones in one step (a run may select any of them, and the
+    step computes only those), each adopted one on its own."""
+    computed = _computed_assets(cfg)
+    return [*([computed] if computed else []), *(adopted_asset(name, cfg) for name, sp in cfg.embeddings.spaces.items() if sp.adopted)]
+
+
+def adopted_asset(name: str, cfg: PipelineConfig) -> AssetsDefinition:
+    space = cfg.embeddings.spaces[name]
+
+    @shard_asset(
+        key=embeddings_key(name), deps=[raw_urls], check_specs=[gate_spec(embeddings_key(name))], kinds={"delta", "numpy"},
+        description=(
+            f"Space `{name}` ({space.identity}), adopted: published vectors (LAION's parquet_npy layout: "
+            "img_emb/, text_emb/ beside the metadata file the shard's raw_urls came from), checked by the "
+            "embeddings gate and published as they are; no image is needed (`laion-assets adopt-embeddings`)."
+        ),
+        metadata={"embedding_space": space.identity, "adopted": True, **lake_path(stages.embeddings_table(name))},
+    )
+    def _adopted(context: AssetExecutionContext, lake: LakeResource, pipeline: PipelineResource):
+        lk, cfg_now, shard = lake.lake(), pipeline.config(), context.partition_key
+        yield from run_stage(
+            context, lk, stages.embeddings_table(name), lambda: run_adopted_embeddings(lk, cfg_now, shard, name),
+            view=lambda: views.embeddings_view(lk, cfg_now, shard, name),
+        )
+
+    return _adopted
+
+
+def _computed_assets(cfg: PipelineConfig) -> AssetsDefinition | None:
     specs = [
         AssetSpec(
             embeddings_key(name), deps=[images], kinds={"delta", "pytorch"},
@@ -54,8 +84,10 @@ def embeddings_assets(cfg: PipelineConfig) -> AssetsDefinition:
             metadata={"embedding_space": space.identity, **lake_path(stages.embeddings_table(name))},
             skippable=True,
         )
-        for name, space in cfg.embeddings.spaces.items()
+        for name, space in cfg.embeddings.spaces.items() if not space.adopted
     ]
+    if not specs:
+        return None
     if cfg.watermark:
         specs.append(AssetSpec(
             WATERMARK, deps=[images], kinds={"delta", "pytorch"}, group_name="laion", skippable=True,
@@ -73,7 +105,7 @@ def embeddings_assets(cfg: PipelineConfig) -> AssetsDefinition:
     def _embeddings(context: AssetExecutionContext, lake: LakeResource, pipeline: PipelineResource):
         lk = lake.lake()
         cfg_now = pipeline.config()
-        chosen = [name for name in cfg_now.embeddings.spaces if embeddings_key(name) in context.selected_asset_keys]
+        chosen = [name for name, sp in cfg_now.embeddings.spaces.items() if not sp.adopted and embeddings_key(name) in context.selected_asset_keys]
         watermark = cfg_now.watermark is not None and WATERMARK in context.selected_asset_keys
         tables = {embeddings_key(name): stages.embeddings_table(name) for name in chosen}
         if watermark:

@@ -1,6 +1,6 @@
 """images: every URL of a shard downloaded, checked, resized and re-encoded."""
 
-from dagster import AssetExecutionContext, Config
+from dagster import AssetExecutionContext, AssetsDefinition, Config
 from pydantic import Field
 
 from laion_assets.core import stages
@@ -17,24 +17,33 @@ class ImagesRunConfig(Config):
     )
 
 
-@shard_asset(
-    deps=[raw_urls],
-    check_specs=[gate_spec("images")],
-    pool="download",
-    kinds={"delta"},
-)
-def images(context: AssetExecutionContext, config: ImagesRunConfig, lake: LakeResource, pipeline: PipelineResource):
-    """One row per input row: `status` (success or the failure kind), `error`, HTTP status,
-    original and stored sizes, sha256 of the original bytes, and the re-encoded `image`.
-    Finished chunks are staged, so a killed run resumes without downloading them again.
-    A shard adopted from an img2dataset download (`laion-assets adopt-images`) is read from its
-    folder instead, whenever it runs: the bytes img2dataset stored, checked to decode, no request."""
-    lk, cfg, shard = lake.lake(), pipeline.config(), context.partition_key
-    yield from run_stage(
-        context, lk, stages.IMAGES,
-        lambda: stages.run_images(
-            lk, cfg, shard, retry_failures=config.retry_failures,
-            on_progress=lambda p: context.log.info(f"shard {shard}: {p.line()}"),
-        ),
-        view=lambda: views.images_view(lk, cfg, shard),
+def images_asset(fetch_after=()) -> AssetsDefinition:
+    """The images asset; `fetch_after`: the assets `download.only_subset` chooses its rows from."""
+
+    @shard_asset(
+        deps=[raw_urls, *fetch_after],
+        check_specs=[gate_spec("images")],
+        pool="download",
+        kinds={"delta"},
     )
+    def images(context: AssetExecutionContext, config: ImagesRunConfig, lake: LakeResource, pipeline: PipelineResource):
+        """One row per input row (per row that can pass `download.only_subset`, when set):
+        `status` (success or the failure kind), `error`, HTTP status, original and stored sizes,
+        sha256 of the original bytes, and the re-encoded `image`.
+        Finished chunks are staged, so a killed run resumes without downloading them again.
+        A shard adopted from an img2dataset download (`laion-assets adopt-images`) is read from its
+        folder instead, whenever it runs: the bytes img2dataset stored, checked to decode, no request."""
+        lk, cfg, shard = lake.lake(), pipeline.config(), context.partition_key
+        yield from run_stage(
+            context, lk, stages.IMAGES,
+            lambda: stages.run_images(
+                lk, cfg, shard, retry_failures=config.retry_failures,
+                on_progress=lambda p: context.log.info(f"shard {shard}: {p.line()}"),
+            ),
+            view=lambda: views.images_view(lk, cfg, shard),
+        )
+
+    return images
+
+
+images = images_asset()

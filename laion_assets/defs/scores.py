@@ -20,7 +20,7 @@ def scores_asset(cfg: PipelineConfig) -> AssetsDefinition:
 
     @shard_asset(
         name="scores",
-        deps=[images, *(embeddings_key(space) for space in fed)],
+        deps=[*([] if cfg.scores_from_adopted() else [images]), *(embeddings_key(space) for space in fed)],
         check_specs=[gate_spec("scores")],
         kinds={"delta", "numpy"},
         description=(

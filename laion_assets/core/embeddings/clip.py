@@ -75,6 +75,15 @@ def _precision(choice: str, device: torch.device) -> str:
     return "fp32"
 
 
+def embed_dim(cfg: SpaceConfig) -> int:
+    """The width of a space's vectors, from open_clip's model config (no weights loaded): what
+    adopted vectors must have."""
+    config = open_clip.get_model_config(TINY_PRESETS.get(cfg.model, cfg.model))
+    if config is None:
+        raise LaionAssetsError(f"open_clip has no model '{cfg.model}': see open_clip.list_models()")
+    return int(config["embed_dim"])
+
+
 def load_model(cfg: SpaceConfig, device: str = "auto", precision: str = "auto") -> ClipModel:
     """Load one space's model; every failure is a one-line LaionAssetsError."""
     device = _device(device)

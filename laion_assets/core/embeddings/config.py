@@ -21,8 +21,11 @@ class SpaceConfig(Section):
 
     model: str = Field("ViT-B-32", description="open_clip model name, or 'tiny' / 'tiny-l' (offline, random)")
     pretrained: str | None = Field("openai", description="open_clip pretrained tag")
-    checkpoint: str | None = Field(None, description="local checkpoint path; overrides pretrained")
+    checkpoint: str | None = Field(None, description="local checkpoint path, loaded instead of downloading pretrained (named with it, the space is that tag's)")
     batch_size: int | None = Field(None, ge=1, description="overrides embeddings.batch_size for this model")
+    adopted: bool = Field(
+        False, description="vectors are published ones read by `laion-assets adopt-embeddings` (e.g. LAION's L/14), not computed from images"
+    )
 
     @property
     def identity(self) -> str:
@@ -30,8 +33,11 @@ class SpaceConfig(Section):
         vector and score, and what a head's `trained_on` must match."""
         if self.model in TINY_PRESETS:
             return f"{self.model}/random-seed0"
-        tag = Path(self.checkpoint).name if self.checkpoint else (self.pretrained or "random")
-        return f"{self.model}/{tag}"
+        if self.checkpoint and "pretrained" not in self.model_fields_set:
+            return f"{self.model}/{Path(self.checkpoint).name}"
+        # a checkpoint with its tag named (a local copy of open_clip's weights, e.g. ViT-H-14
+        # laion2b_s32b_b79k) is that tag's space: heads trained on it accept it
+        return f"{self.model}/{self.pretrained or 'random'}"
 
 
 class EmbeddingConfig(Section):

@@ -39,6 +39,9 @@ class DownloadConfig(Section):
     max_pending_mb: int = Field(256, ge=1, description="downloaded bodies waiting for decode, MiB")
     url_blocklist: str | None = Field(None, description="file of URLs or sha256(url) hex, one a line")
     image_blocklist: str | None = Field(None, description="file of sha256 hex of image bytes")
+    only_subset: str | None = Field(
+        None, description="fetch only the rows that can pass this subset: its rules that need no image, on metadata and adopted spaces"
+    )
 
 
 class ImageConfig(Section):

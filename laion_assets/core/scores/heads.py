@@ -2,7 +2,8 @@
 
 A head file is a torch state_dict; the network it defines is read from its layer structure,
 not assumed: the NSFW head for ViT-L/14 has four linear layers where the B/32 one has three,
-and both are computed to their last layer. A file whose keys or shapes match none of the known
+and both are computed to their last layer; the H/14 one is a plain torch MLP (ReLU and Dropout
+between its first six linears, none after, no sigmoid). A file whose keys or shapes match none of the known
 architectures is refused rather than half-run. Heads are small; they run in numpy on
 L2-normalised image embeddings, in float64: float32 BLAS kernels round a row differently with
 the rows batched around it (scores differed by ~1e-6 between two runs), float64 rounded to the
@@ -25,14 +26,15 @@ from laion_assets.core.scores.config import HeadConfig
 
 KNOWN = (
     "LAION aesthetic V1 (weight, bias), aesthetic V2 MLP (layers.0/2/4/6/7), "
-    "CLIP-based NSFW (norm.mean, norm.variance, linear_1..linear_N)"
+    "CLIP-based NSFW (norm.mean, norm.variance, linear_1..linear_N), H/14 NSFW (layers.0/3/6/9/12/15/16)"
 )
+H14_NSFW = [0, 3, 6, 9, 12, 15, 16]  # Sequential indices of its Linear layers
 
 
 @dataclass(frozen=True)
 class Head:
     name: str  # the output column, e.g. aesthetic, punsafe
-    kind: str  # aesthetic_linear | aesthetic_mlp | nsfw
+    kind: str  # aesthetic_linear | aesthetic_mlp | nsfw | nsfw_h14
     path: str
     sha256: str
     trained_on: str
@@ -44,7 +46,8 @@ class Head:
         return self.kind == "nsfw"
 
     def __call__(self, emb: np.ndarray) -> np.ndarray:
-        """Scores for a (n, dim) float array; aesthetic is a 1–10 rating, nsfw a probability."""
+        """Scores for a (n, dim) float array; aesthetic is a 1–10 rating, nsfw a probability
+        (nsfw_h14 the H/14 head's raw output, which LAION reads as one)."""
         x = np.asarray(emb, dtype=np.float64)
         for op, *p in self.steps:
             if op == "normalize":
@@ -94,6 +97,11 @@ def architecture(w: dict[str, np.ndarray]) -> tuple[str, list[tuple]]:
         # improved-aesthetic-predictor: Linear, Dropout, Linear, Dropout, Linear, Dropout, Linear,
         # Linear (Sequential indices); no activations, as published
         return "aesthetic_mlp", _linears(w, [f"layers.{i}" for i in (0, 2, 4, 6, 7)])
+    if _numbered(keys, "layers.") == H14_NSFW:
+        # LAION's H/14 NSFW head (clip-retrieval's H14_NSFW_Detector): Linear, ReLU, Dropout five
+        # times, then Linear, Linear; its last Linear is the score, no sigmoid, as published
+        linears = _linears(w, [f"layers.{i}" for i in H14_NSFW])
+        return "nsfw_h14", [step for k, lin in enumerate(linears) for step in ([lin, ("relu",)] if k < 5 else [lin])]
     if {"norm.mean", "norm.variance"} <= keys:
         numbers = _numbered(keys - {"norm.mean", "norm.variance"}, "linear_")
         if numbers and len(numbers) >= 2 and numbers == list(range(1, len(numbers) + 1)):

@@ -65,12 +65,18 @@ def stage_of(table: str) -> str:
 def upstream(cfg: PipelineConfig, table: str) -> list[str]:
     """The tables a stage reads for a shard (its inputs, in the asset graph's order)."""
     stage = stage_of(table)
-    if stage in ("images", "language"):
+    if stage == "images":
+        return ["raw_urls", *cfg.fetch_filter_tables()]
+    if stage == "language":
         return ["raw_urls"]
+    space = cfg.embeddings.spaces.get(table.split("/", 1)[-1])
+    if stage == "embeddings" and space is not None and space.adopted:
+        return ["raw_urls"]  # published vectors beside the metadata raw_urls was read from
     if stage in ("embeddings", "watermark", "dedup_keys"):
         return ["images"]
     if stage == "scores":
-        return ["images", *sorted({f"embeddings/{cfg.head_space(h)}" for h in cfg.scores.heads})]
+        fed = sorted({f"embeddings/{cfg.head_space(h)}" for h in cfg.scores.heads})
+        return fed if cfg.scores_from_adopted() else ["images", *fed]
     if stage == "subsets":
         sub = _subset(cfg, table)
         marks = ["watermark"] if cfg.watermark else []
@@ -85,12 +91,14 @@ def config_of(cfg: PipelineConfig, table: str) -> dict:
     if stage == "images":
         download = cfg.download.model_dump(mode="json", exclude=NOT_ROWS["download"])
         blocklists = {k: _file_id(download[k]) for k in ("url_blocklist", "image_blocklist") if download[k]}
-        return {"download": download, "blocklists": blocklists, "images": cfg.images.model_dump(mode="json")}
+        only = cfg.fetch_filter()  # named only when set: a lake's published images stay up to date
+        download.pop("only_subset")
+        return {"download": download, "blocklists": blocklists, "images": cfg.images.model_dump(mode="json"), **({"only_subset": only.rule()} if only else {})}
     if stage == "embeddings":
         space = cfg.embeddings.spaces[name]
         return {
             "embeddings": cfg.embeddings.model_dump(mode="json", exclude=NOT_ROWS["embeddings"]),
-            "space": space.model_dump(mode="json", exclude={"batch_size"}),
+            "space": space.model_dump(mode="json", exclude={"batch_size", *(() if space.adopted else ("adopted",))}),  # as before adopted spaces
             "checkpoint": _file_id(space.checkpoint) if space.checkpoint else None,
         }
     if stage == "watermark":

@@ -22,6 +22,7 @@ from laion_assets.core.lake.errors import LaionAssetsError, StagingUnusable, Val
 from laion_assets.core.lake.tables import IMAGES, RAW_URLS, STAGING_IMAGES
 from laion_assets.core.stages import fingerprints, staging
 from laion_assets.core.stages.publish import StageOutput, gate, publish_stream
+from laion_assets.core.stages.subsets import before_fetch
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,11 @@ def run_images(
 
 def _run_images(lake: Lake, cfg: PipelineConfig, shard: str, retry_failures: bool, on_progress, resolver) -> StageOutput:
     raw = lake.read_shard(RAW_URLS, shard, ["uid", "url", *_boxes_column(lake, cfg)])
+    selected = {}
+    if cfg.download.only_subset:  # filter before fetch: only the rows that can pass the subset
+        chosen, dropped = before_fetch(lake, cfg, shard)
+        selected = {"only_subset": {"subset": cfg.download.only_subset, "rows": chosen.len(), "of": raw.height, "dropped_by_rule": dropped}}
+        raw = raw.filter(pl.col("uid").is_in(chosen.implode()))
     recipe = fingerprints.current(lake, cfg, IMAGES, shard, gate=False)
     staged = staging.usable(lake, STAGING_IMAGES, shard, recipe, {"uid": pl.Int64, "retryable": pl.Boolean})
     if staged["retryable"].fill_null(False).any():  # fetched again: dropped first, so a uid is staged once
@@ -95,7 +101,7 @@ def _run_images(lake: Lake, cfg: PipelineConfig, shard: str, retry_failures: boo
         "top_errors": top_errors(rows, raw), "fetched_this_run": progress.done, "resumed_rows": done.len(),
         "bytes_downloaded": int(rows["bytes_downloaded"].fill_null(0).sum()),
         "bytes_stored": int(rows["stored"].fill_null(0).sum()),
-        "duration_s": round(elapsed, 2), "images_per_s": round(progress.done / max(elapsed, 1e-9), 1),
+        "duration_s": round(elapsed, 2), "images_per_s": round(progress.done / max(elapsed, 1e-9), 1), **selected,
     }
     try:
         report = gate(IMAGES, shard, audit, quality.images_suite(raw.height, STATUSES, cfg.download.min_success_rate), stats)

@@ -1,4 +1,5 @@
-"""scores: the LAION heads, each over the image embeddings of the space it was trained on."""
+"""scores: the LAION heads, each over the image embeddings of the space it was trained on
+(adopted spaces too: LAION-Aesthetics from published L/14 vectors, without an image)."""
 
 from __future__ import annotations
 
@@ -17,14 +18,21 @@ from laion_assets.core.stages import fingerprints
 from laion_assets.core.stages.publish import StageOutput, gate, publish, uids
 
 
+def scored_table(cfg: PipelineConfig) -> str:
+    """Whose rows are scored: the successful images, or, when every head reads an adopted space,
+    that space's rows (published vectors, scored before any image is fetched)."""
+    return embeddings_table(cfg.head_space(next(iter(cfg.scores.heads)))) if cfg.scores_from_adopted() else IMAGES
+
+
 @explained
 def run_scores(lake: Lake, cfg: PipelineConfig, shard: str) -> StageOutput:
     """One column per configured head, for every successful image: each head reads the
     embeddings of its own space (record batch by record batch: memory bounded for any shard
     size) and is refused if they are not the space it was trained on (unless allowed)."""
     fingerprint = fingerprints.current(lake, cfg, SCORES, shard)
+    base = scored_table(cfg)
     # in uid order: the images table holds its rows in the order they were downloaded
-    rows = pl.DataFrame({"uid": uids(lake, IMAGES, shard, pl.col("status") == "success")}).sort("uid")
+    rows = pl.DataFrame({"uid": uids(lake, base, shard, pl.col("status") == "success" if base == IMAGES else True)}).sort("uid")
     heads, ranges = {}, {}
     for name, hcfg in cfg.scores.heads.items():
         space = cfg.head_space(name)

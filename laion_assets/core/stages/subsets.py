@@ -83,6 +83,24 @@ def _check_provenance(pool: pl.DataFrame, body: dict, shard: str) -> None:
         raise LaionAssetsError(f"shard {shard}: " + "; ".join(wrong) + ": re-materialize them for this config")
 
 
+# rules that need the image: applied by the subset itself, once the rows are downloaded
+IMAGE_RULES = {"min_image_bytes": None, "min_width": None, "min_height": None, "exclude_duplicates": ()}
+
+
+def before_fetch(lake: Lake, cfg: PipelineConfig, shard: str) -> tuple[pl.Series, dict[str, int]]:
+    """The uids of a shard that can pass `download.only_subset` before any image exists (its
+    rules on metadata columns, language, adopted similarity and scores; the image rules wait
+    for the subset itself), and how many rows each rule dropped."""
+    sub = cfg.fetch_filter().model_copy(update=IMAGE_RULES)
+    raw = lake.read_shard(RAW_URLS, shard).drop("shard")
+    read = {table: lake.read_shard(table, shard).drop("shard") for table in cfg.fetch_filter_tables()}
+    emb = next((df.select("uid", "similarity") for t, df in read.items() if t.startswith("embeddings/")), pl.DataFrame(schema={"uid": pl.Int64}))
+    scores = read.get(SCORES, pl.DataFrame(schema={"uid": pl.Int64}))
+    pool = candidates(raw, raw.select("uid", status=pl.lit("success")), read.get(LANGUAGE), emb, scores)
+    check_columns(pool, sub, shard)
+    return pool.filter(predicate(sub))["uid"], dropped_counts(pool, sub)
+
+
 @explained
 def run_subset(lake: Lake, cfg: PipelineConfig, sub: SubsetConfig, shard: str) -> StageOutput:
     """The shard's rows that pass `sub`, with every source column, the caption language, our
