@@ -158,7 +158,7 @@ def add_commands(sub, env_lake: str, env_config: str | None) -> None:
     )
     images.add_argument("folder", help="img2dataset's output_folder (NNNNN.parquet + NNNNN_stats.json per shard)")
     images.add_argument("--prefix", help="shard keys are PREFIX-NNNNN (default: the folder's name; '' for NNNNN)")
-    images.add_argument("--select", default="raw_urls,images", help="assets to run per shard (default raw_urls,images; "
+    images.add_argument("--select", default="raw_urls,images", help="assets to run per shard (default %(default)s; "
                         "same syntax as `run --select`, e.g. raw_urls,images,embeddings,scores,subsets)")
     images.add_argument("--force", action="store_true", help="adopt again shards already up to date")
     add_lake(images, env_lake)
