@@ -5,9 +5,11 @@ data file, a corrupt one, an object store that refuses connections (127.0.0.1)."
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -82,30 +84,86 @@ def test_a_deleted_data_file_fails_the_stage_in_one_line_in_summary_and_ui(tmp_p
         assert failure[0].event_log_entry.dagster_event.step_failure_data.user_failure_data.description == line.detail
 
 
-def _can_mount_tmpfs(tmp_path: Path) -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "--mount", "sh", "-c", f"mkdir -p {tmp_path}/p && mount -t tmpfs -o size=1m none {tmp_path}/p"], capture_output=True)
-    return probe.returncode == 0
+class MountNamespace:
+    """tmpfs mounts that only the commands run through it see (a mount namespace held by a
+    sleeping process), so nothing is left mounted on the host whatever happens to the test."""
+
+    def __init__(self, mounts: dict[Path, str]):
+        script = " && ".join(f"mkdir -p {p} && mount -t tmpfs -o size={size} none {p}" for p, size in mounts.items())
+        self.holder = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{script} && echo mounted && exec sleep 600"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        if self.holder.stdout.readline().strip() != "mounted":
+            self.holder.wait()
+            pytest.skip(f"cannot mount a tmpfs here (needs unshare and mount rights): {self.holder.stderr.read().strip()}")
+
+    def run(self, cmd: str, env: dict, timeout: float = 300) -> tuple[subprocess.CompletedProcess, int]:
+        """`cmd` in its own session; returns its outcome and the session id."""
+        with subprocess.Popen(
+            ["nsenter", "-t", str(self.holder.pid), "-m", "--", "sh", "-c", f"exec {cmd}"],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        ) as proc:
+            out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), proc.pid
+
+    def close(self) -> None:
+        self.holder.kill()
+        self.holder.wait()
+
+
+def _session_left(sid: int) -> list[str]:
+    """Processes still alive in session `sid` (a run and the decode workers it started)."""
+    left = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            left.append(Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:100])
+    return left
 
 
 @pytest.mark.slow
-def test_a_full_disk_is_one_line(tmp_path, shard_rows):
-    """The lake on a 2 MiB tmpfs (its own mount namespace): raw_urls fits, the images do not."""
-    if not _can_mount_tmpfs(tmp_path):
-        pytest.skip("cannot mount a tmpfs here (needs unshare and mount rights)")
+def test_a_full_disk_during_download_or_publish_stops_the_run_in_one_line(tmp_path, shard_rows):
+    """Staging on a 64 KiB tmpfs (full during the download), then a new shard's published folder
+    on a 4 KiB one (full during the publish): each run exits 2 within seconds with the one line,
+    no process left, the published shard untouched; once there is room the same command
+    finishes the shard."""
+    if shutil.which("unshare") is None or shutil.which("nsenter") is None:
+        pytest.skip("needs unshare and nsenter (util-linux)")
     home = write_instance(tmp_path / "home")
     inputs = tmp_path / "input"
     inputs.mkdir()
     shard_rows.write_parquet(inputs / "shard-a.parquet")
     config = write_config(tmp_path / "config.yaml", make_config())
     lake = tmp_path / "lake"
-    lake.mkdir()
-    run = f"{sys.executable} -m laion_assets.cli run {inputs} --lake {lake} --config {config} --select raw_urls,images"
-    full = subprocess.run(
-        ["unshare", "--mount", "sh", "-c", f"mount -t tmpfs -o size=2m none {lake} && {run}"],
-        env=cli_env(home), cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert full.returncode == 1, full.stdout + full.stderr
-    [images] = [line for line in full.stdout.splitlines() if line.split()[1:3] == ["images", "FAILED"]]
-    assert "no space left on device (" in images and "free disk space or put the lake on a larger volume" in images
+    cli = f"{sys.executable} -m laion_assets.cli run {{}} --lake {lake} --config {config} --select raw_urls,images"
+    env = cli_env(home)
+    first = subprocess.run(cli.format(inputs / "shard-a.parquet").split(), env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    published = Lake(str(lake)).read_shard(stages.IMAGES, "shard-a")
+    shard_rows.write_parquet(inputs / "shard-b.parquet")
+
+    for where, size in ((lake / "_staging" / "images" / "shard=shard-b", "64k"), (lake / "images" / "shard=shard-b", "4k")):
+        ns = MountNamespace({where: size})
+        try:
+            started = time.monotonic()
+            full, sid = ns.run(cli.format(inputs / "shard-b.parquet"), env)
+            took = time.monotonic() - started
+            left = _session_left(sid)
+        finally:
+            ns.close()
+        assert full.returncode == 2, full.stdout + full.stderr
+        line = full.stderr.strip().splitlines()[-1]  # after the run log (Dagster logs to stderr)
+        assert line.startswith("error: no space left on device (") and "free disk space or put the lake on a larger volume" in line
+        assert "Traceback" not in full.stdout + full.stderr and "never retrieved" not in full.stdout + full.stderr
+        assert took < 60, took
+        assert not left, left
+        assert Lake(str(lake)).read_shard(stages.IMAGES, "shard-a").equals(published)
+        assert "shard-b" not in Lake(str(lake)).scan(stages.IMAGES).select("shard").unique().collect()["shard"].to_list()
+
+    again = subprocess.run(cli.format(inputs / "shard-b.parquet").split(), env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert Lake(str(lake)).read_shard(stages.IMAGES, "shard-b").height == published.height

@@ -49,7 +49,8 @@ def run_pipeline(
 
     Bad input (a file that cannot be read or has no URL column, an unknown asset) raises
     LaionAssetsError before anything is registered; files skipped in a folder are listed.
-    Ctrl-C or SIGTERM stops it within seconds: KeyboardInterrupt, `summary` holding what was done."""
+    Ctrl-C or SIGTERM stops it within seconds: KeyboardInterrupt, `summary` holding what was done.
+    A stage failing on the machine or store (disk full...) stops it too: its InfrastructureError."""
 
     from laion_assets.core.config import load_config
     from laion_assets.core.lake.delta import Lake
@@ -91,6 +92,8 @@ def run_pipeline(
                 continue
             print(f"shard {key}: running {', '.join(paths[k] for k in to_run)}", flush=True)
             execute_shard(job, graph, paths, instance, key, to_run, retry_failures, summary)
+            if summary.infrastructure:  # disk full, read-only lake, store down: the next shard would fail too
+                raise summary.infrastructure
             if interrupts.seen() or any(line.detail.startswith(INTERRUPTED) for line in summary.lines):
                 raise KeyboardInterrupt
         # Lake-wide assets read every shard: once, after the shards, if one of them went through
@@ -99,6 +102,8 @@ def run_pipeline(
         if lake_order and (not order or set(keys) - failed):
             print(f"lake: running {', '.join(paths[k] for k in lake_order)}", flush=True)
             summarize(summary, "(lake)", lake_order, graph, paths, run_shard(instance, lake_job, None, lake_order, run_config))
+            if summary.infrastructure:
+                raise summary.infrastructure
             if interrupts.seen() or any(line.detail.startswith(INTERRUPTED) for line in summary.lines):
                 raise KeyboardInterrupt
         elif lake_order:
@@ -122,9 +127,15 @@ def _print_tables(lake: str) -> None:
 
 
 def cmd_run(args) -> int:
+    from laion_assets.core.lake.errors import InfrastructureError
+
     summary = RunSummary()
     try:
         run_pipeline(args.inputs, args.lake, args.config, args.select, retry_failures=args.retry_failures, force=args.force, summary=summary)
+    except InfrastructureError:  # the one line and exit 2 (main), after what was done
+        print("\nper-stage summary (stopped):")
+        summary.print()
+        raise
     except KeyboardInterrupt:
         print("\nper-stage summary (interrupted):")
         summary.print()

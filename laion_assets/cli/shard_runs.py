@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from laion_assets.core.lake.errors import InfrastructureError, explain
+
 
 @dataclass
 class StageLine:
@@ -21,6 +23,7 @@ class StageLine:
 class RunSummary:
     lines: list[StageLine] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # dead runs recovered, garbage removed
+    infrastructure: InfrastructureError | None = None  # a step failed on the machine or store: stop
 
     @property
     def ok(self) -> bool:
@@ -89,6 +92,9 @@ def summarize(summary: RunSummary, key: str, order, graph, paths, result) -> Non
             failed[event.step_key] = (msg or "").strip().splitlines()[0] if msg else "failed"
             if err is not None and err.cls_name in ("DagsterExecutionInterruptedError", "KeyboardInterrupt"):
                 failed[event.step_key] = f"{INTERRUPTED} (Ctrl-C or SIGTERM): rerun to resume"
+            elif err is not None and (infra := _infrastructure(err)) is not None:
+                failed[event.step_key] = str(infra)
+                summary.infrastructure = summary.infrastructure or infra
         elif event.event_type == DagsterEventType.RUN_FAILURE and "interrupted" in (event.message or "").lower() and not failed:
             failed[None] = f"{INTERRUPTED} (Ctrl-C or SIGTERM) while waiting for a pool slot: rerun to resume"
     for asset_key in order:
@@ -105,6 +111,19 @@ def summarize(summary: RunSummary, key: str, order, graph, paths, result) -> Non
             summary.lines.append(StageLine(key, name, "FAILED", detail=failed.get(step) or failed[None]))
         else:
             summary.lines.append(StageLine(key, name, "skipped", detail="upstream failed or its gate did not pass"))
+
+
+def _infrastructure(err) -> InfrastructureError | None:
+    """The one-line error of a step that failed on the machine or the store: stages explain
+    their own (InfrastructureError), other steps (exports, passes) raise the low-level error,
+    recognised here from its message or its cause's."""
+    if err.cls_name == "InfrastructureError":
+        return InfrastructureError(err.message.strip(), "step")
+    while err is not None:
+        if err.cls_name not in ("LaionAssetsError", "ValidationFailed") and (found := explain(Exception(err.message))):
+            return found
+        err = err.cause
+    return None
 
 
 def remove_garbage(lk, cfg, tables: set[str]) -> list[str]:

@@ -219,8 +219,20 @@ class ShardDownloader:
                 if on_progress:
                     on_progress(progress)
 
-        reporter = asyncio.create_task(report())
         tasks: set[asyncio.Task] = set()
+        failure: list[BaseException] = []
+        main = asyncio.current_task()
+
+        def settled(task: asyncio.Task) -> None:
+            """A task that raised (a chunk that could not be staged: disk full, read-only lake...)
+            stops the shard at once: the loop would otherwise wait for its slots for ever."""
+            tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None and not failure:
+                failure.append(task.exception())
+                main.cancel()
+
+        reporter = asyncio.create_task(report())
+        reporter.add_done_callback(settled)
         try:
             await cpu.start()
             async with Fetcher(self.dcfg, resolver=self.resolver) as fetcher:
@@ -229,9 +241,13 @@ class ShardDownloader:
                     await sem.acquire()
                     task = asyncio.create_task(one(uid, url, fetcher))
                     tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                    task.add_done_callback(settled)
                 await asyncio.gather(*tasks)
             await flush(force=True)
+        except asyncio.CancelledError:
+            if failure:
+                raise failure[0] from None
+            raise
         finally:
             reporter.cancel()
             for task in list(tasks):
