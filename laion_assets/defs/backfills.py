@@ -52,11 +52,27 @@ def register_shards(lake: Lake, inputs: list[str], instance: DagsterInstance) ->
         check_shard_file(f)
     registry.register(lake, files)
     keys = list(dict.fromkeys(shard_key(f) for f in files))
-    known = set(instance.get_dynamic_partitions(shards.name))
-    new = [k for k in keys if k not in known]
-    if new:
-        instance.add_dynamic_partitions(shards.name, new)
+    add_partitions(instance, keys)
     return keys
+
+
+def add_partitions(instance: DagsterInstance, keys: list[str], tries: int = 5) -> None:
+    """Add the shard partitions not there yet. Idempotent under races: a key that another
+    process (the sensor, another CLI) adds between our diff and our insert fails the insert
+    (UNIQUE), and the diff is taken again."""
+    from sqlalchemy.exc import IntegrityError
+
+    for attempt in range(tries):
+        known = set(instance.get_dynamic_partitions(shards.name))
+        new = [k for k in keys if k not in known]
+        if not new:
+            return
+        try:
+            instance.add_dynamic_partitions(shards.name, new)
+            return
+        except IntegrityError:
+            if attempt == tries - 1:
+                raise
 
 
 def ensure_pools(defs: Definitions, instance: DagsterInstance) -> None:
