@@ -59,9 +59,10 @@ def run_pipeline(
     Ctrl-C or SIGTERM stops it within seconds: KeyboardInterrupt, `summary` holding what was done.
     A stage failing on the machine or store (disk full...) stops it too: its InfrastructureError."""
 
+    from laion_assets.cli.locks import held, instance_lock, shard_lock
     from laion_assets.core.config import load_config
     from laion_assets.core.lake.delta import Lake
-    from laion_assets.cli.locks import held, instance_lock, shard_lock
+    from laion_assets.core.lake.store import require_credentials
     from laion_assets.defs.backfills import ensure_pools, register_shards, select_assets
     from laion_assets.defs.definitions import LAKE_JOB, SHARD_JOB, build_defs
     from laion_assets.defs.keys import lake_paths
@@ -72,6 +73,8 @@ def run_pipeline(
     settings = Settings(lake=lake, inputs=inputs[0] if inputs else "data/input", config=config)
     defs = build_defs(settings)  # validates the config file first
     cfg = load_config(config)
+    for uri in (lake, *inputs):
+        require_credentials(uri)
     lk = Lake(lake)
     lk.ensure_writable()
     graph = defs.resolve_asset_graph()

@@ -16,6 +16,7 @@ from laion_assets.core.ingest import registry
 from laion_assets.core.ingest.reader import SUPPORTED, check_shard_file, scan_inputs, shard_key
 from laion_assets.core.lake.delta import Lake
 from laion_assets.core.lake.errors import LaionAssetsError
+from laion_assets.core.lake.store import require_credentials
 from laion_assets.defs.keys import lake_paths
 from laion_assets.defs.partitions import shards
 
@@ -127,6 +128,8 @@ def backfill_shards(inputs: list[str], lake: str, config: str | None, select: st
     defs = build_defs(Settings(lake=lake, inputs=inputs[0], config=config))
     graph, shard_keys = defs.resolve_asset_graph(), set(defs.resolve_job_def(SHARD_JOB).asset_layer.executable_asset_keys)
     chosen = select_assets(shard_keys, select, lake_paths(graph))
+    for uri in (lake, *inputs):
+        require_credentials(uri)
     lk = Lake(lake)
     lk.ensure_writable()
     keys = register_shards(lk, inputs, instance)

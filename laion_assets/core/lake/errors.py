@@ -62,7 +62,7 @@ _KNOWN = {
         "permission denied", "make the lake folder writable by this user, or pass --lake with one you can write",
     ),
     "object_store": (
-        r"accessdenied|access denied|invalidaccesskeyid|signaturedoesnotmatch|expiredtoken|nosuchbucket|"
+        r"accessdenied|access denied|access_denied|invalidaccesskeyid|signaturedoesnotmatch|expiredtoken|nosuchbucket|"
         r"generic s3 error|error sending request|connection refused|dns error|failed to lookup address", (),
         "object store error", "check the endpoint, bucket and credentials (AWS_* variables), then rerun",
     ),
