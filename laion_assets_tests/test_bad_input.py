@@ -175,9 +175,10 @@ def test_a_refused_files_key_can_be_taken_by_a_corrected_file(tmp_path):
     stages.run_raw_urls(lake, make_config(), "part-7")
     with pytest.raises(LaionAssetsError, match="already registered"):
         registry.register(lake, [str(broken)])  # the key is published from `fixed` now
-    other = tmp_path / "b" / "part-8.csv"
-    with pytest.raises(LaionAssetsError, match="already registered"):
-        registry.register(lake, [str(other), str(tmp_path / "a" / "part-8.parquet")])  # two files, one key
+    other, clash = tmp_path / "b" / "part-8.csv", tmp_path / "a" / "part-8.parquet"
+    with pytest.raises(LaionAssetsError) as two:
+        registry.register(lake, [str(other), str(clash)])  # two new files, one key: neither was registered before
+    assert str(two.value).startswith(f"two files have the shard key 'part-8': {other} and {clash}; rename one")
 
 
 def test_a_shard_of_only_integer_urls_fails_the_run_with_the_reason(tmp_path):

@@ -41,10 +41,7 @@ def dagster_instance():
             raise LaionAssetsError("set DAGSTER_HOME to a folder with a dagster.yaml (see docs/CLI.md)")
         os.environ["DAGSTER_HOME"] = str(home)
     with instance_lock(os.environ["DAGSTER_HOME"]):
-        instance = DagsterInstance.get()
-        instance.run_storage, instance.event_log_storage, instance.schedule_storage  # created here, not in a race later
-        instance.get_runs(limit=1)
-    return instance
+        return DagsterInstance.get()  # creates (or migrates) a sqlite instance's databases
 
 
 def run_pipeline(
@@ -128,8 +125,10 @@ def run_pipeline(
             lock = shard_lock(home, lk.uri, "(lake)")
             lock.acquire("lake: another laion-assets run is running the lake-wide assets")
             with held(lock):
-                print(f"lake: running {', '.join(paths[k] for k in lake_order)}", flush=True)
+                summary.running = ("(lake)", [paths[k] for k in lake_order])
+                print(f"lake: running {', '.join(summary.running[1])}", flush=True)
                 summarize(summary, "(lake)", lake_order, graph, paths, run_shard(instance, lake_job, None, lake_order, run_config))
+                summary.running = None
             if summary.infrastructure:
                 raise summary.infrastructure
             if interrupts.seen() or any(line.detail.startswith(INTERRUPTED) for line in summary.lines):
@@ -165,6 +164,7 @@ def cmd_run(args) -> int:
         summary.print()
         raise
     except KeyboardInterrupt:
+        summary.interrupted()
         print("\nper-stage summary (interrupted):")
         summary.print()
         print("interrupted: rerun the same command to resume (staged chunks and published stages are kept)", file=sys.stderr)

@@ -24,6 +24,15 @@ class RunSummary:
     lines: list[StageLine] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # dead runs recovered, garbage removed
     infrastructure: InfrastructureError | None = None  # a step failed on the machine or store: stop
+    running: tuple[str, list[str]] | None = None  # the shard (or "(lake)") and tables of the run in progress
+
+    def interrupted(self) -> None:
+        """Name the tables of the run a Ctrl-C or SIGTERM stopped before it could report them."""
+        if self.running:
+            key, tables = self.running
+            done = {line.asset for line in self.lines if line.shard == key}
+            self.lines += [StageLine(key, t, "interrupted", detail=f"{INTERRUPTED} (Ctrl-C or SIGTERM): rerun to resume") for t in tables if t not in done]
+            self.running = None
 
     @property
     def ok(self) -> bool:
@@ -73,7 +82,9 @@ def execute_shard(job, graph, paths, instance, shard, keys, retry_failures, summ
     run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     if retry_failures and any(k.to_user_string() == "images" for k in keys):
         run_config["ops"] = {"images": {"config": {"retry_failures": True}}}
+    summary.running = (shard, [paths[k] for k in keys])
     summarize(summary, shard, keys, graph, paths, run_shard(instance, job, shard, keys, run_config))
+    summary.running = None
 
 
 def summarize(summary: RunSummary, key: str, order, graph, paths, result) -> None:

@@ -67,6 +67,19 @@ STATUSES = (
     "success", "http_error", "failed_download", "failed_decode", "opted_out", "refused_address",
     "refused_scheme", "blocked", "too_small", "bad_aspect_ratio", "too_large",
 )
+# What to change when a status dominates a shard (named by the images gate when it fails).
+STATUS_FIXES = {
+    "refused_address": "the hosts resolve to private or local addresses: add their networks to download.allowed_networks if you trust them",
+    "refused_scheme": "redirects lead to non-http(s) URLs: nothing to fetch there",
+    "failed_download": "connections fail or time out: check the network, raise download.total_timeout_s or download.retries, then --retry-failures",
+    "http_error": "the servers answer with errors: see top_errors; 429 and 5xx are retried by --retry-failures",
+    "failed_decode": "the bodies are not images: check the URL column points at images",
+    "opted_out": "the sites opt out of AI use: respected by design",
+    "blocked": "on download.url_blocklist or download.image_blocklist",
+    "too_small": "below images.min_image_size: lower it",
+    "bad_aspect_ratio": "beyond images.max_aspect_ratio: raise it",
+    "too_large": "over download.max_body_bytes or images.max_image_area: raise them",
+}
 # img2dataset's three outcomes, for comparisons and exports. too_large covers both bodies over
 # max_body_bytes and images over max_image_area: img2dataset has no body cap and would have
 # downloaded such a body, then failed (or not) to resize it.

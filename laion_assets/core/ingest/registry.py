@@ -59,6 +59,11 @@ def register(lake: Lake, sources: list[str]) -> dict[str, str]:
             new[key] = source
         elif owner == source:
             continue
+        elif key in new or key in moved:
+            raise LaionAssetsError(
+                f"two files have the shard key '{key}': {owner} and {source}; rename one so that each file name "
+                "(without extensions) is unique"
+            )
         elif owner in given or is_published(lake, key):
             raise LaionAssetsError(
                 f"shard key '{key}' is already registered for {owner}; rename {source} so its "
