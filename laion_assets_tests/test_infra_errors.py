@@ -17,6 +17,7 @@ import pytest
 from dagster import DagsterEventType, instance_for_test
 
 from laion_assets.cli.pipeline import run_pipeline
+from laion_assets.cli.shard_runs import RunSummary
 from laion_assets.core import stages
 from laion_assets.core.lake.delta import Lake
 from laion_assets.core.lake.errors import InfrastructureError, explain
@@ -76,8 +77,11 @@ def test_a_deleted_data_file_fails_the_stage_in_one_line_in_summary_and_ui(tmp_p
         run_pipeline([str(inputs)], lake, config, "raw_urls", instance=instance)
         for f in Lake(lake).shard_files(stages.RAW_URLS, "shard-a"):
             Path(f).unlink()  # deleted outside laion-assets
-        summary = run_pipeline([str(inputs)], lake, config, "images", instance=instance)
+        summary = RunSummary()
+        with pytest.raises(InfrastructureError) as stopped:  # the run stops: the next shard would fail too
+            run_pipeline([str(inputs)], lake, config, "images", instance=instance, summary=summary)
         [line] = summary.lines
+        assert str(stopped.value) == line.detail
         assert line.status == "FAILED" and line.detail.startswith("a file the lake lists is missing (")
         assert line.detail.endswith("restore it, or redo the shard with `laion-assets run --force`")
         failure = instance.get_records_for_run(instance.get_runs(limit=1)[0].run_id, of_type=DagsterEventType.STEP_FAILURE).records
