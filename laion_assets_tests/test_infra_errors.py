@@ -66,6 +66,27 @@ def test_real_low_level_failures_are_named_with_their_fix(tmp_path):
     assert explain(ValueError("a bug of ours")) is None  # not infrastructure: the traceback stays
 
 
+def test_a_step_that_raises_the_low_level_error_is_recognised_too():
+    """Exports and curation passes raise OSError and friends as they come; the CLI finds the
+    one-line explanation in the step's error (or its cause) and stops the run with it."""
+    from dagster._utils.error import serializable_error_info_from_exc_info
+
+    from laion_assets.cli.shard_runs import infrastructure_error
+
+    try:
+        try:
+            with open("/dev/full", "wb") as f:
+                f.write(b"tar bytes")
+                f.flush()
+        except OSError as e:
+            raise RuntimeError('Error occurred while executing op "webdataset_pretty"') from e
+    except RuntimeError:
+        info = serializable_error_info_from_exc_info(sys.exc_info())
+    assert one_line(infrastructure_error(info)).startswith("no space left on device (")
+    ours = info._replace(cls_name="LaionAssetsError", message="bad input: no such file or directory", cause=None)
+    assert infrastructure_error(ours) is None  # our own one-line errors stay what they say
+
+
 @pytest.mark.slow
 def test_a_deleted_data_file_fails_the_stage_in_one_line_in_summary_and_ui(tmp_path, shard_rows):
     inputs = tmp_path / "input"

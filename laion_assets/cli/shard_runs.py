@@ -103,7 +103,7 @@ def summarize(summary: RunSummary, key: str, order, graph, paths, result) -> Non
             failed[event.step_key] = (msg or "").strip().splitlines()[0] if msg else "failed"
             if err is not None and err.cls_name in ("DagsterExecutionInterruptedError", "KeyboardInterrupt"):
                 failed[event.step_key] = f"{INTERRUPTED} (Ctrl-C or SIGTERM): rerun to resume"
-            elif err is not None and (infra := _infrastructure(err)) is not None:
+            elif err is not None and (infra := infrastructure_error(err)) is not None:
                 failed[event.step_key] = str(infra)
                 summary.infrastructure = summary.infrastructure or infra
         elif event.event_type == DagsterEventType.RUN_FAILURE and "interrupted" in (event.message or "").lower() and not failed:
@@ -124,7 +124,7 @@ def summarize(summary: RunSummary, key: str, order, graph, paths, result) -> Non
             summary.lines.append(StageLine(key, name, "skipped", detail="upstream failed or its gate did not pass"))
 
 
-def _infrastructure(err) -> InfrastructureError | None:
+def infrastructure_error(err) -> InfrastructureError | None:
     """The one-line error of a step that failed on the machine or the store: stages explain
     their own (InfrastructureError), other steps (exports, passes) raise the low-level error,
     recognised here from its message or its cause's."""
