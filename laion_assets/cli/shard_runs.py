@@ -127,11 +127,13 @@ def summarize(summary: RunSummary, key: str, order, graph, paths, result) -> Non
 def infrastructure_error(err) -> InfrastructureError | None:
     """The one-line error of a step that failed on the machine or the store: stages explain
     their own (InfrastructureError), other steps (exports, passes) raise the low-level error,
-    recognised here from its message or its cause's."""
+    recognised here from its message or its cause's when it is a write failure (a missing file
+    there may well be a wrong path in the config: that failure keeps its own message)."""
     if err.cls_name == "InfrastructureError":
         return InfrastructureError(err.message.strip(), "step")
     while err is not None:
-        if err.cls_name not in ("LaionAssetsError", "ValidationFailed") and (found := explain(Exception(err.message))):
+        found = explain(Exception(err.message)) if err.cls_name not in ("LaionAssetsError", "ValidationFailed") else None
+        if found is not None and found.kind in ("disk_full", "permission", "object_store"):
             return found
         err = err.cause
     return None
