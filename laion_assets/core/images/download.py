@@ -265,6 +265,7 @@ class ShardDownloader:
             reporter.cancel()
             for task in list(tasks):
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # their workers retired before the shutdown
             writer.shutdown(wait=True)
             await cpu.shutdown()
         if on_progress:
