@@ -13,12 +13,7 @@ import time
 from dagster import AssetKey, DagsterInstance, Definitions
 
 from laion_assets.core.ingest import registry
-from laion_assets.core.ingest.reader import (
-    SUPPORTED,
-    check_shard_file,
-    scan_inputs,
-    shard_key,
-)
+from laion_assets.core.ingest.reader import SUPPORTED, check_shard_file, scan_inputs, shard_key
 from laion_assets.core.lake.delta import Lake
 from laion_assets.core.lake.errors import LaionAssetsError
 from laion_assets.core.lake.store import require_credentials
