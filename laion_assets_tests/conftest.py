@@ -16,6 +16,7 @@ from dagster import AssetKey
 
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset's albumentations asks PyPI on import
 
 from laion_assets.core.config import PipelineConfig  # noqa: E402
 from laion_assets.core.embeddings.config import EmbeddingConfig, SpaceConfig  # noqa: E402

@@ -95,11 +95,11 @@ def test_skipped_files_are_listed_with_the_reason(tmp_path, capsys):
     inputs = tmp_path / "in"
     inputs.mkdir()
     (inputs / ".part-0.csv").write_text("URL\nhttps://a.example/1.jpg\n")
-    (inputs / "notes.txt").write_text("hello")
+    (inputs / "notes.md").write_text("hello")
     assert main(["run", str(inputs), "--lake", str(tmp_path / "lake")]) == 2
     out, err = capsys.readouterr()
     assert f"skipped {inputs / '.part-0.csv'}: hidden file (name starts with '.')" in out
-    assert f"skipped {inputs / 'notes.txt'}: not a shard file" in out
+    assert f"skipped {inputs / 'notes.md'}: not a shard file" in out
     assert err.startswith("error: no shard files")
 
 

@@ -88,6 +88,25 @@ def test_status_mapping_to_img2dataset_is_complete():
     assert set(I2D_STATUS) == set(STATUSES)
 
 
+def test_img2dataset_outcomes_map_to_lake_statuses_and_back():
+    from laion_assets.core.images.adopt import lake_status
+
+    cases = {
+        ("success", None): ("success", None),
+        ("failed_to_download", "HTTP Error 404: Not Found"): ("http_error", 404),
+        ("failed_to_download", "<urlopen error [Errno 111] Connection refused>"): ("failed_download", None),
+        ("failed_to_download", "Use of image disallowed by X-Robots-Tag directive"): ("opted_out", None),
+        ("failed_to_download", "hash mismatch"): ("failed_download", None),
+        ("failed_to_resize", "image too small"): ("too_small", None),
+        ("failed_to_resize", "aspect ratio too large"): ("bad_aspect_ratio", None),
+        ("failed_to_resize", "image area too large"): ("too_large", None),
+        ("failed_to_resize", "Image decoding error"): ("failed_decode", None),
+    }
+    for (i2d, error), want in cases.items():
+        assert lake_status(i2d, error) == want
+        assert I2D_STATUS[want[0]] == i2d  # and back: exports and comparisons see img2dataset's outcome
+
+
 def _save(root: Path, name: str, img: Image.Image, **kw) -> str:
     img.save(root / name, **kw)
     return name

@@ -1,4 +1,5 @@
-"""Webdataset export: img2dataset's tar layout, deterministic bytes, incremental re-export."""
+"""Webdataset export in the `shards` layout (a folder per shard, uid keys): tar contents,
+deterministic bytes, incremental re-export. img2dataset's layout: test_export_img2dataset.py."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def folder_state(folder: Path) -> dict[str, int]:
 
 def test_tar_layout_matches_img2dataset_and_the_subset(planted, tmp_path):
     lake = copy_lake(planted, tmp_path / "lake")
-    cfg = make_config(export={"samples_per_tar": 40})
+    cfg = make_config(export={"samples_per_tar": 40, "layout": "shards"})
     report = export_shard(lake, cfg, "similar", "s0")
 
     subset = pl.read_delta(lake.table_uri(subset_table("similar"))).filter(pl.col("shard") == "s0")
@@ -74,7 +75,7 @@ def test_tar_layout_matches_img2dataset_and_the_subset(planted, tmp_path):
 def test_same_rows_give_the_same_bytes(planted, tmp_path):
     """A lake built again from the same rows (other Delta files, other order of publishing)
     exports byte-identical tars and parquet files."""
-    cfg = make_config(export={"samples_per_tar": 50})
+    cfg = make_config(export={"samples_per_tar": 50, "layout": "shards"})
     first = copy_lake(planted, tmp_path / "a")
     export_shard(first, cfg, "similar", "s1")
     second = Lake(tmp_path / "b")
@@ -96,7 +97,7 @@ def _vector(lake: Lake, shard: str, uid: int):
 
 def test_reexport_rewrites_only_changed_shards(planted, tmp_path):
     lake = copy_lake(planted, tmp_path / "lake")
-    cfg = make_config(export={"samples_per_tar": 50})
+    cfg = make_config(export={"samples_per_tar": 50, "layout": "shards"})
     for shard in ("s0", "s1"):
         assert export_shard(lake, cfg, "similar", shard).rewritten
     s0, s1 = tmp_path / "lake/webdataset/similar/s0", tmp_path / "lake/webdataset/similar/s1"
@@ -120,7 +121,7 @@ def test_reexport_rewrites_only_changed_shards(planted, tmp_path):
     assert sample_key(blocked) not in exported and len(exported) == rows.height - 1
 
     # fewer, bigger tars: the stale ones go
-    export_shard(lake, make_config(export={"samples_per_tar": 1000}), "similar", "s0")
+    export_shard(lake, make_config(export={"samples_per_tar": 1000, "layout": "shards"}), "similar", "s0")
     assert sorted(p.name for p in s0.iterdir()) == ["00000.parquet", "00000.tar", "stats.json"]
 
 
@@ -133,7 +134,7 @@ def test_missing_subset_is_a_clear_error(tmp_path):
 
 def test_json_is_valid_for_every_sample(planted, tmp_path):
     lake = copy_lake(planted, tmp_path / "lake")
-    export_shard(lake, make_config(), "similar", "s1")
+    export_shard(lake, make_config(export={"layout": "shards"}), "similar", "s1")
     files = members(tmp_path / "lake/webdataset/similar/s1/00000.tar")
     samples = [json.loads(v) for k, v in files.items() if k.endswith(".json")]
     assert len(samples) == 79 and all(isinstance(s["uid"], int) for s in samples)

@@ -82,3 +82,12 @@ def test_transparent_png_on_white_and_skip_reencode():
     Image.new("RGB", (64, 64), (1, 2, 3)).save(small, "JPEG")
     kept = ImageProcessor(ImageConfig(size=64, skip_reencode=True))(small.getvalue())
     assert kept.image == small.getvalue()
+
+
+def test_blur_boxes_a_row_cannot_use_fail_that_row():
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(buf, "PNG")
+    proc = ImageProcessor(ImageConfig(size=64, bbox_col="faces"))
+    assert proc(buf.getvalue(), "[[0.1, 0.1, 0.5, 0.5]]").status == "success"  # a csv column holds JSON text
+    bad = proc(buf.getvalue(), [[0.1, 0.2, 0.3]])
+    assert bad.status == "failed_decode" and bad.error.startswith("faces: a box must be 4 numbers")

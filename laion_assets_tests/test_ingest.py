@@ -55,6 +55,42 @@ def test_reads_every_format_with_laion_columns(tmp_path, suffix):
     assert res.input_rows == 6
 
 
+@pytest.mark.parametrize("name", ["urls.txt", "urls.txt.gz"])
+def test_a_url_list_is_one_url_a_line_and_a_repeat_is_kept_out(tmp_path, name):
+    text = b"https://a.example/1.jpg\r\nhttps://b.example/2.jpg\n\n  \nhttps://a.example/1.jpg\n"
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text) if name.endswith(".gz") else text)
+
+    res = normalize(read_shard_file(str(path)), str(path))
+
+    assert shard_key(str(path)) == "urls"
+    assert res.rows.select("url", "caption").rows() == [("https://a.example/1.jpg", None), ("https://b.example/2.jpg", None)]
+    assert res.input_rows == 3  # blank lines are not rows
+    assert res.kept_out["duplicate_uid"] == 1
+    assert res.rejected["duplicate_of_row"].to_list() == [0]
+
+
+@pytest.mark.parametrize("orient", ["records", "columns"])
+def test_json_documents_as_pandas_writes_them(tmp_path, orient):
+    """img2dataset reads .json with pandas: a list of records, or pandas' default
+    column-oriented document (which its own test fixtures write)."""
+    import pandas as pd
+
+    path = tmp_path / "part-7.json.gz"
+    pd.DataFrame({"url": ["https://a.example/1.jpg", "https://b.example/2.jpg"], "caption": ["", "a dog"]}).to_json(
+        path, orient=orient, compression="gzip"
+    )
+    res = normalize(read_shard_file(str(path)), str(path))
+    assert res.rows.select("url", "caption").rows() == [("https://a.example/1.jpg", ""), ("https://b.example/2.jpg", "a dog")]
+
+
+def test_a_broken_json_document_names_the_line(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[{"url": "https://a.example/1.jpg"},\n {"url": }]')
+    with pytest.raises(LaionAssetsError, match="line 2, column 10"):
+        read_shard_file(str(path))
+
+
 def test_every_input_row_is_kept_or_kept_out_with_its_reason_and_values():
     res = normalize(LAION, "x")
     rejected = res.rejected.sort("source_row")
@@ -224,14 +260,14 @@ def test_a_type_change_after_the_inference_window_is_read(tmp_path):
 
 
 def test_list_shard_files_and_what_is_skipped(tmp_path):
-    for name in ["b.parquet", "a.csv.gz", "notes.txt", ".hidden.csv"]:
+    for name in ["b.parquet", "a.csv.gz", "notes.md", ".hidden.csv"]:
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "more").mkdir()
     assert [p.rsplit("/", 1)[1] for p in list_shard_files(str(tmp_path))] == ["a.csv.gz", "b.parquet"]
     skipped = {p.rsplit("/", 1)[1]: why for p, why in scan_inputs(str(tmp_path)).skipped}
     assert skipped == {
         ".hidden.csv": "hidden file (name starts with '.')",
-        "notes.txt": "not a shard file (use .parquet, .csv, .tsv or .jsonl (optionally .gz))",
+        "notes.md": "not a shard file (use .parquet, .csv, .tsv, .jsonl, .json or .txt (optionally .gz))",
         "more": "a folder (not searched: pass it as an input of its own)",
     }
     with pytest.raises(LaionAssetsError, match="does not exist"):

@@ -1,11 +1,15 @@
 """The exports of a real pipeline run: webdataset tars read by the `webdataset` library and by
-open_clip's own training data pipeline, one training step of the tiny model on them, and the
-kNN index built in the same run finding an image of the subset from its bytes."""
+open_clip's own training data pipeline, one training step of the tiny model on them, open_clip's
+trainer run from `train-args` output unedited, and the kNN index built in the same run finding an
+image of the subset from its bytes."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import subprocess
 
 import numpy as np
 import polars as pl
@@ -75,6 +79,22 @@ def test_pipeline_exports_train_open_clip_and_search(tmp_path, shard_rows, capsy
     assert math.isfinite(loss.item()) and loss.item() > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
+    # `train-args` prints open_clip's command for this export, which runs as printed (the tiny
+    # model given as a local-dir config): fewer workers than asked, a precision for this device
+    from laion_assets.core.exports.training import precision
+
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny/open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config("tiny_clip")}))
+    capsys.readouterr()
+    assert main(["train-args", "--subset", "similar", "--lake", lake_uri, "--model", f"local-dir:{tmp_path / 'tiny'}",
+                 "--batch-size", "4", "--workers", "64", "--epochs", "1"]) == 0
+    command = capsys.readouterr().out.strip()
+    assert f"{{00000..{len(urls) - 1:05d}}}.tar" in command and f"--train-num-samples {samples}" in command
+    assert f"--workers {min(len(urls), os.cpu_count())} " in command and f"--precision {precision()[0]}" in command
+    trained = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert list(tmp_path.glob("logs/*/checkpoints/epoch_1.pt")), trained.stderr[-3000:]
+
     # the index of the same run: a subset image's own bytes find it first (the image least like
     # any other: resized copies of one photo are near-ties in the tiny model's space)
     from laion_assets.core.embeddings import vectors
@@ -111,3 +131,18 @@ def test_export_and_index_assets_in_the_graph(tmp_path):
     assert export.partitions_def.name == "shards" and "upstream gates passed" in str(export.automation_condition)
     index = graph.get(AssetKey("knn_similar"))
     assert index.partitions_def is None and index.pools == {"knn"} and index.automation_condition is not None
+
+
+def test_train_command_fits_the_export():
+    """Workers no more than the tars (and cores); a batch the worker with the fewest samples can
+    fill: open_clip refuses more workers than tars, and a batch larger than a worker's samples
+    trains nothing."""
+    from laion_assets.core.exports.training import fitting
+
+    sizes = [8, 8, 8, 3]
+    assert fitting(sizes, 256, 1) == (27, 1)
+    assert fitting(sizes, 4, 1) == (4, 1)
+    assert fitting([5], 256, 0) == (5, 0)
+    workers = min(2, os.cpu_count())
+    assert fitting(sizes, 256, 2) == ({1: 27, 2: 11}[workers], workers)  # at worst the 3- and an 8-sample tar
+    assert fitting(sizes, 256, 64)[1] == min(4, os.cpu_count())

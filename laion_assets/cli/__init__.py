@@ -11,8 +11,8 @@ resources, runs recorded in the instance the UI reads).
     laion-assets maintain          # remove leftover staging, compact and vacuum (the nightly job)
     laion-assets adopt             # a lake from before fingerprints: record what is published
     laion-assets search "a red car" [--image FILE] [--subset NAME] [-k N]
-    laion-assets serve             # the search page on 127.0.0.1
-    laion-assets train-args --subset NAME         # open_clip flags for a webdataset export
+    laion-assets serve             # the search page and clip-retrieval's API on 127.0.0.1
+    laion-assets train-args --subset NAME         # an open_clip command for a webdataset export
     laion-assets --version
 """
 

@@ -1,4 +1,4 @@
-"""`check-store`, `migrate-embeddings`, `adopt`, `maintain`, `remove-shard`: looking after a lake."""
+"""`check-store`, `migrate-embeddings`, `adopt`, `adopt-images`, `maintain`, `remove-shard`: looking after a lake."""
 
 from __future__ import annotations
 
@@ -64,6 +64,27 @@ def cmd_adopt(args) -> int:
     return 0
 
 
+def cmd_adopt_images(args) -> int:
+    """An img2dataset download as the lake's shards: raw_urls and images read from its folder
+    through Dagster (runs the UI shows), no request made; --select adds later stages."""
+    import sys
+
+    from laion_assets.cli.pipeline import _print_tables, run_pipeline
+    from laion_assets.cli.shard_runs import RunSummary
+
+    summary = RunSummary()
+    try:
+        run_pipeline([], args.lake, args.config, args.select, force=args.force, summary=summary, adopt=(args.folder, args.prefix))
+    except KeyboardInterrupt:
+        summary.print()
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+    print("\nper-stage summary:")
+    summary.print()
+    _print_tables(args.lake)
+    return 0 if summary.ok else 1
+
+
 def cmd_maintain(args) -> int:
     """The lake_maintenance job, through Dagster (recorded in the instance like the schedule's)."""
     from laion_assets.defs.definitions import build_defs
@@ -105,6 +126,23 @@ def add_commands(sub, env_lake: str, env_config: str | None) -> None:
     add_lake(adopt, env_lake)
     add_config(adopt, env_config, note=" the shards count as made from")
     adopt.set_defaults(fn=cmd_adopt)
+
+    images = sub.add_parser(
+        "adopt-images", help="take an img2dataset download in as the lake's shards, without a request",
+        description="Register each finished shard of an img2dataset output folder (files, webdataset or parquet "
+        "output format; local or s3://) as the lake's shard PREFIX-NNNNN and publish its raw_urls and images from "
+        "the folder: img2dataset's statuses mapped to the lake's (its text kept in `error` and in raw_urls' "
+        "img2dataset_* columns), every input column kept, each stored image checked to decode and kept as stored. "
+        "No URL is fetched, now or by a later run: later stages (--select) run on the shards like on downloaded ones.",
+    )
+    images.add_argument("folder", help="img2dataset's output_folder (NNNNN.parquet + NNNNN_stats.json per shard)")
+    images.add_argument("--prefix", help="shard keys are PREFIX-NNNNN (default: the folder's name; '' for NNNNN)")
+    images.add_argument("--select", default="raw_urls,images", help="assets to run per shard (default raw_urls,images; "
+                        "same syntax as `run --select`, e.g. raw_urls,images,embeddings,scores,subsets)")
+    images.add_argument("--force", action="store_true", help="adopt again shards already up to date")
+    add_lake(images, env_lake)
+    add_config(images, env_config)
+    images.set_defaults(fn=cmd_adopt_images)
 
     maintain = sub.add_parser(
         "maintain", help="remove leftover staging, compact and vacuum every table (the nightly job)",

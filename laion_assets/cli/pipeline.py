@@ -47,6 +47,7 @@ def dagster_instance():
 def run_pipeline(
     inputs: list[str], lake: str, config: str | None, select: str | None, instance=None,
     retry_failures: bool = False, force: bool = False, summary: RunSummary | None = None,
+    adopt: tuple[str, str | None] | None = None,
 ) -> RunSummary:
     """Check and register the shard files, then materialize per shard the selected assets that
     are not already published and up to date (`force`: all of them), then the lake-wide ones.
@@ -54,13 +55,14 @@ def run_pipeline(
     Bad input (a file that cannot be read or has no URL column, an unknown asset) raises
     LaionAssetsError before anything is registered; files skipped in a folder are listed.
     Ctrl-C or SIGTERM stops it within seconds: KeyboardInterrupt, `summary` holding what was done.
-    A stage failing on the machine or store (disk full...) stops it too: its InfrastructureError."""
+    A stage failing on the machine or store (disk full...) stops it too: its InfrastructureError.
+    `adopt` (an img2dataset folder, a key prefix) registers that folder's shards instead."""
 
     from laion_assets.cli.locks import held, instance_lock, shard_lock
     from laion_assets.core.config import load_config
     from laion_assets.core.lake.delta import Lake
     from laion_assets.core.lake.store import require_credentials
-    from laion_assets.defs.backfills import ensure_pools, register_shards, select_assets
+    from laion_assets.defs.backfills import ensure_pools, register_adopted, register_shards, select_assets
     from laion_assets.defs.definitions import LAKE_JOB, SHARD_JOB, build_defs
     from laion_assets.defs.keys import lake_paths
     from laion_assets.defs.recovery import Interrupts, recover_dead_runs
@@ -84,7 +86,7 @@ def run_pipeline(
     home = instance.root_directory
     summary = summary if summary is not None else RunSummary()
     with instance_lock(home):  # several runs at once: partitions and pools added once
-        keys = register_shards(lk, inputs, instance)
+        keys = register_adopted(lk, *adopt, instance) if adopt else register_shards(lk, inputs, instance)
         ensure_pools(defs, instance)
         summary.notes += recover_dead_runs(instance)
 

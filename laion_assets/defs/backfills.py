@@ -76,6 +76,18 @@ def add_partitions(instance: DagsterInstance, keys: list[str], tries: int = 5) -
                 raise
 
 
+def register_adopted(lake: Lake, location: str, prefix: str | None, instance: DagsterInstance) -> list[str]:
+    """Register the finished shards of an img2dataset folder in the lake, as adopted (their
+    raw_urls and images are read from the folder, never fetched), and as partitions."""
+    from laion_assets.core.ingest.img2dataset import register_folder
+
+    keys, skipped = register_folder(lake, location, prefix)
+    for path, why in skipped:
+        print(f"skipped {path}: {why}", flush=True)
+    add_partitions(instance, keys)
+    return keys
+
+
 def ensure_pools(defs: Definitions, instance: DagsterInstance) -> None:
     """Give every pool of the assets its row (at the instance's default limit) before runs
     start: on Postgres, runs that create a pool's row at the same moment crash

@@ -26,7 +26,9 @@ class ImagesRunConfig(Config):
 def images(context: AssetExecutionContext, config: ImagesRunConfig, lake: LakeResource, pipeline: PipelineResource):
     """One row per input row: `status` (success or the failure kind), `error`, HTTP status,
     original and stored sizes, sha256 of the original bytes, and the re-encoded `image`.
-    Finished chunks are staged, so a killed run resumes without downloading them again."""
+    Finished chunks are staged, so a killed run resumes without downloading them again.
+    A shard adopted from an img2dataset download (`laion-assets adopt-images`) is read from its
+    folder instead, whenever it runs: the bytes img2dataset stored, checked to decode, no request."""
     lk, cfg, shard = lake.lake(), pipeline.config(), context.partition_key
     yield from run_stage(
         context, lk, stages.IMAGES,

@@ -1,5 +1,5 @@
 """webdataset_<subset> (folder webdataset/<subset>): the subset as webdataset tars for training,
-one folder per shard."""
+in img2dataset's output layout (or one folder per shard)."""
 
 from dagster import AssetExecutionContext, AssetsDefinition, MaterializeResult, MetadataValue
 
@@ -21,9 +21,9 @@ def webdataset_asset(sub: SubsetConfig) -> AssetsDefinition:
         kinds={"webdataset", "parquet"},
         group_name="exports",
         description=(
-            f"Subset {sub.name} as webdataset tars in img2dataset's layout ({{key}}.jpg, .txt, .json; a "
-            "parquet of the same metadata per tar; stats.json), ordered and keyed by uid. A shard whose "
-            "subset and images files are unchanged keeps its tars."
+            f"Subset {sub.name} as webdataset tars in img2dataset's output layout ({{key}}.jpg, .txt, .json; "
+            "tars numbered across shards; per tar a parquet with every row's status and img2dataset's "
+            "stats; sizes.json for open_clip). A shard whose subset and images files are unchanged keeps its tars."
         ),
         metadata=lake_path(export_folder(sub.name)),
     )

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from laion_assets.core.lake.config import Section
 
 
 class ExportConfig(Section):
-    """Webdataset tars per subset shard (img2dataset's layout), for training."""
+    """Webdataset tars of each subset, for training: img2dataset's output layout (one folder, tars
+    numbered across shards, per-tar parquet and stats, sizes.json), or one folder per shard."""
 
+    layout: Literal["img2dataset", "shards"] = Field(
+        "img2dataset", description="img2dataset: one folder, one brace pattern over every tar; shards: a folder per shard, keyed by uid"
+    )
     samples_per_tar: int = Field(10_000, ge=1, description="samples in each tar (the last one of a shard may hold fewer)")
     subsets: tuple[str, ...] | None = Field(None, description="subsets to export (default: every subset)")
 

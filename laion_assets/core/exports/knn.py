@@ -5,7 +5,8 @@ vectors = cosine), kept in sync with the subset shard by shard:
                                         (what a searcher embeds queries with), subset Delta
                                         version, per shard its fingerprint, id range and id-mapping file
     knn/<subset>/index-<version>.faiss  the faiss index (read memory-mapped for search)
-    knn/<subset>/ids/<shard>-<fp>.arrow uid, url, caption of the indexed rows, in id order
+    knn/<subset>/ids/<shard>-<fp>.arrow uid, url, caption of the indexed rows, in id order, with
+                                        sha256 and the scores a search filters on (HIT_COLUMNS)
 
 The index type follows the size, autofaiss-style: exact (flat) below `knn.exact_below`
 vectors, else IVF with a compressed code (`knn.codec`, SQ8 by default: 4x smaller than
@@ -45,10 +46,13 @@ if TYPE_CHECKING:  # the searcher reads manifests without the pipeline config's 
     from laion_assets.core.config import PipelineConfig
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 2: the id mapping carries HIT_COLUMNS
 K = 10
 TUNING_QUERIES = 256
 ROW_BITS = 32
+# subset columns kept beside uid, url, caption in the id mapping, where the subset has them: a
+# search collapses hits of one image (sha256) and filters or re-ranks on scores without the lake
+HIT_COLUMNS = ("sha256", "punsafe", "pwatermark", "aesthetic", "aesthetic_v2", "pviolence")
 
 
 def index_folder(subset: str = "") -> str:
@@ -191,7 +195,8 @@ def _report(m: dict, files: LakeFiles, rebuilt: bool, counts: tuple, seconds: fl
 
 def shard_vectors(lake: Lake, table: str, emb: str, shard: str) -> tuple[pl.DataFrame, np.ndarray]:
     """The subset rows of a shard that have an image embedding (uid order) and their vectors."""
-    rows = lake.read_shard(table, shard, ["uid", "url", "caption"]).sort("uid")
+    present = lake.scan(table).collect_schema().names()
+    rows = lake.read_shard(table, shard, ["uid", "url", "caption", *(c for c in HIT_COLUMNS if c in present)]).sort("uid")
     uids, parts = [], []
     for batch in lake.batches(emb, shard, ["uid", "image_embedding"], uids=rows["uid"].to_list()):
         uids.append(pl.from_arrow(batch["uid"]))

@@ -9,7 +9,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from laion_assets.core.embeddings.config import SpaceConfig
-from laion_assets.core.exports.knn import MANIFEST, ROW_BITS, index_folder
+from laion_assets.core.exports.knn import HIT_COLUMNS, MANIFEST, ROW_BITS, index_folder
 from laion_assets.core.lake.delta import Lake
 from laion_assets.core.lake.errors import LaionAssetsError
 from laion_assets.core.lake.files import LakeFiles
@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # a search needs no pipeline config: the index names its mode
     from laion_assets.core.config import PipelineConfig
 
 CACHE = Path(tempfile.gettempdir()) / "laion-assets-knn"  # local copies of object-store indexes
+MAX_CANDIDATES = 10_000  # most hits asked of the index to fill k after collapsing and filtering
 
 
 @dataclass
@@ -38,6 +39,10 @@ class Hit:
     caption: str | None
     shard: str
     subset: str
+    id: int = -1  # the index's id (shard ordinal << 32 | row): what clip-retrieval's /metadata takes
+    sha256: str | None = None
+    scores: dict = field(default_factory=dict)  # the subset's punsafe, aesthetic... as indexed
+    copies: int = 0  # further hits of the same image (sha256) collapsed into this one
 
 
 class SubsetIndex:
@@ -73,13 +78,22 @@ class SubsetIndex:
         ]
 
     def _hit(self, rank: int, score: float, id_: int) -> Hit:
+        shard, rec = self.record(id_)
+        scores = {c: rec[c] for c in HIT_COLUMNS if c != "sha256" and c in rec}
+        return Hit(rank, round(score, 4), rec["uid"], rec["url"], rec["caption"], shard, self.subset, id_, rec.get("sha256"), scores)
+
+    def record(self, id_: int) -> tuple[str, dict]:
+        """The shard and id-mapping row (uid, url, caption, HIT_COLUMNS) of an index id."""
         ordinal, row = id_ >> ROW_BITS, id_ & ((1 << ROW_BITS) - 1)
+        if ordinal not in self.shards:
+            raise LaionAssetsError(f"id {id_} is not in the {self.subset} index (version {self.version})")
         shard, name = self.shards[ordinal]
         if ordinal not in self._ids:
             source = pa.memory_map(self.files.local_path(name, self.cache))
             self._ids[ordinal] = pa.ipc.open_file(source).read_all()
-        rec = self._ids[ordinal].slice(row, 1).to_pylist()[0]
-        return Hit(rank, round(score, 4), rec["uid"], rec["url"], rec["caption"], shard, self.subset)
+        if row >= self._ids[ordinal].num_rows:
+            raise LaionAssetsError(f"id {id_} is not in the {self.subset} index (version {self.version})")
+        return shard, self._ids[ordinal].slice(row, 1).to_pylist()[0]
 
 
 class QueryEncoder:
@@ -172,12 +186,41 @@ class Searcher:
             self.encoder(self.index(name)).encoder()
         return names
 
-    def search(self, text: str | None = None, image: bytes | None = None, subset: str | None = None, k: int = 10) -> list[Hit]:
-        if not 1 <= k <= 1000:
-            raise LaionAssetsError(f"k must be between 1 and 1000, got {k}")
+    def search(self, text: str | None = None, image: bytes | None = None, subset: str | None = None, k: int = 10,
+               deduplicate: bool = True) -> list[Hit]:
+        """The k nearest images; hits of one image (same sha256) are collapsed into the first
+        unless `deduplicate` is off."""
+        check_k(k)
         idx = self.index(subset)
-        query = self.encoder(idx)(text, image)
-        return idx.search(query[None, :], k)[0]
+        return nearest(idx, self.encoder(idx)(text, image), k, deduplicate)
+
+
+def check_k(k: int) -> None:
+    if not 1 <= k <= 1000:
+        raise LaionAssetsError(f"k must be between 1 and 1000, got {k}")
+
+
+def nearest(idx: SubsetIndex, query: np.ndarray, k: int, deduplicate: bool = True, keep=None) -> list[Hit]:
+    """The k nearest hits that `keep` accepts, one per image (sha256) when `deduplicate`: the
+    index is asked for more candidates (up to MAX_CANDIDATES) until k are found."""
+    fetch, most = (k if not deduplicate and keep is None else 2 * k), min(MAX_CANDIDATES, max(1, idx.index.ntotal))
+    while True:
+        fetch = min(fetch, most)
+        hits = idx.search(query[None, :], fetch)[0]
+        chosen: list[Hit] = []
+        first: dict[str, Hit] = {}
+        for hit in hits:
+            if keep is not None and not keep(hit):
+                continue
+            if deduplicate and hit.sha256 is not None:
+                if hit.sha256 in first:
+                    first[hit.sha256].copies += 1
+                    continue
+                first[hit.sha256] = hit
+            chosen.append(hit)
+        if len(chosen) >= k or fetch >= most:
+            return [replace(hit, rank=rank) for rank, hit in enumerate(chosen[:k], 1)]
+        fetch *= 4
 
 
 class Thumbnails:

@@ -1,4 +1,5 @@
-"""Webdataset export of a subset, one folder per subset shard, in img2dataset's layout:
+"""Webdataset export of a subset. The default layout is img2dataset's own (`img2dataset.py`: one
+folder, tars numbered across shards); `export.layout: shards` keeps one folder per subset shard:
 
     webdataset/<subset>/<shard>/00000.tar      {key}.jpg (the stored format), {key}.txt, {key}.json
     webdataset/<subset>/<shard>/00000.parquet  the same metadata, one row per sample
@@ -66,6 +67,7 @@ class ExportReport:
     subset_version: int
     fingerprint: str
     location: str
+    moved_shards: int = 0  # other shards' tars renumbered (img2dataset layout)
 
     def as_metadata(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "tars"} | {"tar_count": len(self.tars)}
@@ -76,6 +78,10 @@ def export_shard(lake: Lake, cfg: PipelineConfig, subset: str, shard: str) -> Ex
     table = subset_table(subset)
     if not lake.exists(table):
         raise LaionAssetsError(f"subset '{subset}' has no table yet: materialize {table} first")
+    if cfg.export.layout == "img2dataset":
+        from laion_assets.core.exports.img2dataset import export_shard_flat  # it builds on this module
+
+        return export_shard_flat(lake, cfg, subset, shard)
     files = LakeFiles(lake, export_folder(subset, shard))
     fingerprint = shard_fingerprint(lake, [table, IMAGES], shard, LAYOUT, cfg.export.samples_per_tar)
     subset_version = lake.table(table).version()
@@ -178,13 +184,28 @@ def _write_tar(files: LakeFiles, name: str, chunk: pl.DataFrame, spill: _Spill, 
 
 
 def train_shards(lake: Lake, subset: str) -> tuple[list[str], int]:
-    """The finished tars of a subset (URIs) and their sample count: what open_clip's
-    `--train-data` and `--train-num-samples` want."""
+    """The finished tars of a subset (URIs) and their sample count."""
+    pattern, sizes = train_data(lake, subset)
+    if not sizes:
+        return [], 0
+    import braceexpand
+
+    return [u for part in pattern.split("::") for u in braceexpand.braceexpand(part)], sum(sizes)
+
+
+def train_data(lake: Lake, subset: str) -> tuple[str, list[int]]:
+    """What open_clip's `--train-data` takes for the subset's finished tars (a brace pattern in
+    img2dataset's layout, `::`-joined URIs in the shards layout), and the samples of each tar."""
+    from laion_assets.core.exports.img2dataset import flat_train_data
+
+    flat = flat_train_data(lake, subset)
+    if flat is not None:
+        return flat
     root = LakeFiles(lake, export_folder(subset))
-    urls, samples = [], 0
+    urls, sizes = [], []
     for shard in root.folders():
         stats = LakeFiles(lake, export_folder(subset, shard)).read_json(STATS)
         if stats:
             urls += [root.uri(f"{shard}/{t['name']}") for t in stats["tars"]]
-            samples += stats["samples"]
-    return urls, samples
+            sizes += [t["samples"] for t in stats["tars"]]
+    return "::".join(urls), sizes

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from laion_assets.core.lake.config import Section
 
 ResizeMode = Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"]
+Channel = Annotated[int, Field(ge=0, le=255)]
 
 
 class DownloadConfig(Section):
@@ -45,6 +46,12 @@ class ImageConfig(Section):
 
     size: int = Field(256, ge=8)
     resize_mode: ResizeMode = "keep_ratio"
+    resize_only_if_bigger: bool = Field(
+        False, description="leave images not bigger than `size` as they are (not enlarged, cropped or padded)"
+    )
+    border_color: tuple[Channel, Channel, Channel] = Field(
+        (255, 255, 255), description="RGB padding of resize_mode border (img2dataset's white)"
+    )
     downscale_filter: Literal["area", "bicubic", "lanczos"] = Field(
         "area", description="filter to shrink (area = img2dataset's INTER_AREA); enlarging uses lanczos"
     )
@@ -54,6 +61,9 @@ class ImageConfig(Section):
     min_image_size: int = Field(0, ge=0, description="smallest side, pixels")
     max_aspect_ratio: float | None = Field(None, ge=1)
     max_image_area: int | None = Field(None, ge=1, description="filter: max width*height")
+    bbox_col: str | None = Field(
+        None, description="raw_urls column of boxes to blur, [x_min, y_min, x_max, y_max] relative (img2dataset's)"
+    )
     max_decode_pixels: int = Field(
         89_478_485, ge=1, description="decompression-bomb guard, pixels (Pillow's default)"
     )

@@ -145,6 +145,8 @@ class Progress:
 class ShardDownloader:
     """Configured once per shard; `run` streams result chunks to `on_chunk`.
 
+    rows: (uid, url) or, with images.bbox_col, (uid, url, boxes to blur).
+
     workers: CPU workers for decode/resize/encode (default: one per core).
     decode: "process" (default on machines with 2+ cores) or "thread".
     """
@@ -167,7 +169,7 @@ class ShardDownloader:
 
     def run(
         self,
-        rows: Iterable[tuple[int, str]],
+        rows: Iterable[tuple],
         total: int,
         on_chunk: Callable[[pa.Table], None],
         on_progress: Callable[[Progress], None] | None = None,
@@ -199,7 +201,7 @@ class ShardDownloader:
                     for _ in batch:
                         unstaged.release()
 
-        async def one(uid: int, url: str, fetcher: Fetcher) -> None:
+        async def one(uid: int, url: str, boxes, fetcher: Fetcher) -> None:
             start = time.monotonic()
             holds_slot, held_bytes = True, 0
             try:
@@ -211,7 +213,7 @@ class ShardDownloader:
                 sem.release()
                 holds_slot = False
                 if body is not None:
-                    row = await self._process(row, body, cpu)
+                    row = await self._process(row, body, cpu, boxes)
                     del body
             except Exception as e:  # never lose a row, whatever broke
                 row = {"uid": uid, "url": url, "status": "failed_download", "error": f"internal: {e!r}"[:300]}
@@ -249,10 +251,10 @@ class ShardDownloader:
         try:
             await cpu.start()
             async with Fetcher(self.dcfg, resolver=self.resolver) as fetcher:
-                for uid, url in rows:
+                for uid, url, *boxes in rows:
                     await unstaged.acquire()
                     await sem.acquire()
-                    task = asyncio.create_task(one(uid, url, fetcher))
+                    task = asyncio.create_task(one(uid, url, boxes[0] if boxes else None, fetcher))
                     tasks.add(task)
                     task.add_done_callback(settled)
                 await asyncio.gather(*tasks)
@@ -286,9 +288,9 @@ class ShardDownloader:
         )
         return row, (got.body if got.status == "success" else None)
 
-    async def _process(self, row: dict, body: bytes, cpu: CpuPool) -> dict:
+    async def _process(self, row: dict, body: bytes, cpu: CpuPool, boxes) -> dict:
         """The CPU half: hash, blocklist, decode/check/resize/encode."""
-        sha, res = await cpu.run(body)
+        sha, res = await cpu.run(body, boxes)
         if sha in self.blocked_images:  # never stored, whatever the decode said
             row.update(status="blocked", error="image hash on the blocklist", sha256=sha)
             return row

@@ -1,8 +1,10 @@
 """Decode, check, resize and re-encode one image: the CPU half of the images stage.
 
 Same resize semantics as img2dataset (no, border, keep_ratio, keep_ratio_largest,
-center_crop). JPEGs are decoded at a reduced DCT scale when the target is much smaller
-(Pillow's `draft`), which is where most of the CPU time goes on large photos.
+center_crop; resize_only_if_bigger; white borders; its filters in its order; its box blur),
+checked against img2dataset itself by test_img2dataset_parity.py. JPEGs are decoded at a
+reduced DCT scale when the target is much smaller (Pillow's `draft`), which is where most of
+the CPU time goes on large photos.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from laion_assets.core.images.blur import blur_boxes, parse_boxes
 from laion_assets.core.images.config import ImageConfig
 
 DOWNSCALE = {
@@ -59,18 +62,31 @@ def perceptual_hash(img: Image.Image) -> str:
     return f"{int(''.join('1' if b else '0' for b in (low > np.median(low)).ravel()), 2):016x}"
 
 
-def process_and_hash(proc: ImageProcessor, body: bytes) -> tuple[str, ImageResult]:
+def process_and_hash(proc: ImageProcessor, body: bytes, boxes=None) -> tuple[str, ImageResult]:
     """sha256 of the original bytes and the processed image, with the md5 and sha1 of the
     bytes filled in (the stored image is re-encoded: they cannot be computed later)."""
-    res = proc(body)
+    res = proc(body, boxes)
     res.md5, res.sha1 = hashlib.md5(body).hexdigest(), hashlib.sha1(body).hexdigest()
     return hashlib.sha256(body).hexdigest(), res
+
+
+def resizes(w: int, h: int, cfg: ImageConfig) -> bool:
+    """Whether the resize mode acts on the image at all: with `resize_only_if_bigger` an image
+    whose side the mode scales by (the smaller one for keep_ratio and center_crop, the larger
+    for keep_ratio_largest and border) is at most `size` is left as it is, not even cropped or
+    padded (img2dataset's rule)."""
+    if cfg.resize_mode == "no":
+        return False
+    if not cfg.resize_only_if_bigger:
+        return True
+    side = min(w, h) if cfg.resize_mode in ("keep_ratio", "center_crop") else max(w, h)
+    return side > cfg.size
 
 
 def target_size(w: int, h: int, cfg: ImageConfig) -> tuple[int, int]:
     """Size the image is scaled to before any crop or border."""
     s = cfg.size
-    if cfg.resize_mode == "no":
+    if not resizes(w, h, cfg):
         return w, h
     if cfg.resize_mode in ("keep_ratio", "center_crop"):
         k = s / min(w, h)
@@ -101,7 +117,8 @@ class ImageProcessor:
         self.cfg = cfg
         self.fmt = PIL_FORMAT[cfg.format]
 
-    def __call__(self, data: bytes) -> ImageResult:
+    def __call__(self, data: bytes, boxes=None) -> ImageResult:
+        """`boxes`: the row's `bbox_col` value, regions to blur (None: nothing to blur)."""
         cfg = self.cfg
         try:
             with warnings.catch_warnings():
@@ -121,14 +138,19 @@ class ImageProcessor:
         if min(w, h) < cfg.min_image_size:
             res.status, res.error = "too_small", f"{w}x{h} < min_image_size {cfg.min_image_size}"
             return res
+        if cfg.max_image_area and w * h > cfg.max_image_area:  # before the aspect ratio, as img2dataset
+            res.status, res.error = "too_large", f"{w}x{h} > max_image_area {cfg.max_image_area}"
+            return res
         if cfg.max_aspect_ratio and max(w, h) / min(w, h) > cfg.max_aspect_ratio:
             res.status, res.error = "bad_aspect_ratio", f"{w}x{h} aspect > {cfg.max_aspect_ratio}"
             return res
-        if cfg.max_image_area and w * h > cfg.max_image_area:
-            res.status, res.error = "too_large", f"{w}x{h} > max_image_area {cfg.max_image_area}"
+        try:
+            blur = parse_boxes(boxes)
+        except ValueError as e:
+            res.status, res.error = "failed_decode", f"{cfg.bbox_col}: {e}"
             return res
         try:
-            res.image, (res.width, res.height), res.phash = self._transform(img, w, h, data)
+            res.image, (res.width, res.height), res.phash = self._transform(img, w, h, data, blur)
         except Exception as e:  # truncated or corrupt pixel data shows up only on load
             return ImageResult("failed_decode", f"{type(e).__name__}: {e}", w, h)
         return res
@@ -140,17 +162,22 @@ class ImageProcessor:
             return Image.Resampling.LANCZOS
         return DOWNSCALE[self.cfg.downscale_filter]
 
-    def _transform(self, img: Image.Image, w: int, h: int, data: bytes) -> tuple[bytes, tuple[int, int], str]:
+    def _transform(self, img: Image.Image, w: int, h: int, data: bytes, blur: list) -> tuple[bytes, tuple[int, int], str]:
         cfg = self.cfg
         orientation = img.getexif().get(0x0112, 1)
         rotated = orientation in (5, 6, 7, 8)
-        tw, th = target_size(*((h, w) if rotated else (w, h)), cfg)  # displayed orientation
+        shown = (h, w) if rotated else (w, h)  # displayed orientation
+        tw, th = target_size(*shown, cfg)
+        framed = resizes(*shown, cfg) and cfg.resize_mode in ("center_crop", "border")
         if (
             cfg.skip_reencode
             and img.format == self.fmt
             and orientation == 1
             and (tw, th) == (w, h)
-            and cfg.resize_mode != "border"
+            and (not framed or (w, h) == (cfg.size, cfg.size))
+            and not blur
+            and img.mode not in ALPHA_MODES
+            and "transparency" not in img.info
         ):
             img.load()  # still verify the pixels decode
             return data, (w, h), perceptual_hash(img)
@@ -169,11 +196,12 @@ class ImageProcessor:
             if img.size != (tw, th):
                 img = img.resize((tw, th), self._filter(img.size, (tw, th)), reducing_gap=3.0)
         phash = perceptual_hash(img)
-        if cfg.resize_mode == "center_crop":
+        img = blur_boxes(img, blur)  # after the resize, before crop or border (img2dataset's order)
+        if framed and cfg.resize_mode == "center_crop":
             left, top = (tw - cfg.size) // 2, (th - cfg.size) // 2
             img = img.crop((left, top, left + cfg.size, top + cfg.size))
-        elif cfg.resize_mode == "border":
-            canvas = Image.new("RGB", (cfg.size, cfg.size))
+        elif framed and cfg.resize_mode == "border":
+            canvas = Image.new("RGB", (cfg.size, cfg.size), cfg.border_color)
             canvas.paste(img, ((cfg.size - tw) // 2, (cfg.size - th) // 2))
             img = canvas
         buf = io.BytesIO()
@@ -232,14 +260,16 @@ def _eight_bit(img: Image.Image) -> Image.Image:
 # The images stage decodes in worker processes it starts itself (`python -c ...worker_main()`):
 # no multiprocessing (whose spawn re-imports the caller's __main__, and whose fork deltalake
 # does not survive), a plain pipe protocol, and a crash or hang costs one worker, not the run.
-# Request: 8-byte little-endian length + the downloaded bytes. Reply: 8-byte length + pickle
-# of (sha256 hex of the bytes, ImageResult). EOF on stdin ends the worker. A worker writes one
+# Request: 8-byte little-endian length + the downloaded bytes, then 8-byte length + the row's
+# blur boxes as JSON (length 0: none). Reply: 8-byte length + pickle of (sha256 hex of the
+# bytes, ImageResult). EOF on stdin ends the worker. A worker writes one
 # byte, b"R", once its imports are done, so fetching starts when decoding can.
 
 WORKER_CMD = "from laion_assets.core.images.imaging import worker_main; worker_main()"
 
 
 def worker_main() -> None:
+    import json
     import os
     import pickle
     import struct
@@ -256,7 +286,8 @@ def worker_main() -> None:
         if len(head) < 8:
             return
         body = inp.read(int.from_bytes(head, "little"))
-        reply = pickle.dumps(process_and_hash(proc, body), protocol=5)
+        boxes = inp.read(int.from_bytes(inp.read(8), "little"))
+        reply = pickle.dumps(process_and_hash(proc, body, json.loads(boxes) if boxes else None), protocol=5)
         out.write(struct.pack("<Q", len(reply)))
         out.write(reply)
         out.flush()

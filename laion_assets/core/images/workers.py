@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import pickle
 import struct
 import sys
@@ -21,9 +22,9 @@ DECODER_RETRIES = 1  # a sample whose worker dies this many times more is failed
 DECODE_TIMEOUT_S = 60.0  # CPU time one image may take before its worker is killed
 
 
-def _work(body: bytes, processor: ImageProcessor) -> tuple[str, ImageResult]:
+def _work(body: bytes, processor: ImageProcessor, boxes) -> tuple[str, ImageResult]:
     """sha256 of the original bytes, then decode/check/resize/encode (thread mode)."""
-    return process_and_hash(processor, body)
+    return process_and_hash(processor, body, boxes)
 
 
 class _Worker:
@@ -44,9 +45,12 @@ class _Worker:
             raise LaionAssetsError("an image decode worker died while starting (its error is on stderr)") from None
         return cls(proc)
 
-    async def call(self, body: bytes) -> tuple[str, ImageResult]:
+    async def call(self, body: bytes, boxes) -> tuple[str, ImageResult]:
+        boxes_json = b"" if boxes is None else json.dumps(boxes).encode()
         self.proc.stdin.write(struct.pack("<Q", len(body)))
         self.proc.stdin.write(body)
+        self.proc.stdin.write(struct.pack("<Q", len(boxes_json)))
+        self.proc.stdin.write(boxes_json)
         await self.proc.stdin.drain()
         n = struct.unpack("<Q", await self.proc.stdout.readexactly(8))[0]
         return pickle.loads(await self.proc.stdout.readexactly(n))
@@ -95,10 +99,11 @@ class CpuPool:
         self.all.discard(w)
         self.retired.add(w)
 
-    async def run(self, body: bytes) -> tuple[str, ImageResult]:
+    async def run(self, body: bytes, boxes=None) -> tuple[str, ImageResult]:
+        """`boxes`: the row's blur boxes (images.bbox_col), None for none."""
         if self.mode == "thread":
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.threads, _work, body, self.processor)
+            return await loop.run_in_executor(self.threads, _work, body, self.processor, boxes)
         attempts = 0
         while attempts <= DECODER_RETRIES:
             w = await self.idle.get()
@@ -109,7 +114,7 @@ class CpuPool:
             attempts += 1
             try:
                 async with asyncio.timeout(DECODE_TIMEOUT_S):
-                    result = await w.call(body)
+                    result = await w.call(body, boxes)
             except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
                 self._retire(w)  # it died on this sample (or before): replace and retry
                 self.idle.put_nowait(await self._spawn())

@@ -1,7 +1,8 @@
 """Input shards: find shard files, read them into one schema, give every row a stable uid, and
 say for every input row whether it is kept and, if not, why.
 
-A shard is one input file (parquet, csv, tsv, jsonl; optionally gzip-compressed). Its key is
+A shard is one input file (parquet, csv, tsv, jsonl, json, txt; optionally gzip-compressed):
+img2dataset's input formats, a `.txt` being one URL a line without captions. Its key is
 the file name without extensions, e.g. `part-00042.parquet` -> `part-00042`. A file that cannot
 be read is refused with the place (file, line, column) where that can be known.
 """
@@ -25,14 +26,16 @@ from laion_assets.core.ingest.urls import BadURL, fetchable
 from laion_assets.core.lake.delta import check_shard_key
 from laion_assets.core.lake.errors import LaionAssetsError
 
-FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+FORMATS = {
+    ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".txt": "txt",
+}
 URL_COLUMNS = ("URL", "url")
 CAPTION_COLUMNS = ("TEXT", "caption", "text", "TEXT_EN")
 # Names of columns we add: a source column with one of them gets a `source_` prefix.
 RESERVED = ("shard", "uid", "source_row", "fetch_url", "reason", "detail", "duplicate_of_row")
 # Why a row is kept out of raw_urls (each kept-out row is in raw_urls_rejected with its reason).
 REASONS = ("missing_url", "unsupported_scheme", "malformed_url", "duplicate_uid")
-SUPPORTED = ".parquet, .csv, .tsv or .jsonl (optionally .gz)"
+SUPPORTED = ".parquet, .csv, .tsv, .jsonl, .json or .txt (optionally .gz)"
 
 
 def shard_format(path: str) -> str | None:
@@ -120,6 +123,13 @@ def _read_bytes(source: str) -> bytes:
 def _parse(data: bytes, fmt: str, infer_rows: int | None) -> pl.DataFrame:
     if fmt == "parquet":
         return pl.read_parquet(io.BytesIO(data))
+    if fmt == "txt":  # one URL a line (img2dataset's url lists); blank lines are not rows
+        lines = (line.removesuffix("\r") for line in data.decode("utf-8").split("\n"))
+        return pl.DataFrame({"url": [line for line in lines if line.strip()]}, schema={"url": pl.String})
+    if fmt == "json":  # one JSON document read as img2dataset reads it (pandas): records or columns
+        import pandas as pd
+
+        return pl.from_pandas(pd.read_json(io.BytesIO(data), dtype=False, convert_dates=False))
     if fmt in ("csv", "tsv"):
         return pl.read_csv(
             io.BytesIO(data), separator="\t" if fmt == "tsv" else ",",
@@ -177,6 +187,14 @@ def _place(data: bytes, fmt: str, message: str) -> str | None:
                 return f"line {n}, column {e.colno}: {e.msg}"
             if not isinstance(value, dict):
                 return f"line {n}: a JSON {type(value).__name__}, not an object"
+        return None
+    if fmt == "json":
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno}, column {e.colno}: {e.msg}"
+        return None
+    if fmt == "txt":
         return None
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",", strict=True)
     try:

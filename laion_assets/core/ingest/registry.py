@@ -8,6 +8,7 @@ taken over by another file (a corrected copy elsewhere).
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,6 +20,7 @@ from laion_assets.core.lake.delta import Lake, check_shard_key
 from laion_assets.core.lake.errors import LaionAssetsError
 
 TABLE = "_shards"
+ADOPTED = "_adopted"  # <shard>.json: the shard's images were downloaded by img2dataset, not by us
 EXPORTS = "webdataset"  # core/export.py: one folder of tars per subset shard
 PUBLISHED_IN = "raw_urls"  # a shard with rows there was ingested from its registered file
 
@@ -44,16 +46,17 @@ def _rows(entries: dict[str, str]) -> pl.DataFrame:
     )
 
 
-def register(lake: Lake, sources: list[str]) -> dict[str, str]:
-    """Register files as shards; returns the keys that are new (or moved to another file).
-    Same file twice: nothing new. Two files with one key: refused, unless the key's file is
-    not among `sources` and was never published (then the new file takes the key over)."""
+def register(lake: Lake, sources: list[str], keys: list[str] | None = None) -> dict[str, str]:
+    """Register files as shards (keyed by file name unless `keys` are given); returns the keys
+    that are new (or moved to another file). Same file twice: nothing new. Two files with one
+    key: refused, unless the key's file is not among `sources` and was never published (then
+    the new file takes the key over)."""
     known = registered(lake)
     given = set(sources)
     new: dict[str, str] = {}
     moved: dict[str, str] = {}
-    for source in sources:
-        key = shard_key(source)
+    for i, source in enumerate(sources):
+        key = check_shard_key(keys[i]) if keys else shard_key(source)
         owner = new.get(key) or moved.get(key) or known.get(key)
         if owner is None:
             new[key] = source
@@ -83,6 +86,19 @@ def release(lake: Lake, key: str) -> None:
     """Forget a shard's file after ingest refused it, unless rows from it were published."""
     if lake.exists(TABLE) and not is_published(lake, key):
         lake.delete_shard(TABLE, key)
+
+
+def record_adoption(lake: Lake, shard: str, source: str, found: dict) -> None:
+    """Say that a shard's source is a download another tool made (`found`: where its images
+    are), so its stages read that instead of fetching (core/images/adopt.py)."""
+    lake.put(f"{ADOPTED}/{shard}.json", json.dumps({"source": source, **found}).encode())
+
+
+def adoption(lake: Lake, shard: str) -> dict | None:
+    """The adoption record of a shard, if its registered file is still the one adopted."""
+    data = lake.get(f"{ADOPTED}/{check_shard_key(shard)}.json")
+    found = json.loads(data) if data else None
+    return found if found and registered(lake).get(shard) == found["source"] else None
 
 
 def source_of(lake: Lake, shard: str) -> str:
@@ -132,7 +148,14 @@ def remove_shard(lake: Lake, shard: str) -> dict[str, int]:
         if names := files.names():
             files.fs.delete_dir(files.root)
             deleted[f"{EXPORTS}/{subset}/{shard}"] = len(names)
+        # img2dataset's layout numbers tars across shards: the next export of the subset renumbers
+        # them; until then it has no sizes.json, so nothing trains on the removed shard's tars
+        flat = LakeFiles(lake, f"{EXPORTS}/{subset}")
+        if flat.exists(f"_shards/{shard}.json"):
+            flat.delete(f"_shards/{shard}.json")
+            flat.delete("sizes.json")
+            deleted[f"{EXPORTS}/{subset}/_shards/{shard}.json"] = 1
     if not known and not deleted:
         raise LaionAssetsError(f"shard '{shard}' is neither registered nor has rows in lake {lake.uri}: check the key")
-    lake.delete_where(TABLE, predicate)
+    lake.delete_where(TABLE, predicate)  # an adoption record left behind names a source no longer registered
     return deleted

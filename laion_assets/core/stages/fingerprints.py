@@ -31,7 +31,7 @@ from laion_assets.core.lake.tables import BLOCKED, DEDUP_KEYS, DUPLICATES
 
 # Bump a stage's number when a code change alters the rows it publishes: its published shards
 # (and their staging) are then redone by the next run.
-CODE_VERSIONS = {"raw_urls": 1, "language": 1, "images": 2, "embeddings": 1, "watermark": 1, "scores": 1, "dedup_keys": 1, "subsets": 1}
+CODE_VERSIONS = {"raw_urls": 1, "language": 1, "images": 3, "embeddings": 1, "watermark": 1, "scores": 1, "dedup_keys": 1, "subsets": 1}
 MARKS = {BLOCKED: ["uid"], DUPLICATES: ["kind", "uid"]}  # what a subset reads of the curation passes' marks
 
 # Config sections by the stage whose rows or gate they decide (None: neither). A new section
@@ -131,7 +131,11 @@ def current(lake: Lake, cfg: PipelineConfig, table: str, shard: str, gate: bool 
     else:  # an input not materialized yet counts too: its first publish changes the fingerprint
         ups = [up for up in upstream(cfg, table) if marks or up not in MARKS]
         inputs = {up: marks_id(lake, up, shard) if up in MARKS else files_id(lake, up, shard) if lake.exists(up) else None for up in ups}
-    body = {"stage": stage, "code": [__version__, CODE_VERSIONS[stage]], "config": config_of(cfg, table), "inputs": inputs}
+    config = config_of(cfg, table)
+    if stage == "images" and (found := registry.adoption(lake, shard)):
+        # adopted images are kept as img2dataset stored them, whatever the download config says
+        config = {"adopted": found, "files": [_file_id(found["source"]), _file_id(found["container"])]}
+    body = {"stage": stage, "code": [__version__, CODE_VERSIONS[stage]], "config": config, "inputs": inputs}
     if gate:
         body["gate"] = gate_of(cfg, table)
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:24]

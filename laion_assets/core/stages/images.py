@@ -12,10 +12,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from laion_assets.core.config import PipelineConfig
+from laion_assets.core.images import adopt
 from laion_assets.core.images.download import IMAGES_SCHEMA, STATUS_FIXES, STATUSES, Progress, ShardDownloader
+from laion_assets.core.ingest import registry
+from laion_assets.core.ingest.img2dataset import PREFIX, I2dShard
 from laion_assets.core.lake import quality
 from laion_assets.core.lake.delta import Lake
-from laion_assets.core.lake.errors import StagingUnusable, ValidationFailed, explained
+from laion_assets.core.lake.errors import LaionAssetsError, StagingUnusable, ValidationFailed, explained
 from laion_assets.core.lake.tables import IMAGES, RAW_URLS, STAGING_IMAGES
 from laion_assets.core.stages import fingerprints, staging
 from laion_assets.core.stages.publish import StageOutput, gate, publish_stream
@@ -34,8 +37,11 @@ def run_images(
     Memory stays bounded: image bytes go from the downloader to staging chunk by chunk, the
     gate reads the staged rows back batch by batch, and the publish streams them to Delta.
     Staging that cannot be read back intact (a truncated file, bytes that no longer match
-    their checksum) is dropped and the shard downloaded once more.
+    their checksum) is dropped and the shard downloaded once more. A shard adopted from an
+    img2dataset download is read from its folder instead: no request is made.
     """
+    if found := registry.adoption(lake, shard):
+        return _adopt_images(lake, cfg, shard, I2dShard(**found["img2dataset"]))
     try:
         return _run_images(lake, cfg, shard, retry_failures, on_progress, resolver)
     except StagingUnusable as e:
@@ -44,7 +50,7 @@ def run_images(
 
 
 def _run_images(lake: Lake, cfg: PipelineConfig, shard: str, retry_failures: bool, on_progress, resolver) -> StageOutput:
-    raw = lake.read_shard(RAW_URLS, shard, ["uid", "url"])
+    raw = lake.read_shard(RAW_URLS, shard, ["uid", "url", *_boxes_column(lake, cfg)])
     recipe = fingerprints.current(lake, cfg, IMAGES, shard, gate=False)
     staged = staging.usable(lake, STAGING_IMAGES, shard, recipe, {"uid": pl.Int64, "retryable": pl.Boolean})
     if staged["retryable"].fill_null(False).any():  # fetched again: dropped first, so a uid is staged once
@@ -111,6 +117,45 @@ def why_not_stored(counts: dict[str, int], n: int = 3) -> str:
     total = sum(counts.values())
     failed = sorted(((v, k) for k, v in counts.items() if k != "success" and v), reverse=True)[:n]
     return "not stored: " + ", ".join(f"{k} {v} of {total} ({STATUS_FIXES[k]})" for v, k in failed)
+
+
+def _boxes_column(lake: Lake, cfg: PipelineConfig) -> list[str]:
+    """The raw_urls column of boxes to blur (images.bbox_col), checked to exist."""
+    col = cfg.images.bbox_col
+    if col is None:
+        return []
+    names = lake.scan(RAW_URLS).collect_schema().names()
+    if col not in names:
+        raise LaionAssetsError(f"images.bbox_col '{col}' is not a raw_urls column (it has {', '.join(names)}): name the column of boxes to blur")
+    return [col]
+
+
+def _adopt_images(lake: Lake, cfg: PipelineConfig, shard: str, i2d: I2dShard) -> StageOutput:
+    """The images img2dataset stored for the shard, checked and published as they are."""
+    started = time.monotonic()
+    raw = lake.read_shard(RAW_URLS, shard)
+    rows = adopt.check(i2d, raw.select("uid", "url", pl.col(f"^{PREFIX}.*$")), cfg.images)
+    audit = rows.select(
+        "uid", "status", image_intact=pl.lit(True), width=pl.col("width").fill_null(1),
+        is_success=pl.col("status") == "success", has_image_iff_success=(pl.col("status") == "success") == pl.col("stored").is_not_null(),
+    )
+    counts = dict(rows.group_by("status").len().sort("status").iter_rows())
+    elsewise = rows.filter(~pl.col("as_configured")).height
+    if elsewise:
+        log.warning("shard %s: %d images stored by img2dataset at another size or format than images: %s, kept as they are",
+                    shard, elsewise, cfg.images.model_dump(include={"size", "resize_mode", "format"}))
+    stats = {
+        "adopted_from": i2d.container, "img2dataset_format": i2d.format, "requests_made": 0,
+        "status_counts": counts, "success_rate": round(counts.get("success", 0) / max(1, rows.height), 4),
+        "top_errors": top_errors(rows, raw), "stored_formats": dict(rows.group_by("ext").len().drop_nulls().sort("ext").iter_rows()),
+        "kept_as_stored": elsewise, "bytes_stored": int(rows["stored"].fill_null(0).sum()),
+        "duration_s": round(time.monotonic() - started, 2),
+    }
+    report = gate(IMAGES, shard, audit, quality.images_suite(raw.height, STATUSES, cfg.download.min_success_rate), stats)
+    return publish_stream(
+        lake, IMAGES, shard, IMAGES_SCHEMA, adopt.batches(i2d, rows), rows.height, report, stats,
+        {"adopted_from": i2d.container}, STAGING_IMAGES, fingerprints.current(lake, cfg, IMAGES, shard),
+    )
 
 
 def top_errors(rows: pl.DataFrame, raw: pl.DataFrame, n: int = 10) -> dict[str, dict]:

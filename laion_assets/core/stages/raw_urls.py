@@ -14,6 +14,7 @@ import polars as pl
 
 from laion_assets.core.config import PipelineConfig
 from laion_assets.core.ingest import registry
+from laion_assets.core.ingest.img2dataset import I2dShard, input_frame
 from laion_assets.core.ingest.reader import REASONS, IngestResult, normalize, read_shard_file
 from laion_assets.core.lake import quality
 from laion_assets.core.lake.delta import Lake
@@ -58,7 +59,9 @@ def run_raw_urls(lake: Lake, cfg: PipelineConfig, shard: str) -> StageOutput:
     fingerprint = fingerprints.current(lake, cfg, RAW_URLS, shard)
     source = registry.source_of(lake, shard)
     try:
-        res = normalize(read_shard_file(source), source)
+        found = registry.adoption(lake, shard)
+        rows = input_frame(I2dShard(**found["img2dataset"])) if found else read_shard_file(source)
+        res = normalize(rows, source)
         stats = {
             "source": source, "input_rows": res.input_rows, "rows": res.rows.height, "kept_out": res.kept_out,
             "kept_out_table": lake.table_uri(RAW_URLS_REJECTED), "renamed_columns": res.renamed,
