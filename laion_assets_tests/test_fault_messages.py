@@ -75,7 +75,7 @@ def _run(cmd: list[str], home, until=None, delay: float | None = None) -> tuple[
     return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out) + rest, err), time.monotonic() - sent
 
 
-@pytest.mark.parametrize("delay", [0.8, 1.6, 2.4])
+@pytest.mark.parametrize("delay", [0.6, 0.9, 1.2, 1.4, 1.7, 2.0, 2.4])
 def test_sigterm_while_starting_exits_130_with_the_interrupted_line(tmp_path, delay):
     """Within the first seconds the CLI is importing Dagster, polars, GX: a SIGTERM there used
     to end it silently with 143."""
