@@ -40,6 +40,7 @@ def publish_images(lake: Lake, shard: str, rows: list[dict]) -> None:
     ).with_columns(
         original_width=pl.lit(64, pl.Int32), original_height=pl.lit(64, pl.Int32), width=pl.lit(64, pl.Int32), height=pl.lit(64, pl.Int32),
         bytes_downloaded=pl.lit(9000, pl.Int64),
+        image=pl.Series([r["sha256"].encode() if r["sha256"] else None for r in rows], dtype=pl.Binary),  # stands for the stored bytes
     )
     lake.publish_shard(IMAGES, shard, df)
 

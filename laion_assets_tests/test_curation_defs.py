@@ -145,3 +145,34 @@ def test_two_copies_of_a_shard_through_the_pipeline(tmp_path, shard_rows):
     unique = pl.read_delta(lake.table_uri("subsets/unique"))
     everything = pl.read_delta(lake.table_uri("subsets/all"))
     assert set(unique["shard"]) == {"shard-a"} and set(everything["shard"]) == {"shard-a", "shard-b"}
+
+
+def test_the_ui_shows_an_export_behind_its_subset_as_unsynced(setup):
+    """A pass that takes a row out of a subset brings the shard's webdataset export along and
+    says so in Dagster (the partition stays in sync); a subset shard republished without its
+    export shows the export as unsynced, and train-args' check calls it stale."""
+    from dagster._core.definitions.data_version import StaleStatus
+    from dagster._utils.test.data_versions import get_stale_status_resolver
+
+    from laion_assets.core.exports import freshness
+    from laion_assets.defs.keys import subset_key, webdataset_key
+
+    lake, lists, resources, defs, instance = setup
+    export = next(a for a in defs.assets if webdataset_key("everything") in getattr(a, "keys", ()))
+    subset = next(a for a in defs.assets if subset_key("everything") in getattr(a, "keys", ()))
+
+    def status(shard):
+        return get_stale_status_resolver(instance, defs.assets).get_status(webdataset_key("everything"), shard)
+
+    for shard in SHARDS:
+        assert materialize([subset], partition_key=shard, resources=resources, instance=instance, selection=[subset_key("everything")]).success
+        assert materialize([export], partition_key=shard, resources=resources, instance=instance).success
+    assert status("a") == status("b") == StaleStatus.FRESH
+    (lists / "partner.md5.txt").write_text(sha("five", "md5") + "\n")
+    assert materialize([blocked], resources=resources, instance=instance).success
+    assert status("b") == StaleStatus.FRESH and freshness.stale_exports(lake, "everything") == []
+    latest = instance.get_latest_materialization_event(webdataset_key("everything")).asset_materialization
+    assert latest.partition == "b" and latest.metadata["changed_by"].value == "curation/blocked"
+
+    assert materialize([subset], partition_key="a", resources=resources, instance=instance, selection=[subset_key("everything")]).success
+    assert status("a") == StaleStatus.STALE and freshness.stale_exports(lake, "everything") == ["a"]

@@ -192,6 +192,90 @@ def test_staged_chunks_are_reused_only_for_the_same_images(tmp_path):
     assert out.rows == final.height == final["uid"].n_unique() == len(ok)
 
 
+def _flip_bits(path: Path, column: str, rows: int) -> None:
+    """One bit flipped in the value of `column` in each of the first `rows` rows of a staged
+    file, which stays a valid parquet file: what a disk or a copy can do without a reader
+    noticing (a float16 element off by a little, the norm still within the gate's tolerance)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    col = table[column].combine_chunks()
+    if pa.types.is_binary(col.type):
+        cells = col.to_pylist()
+        flipped = [bytes([c[0] ^ 0x01]) + c[1:] if i < rows else c for i, c in enumerate(cells)]
+        values = pa.array(flipped, pa.binary())
+    else:
+        raw = col.to_numpy().copy()
+        raw.view(np.uint32)[:rows] ^= 1
+        values = pa.array(raw, col.type)
+    pq.write_table(table.set_column(table.schema.get_field_index(column), column, values), path)
+
+
+@pytest.mark.parametrize("tower, table, column", [
+    ("tiny", stages.staging_embeddings("tiny"), "image_embedding"),
+    ("watermark", "_staging/watermark", "pwatermark"),
+])
+def test_bits_flipped_in_staging_after_a_kill_are_recomputed_not_published(tmp_path, caplog, tower, table, column):
+    """A run stops after its first staged chunk; six bits are flipped in the staged vectors (or
+    pwatermark). The rerun finds them by their checksum, drops that staging with a warning,
+    computes the shard again, and publishes exactly what an uninterrupted run publishes."""
+    from laion_assets.core.config import PipelineConfig
+    from laion_assets.core.embeddings.clip import load_model
+    from laion_assets.core.embeddings.config import EmbeddingConfig, SpaceConfig
+    from laion_assets.core.embeddings.encoder import Encoder
+    from laion_assets.core.scores import watermark
+    from laion_assets.core.scores.config import WatermarkConfig
+
+    cfg = PipelineConfig(embeddings=EmbeddingConfig(spaces={"tiny": SpaceConfig(model="tiny")}, batch_size=4, chunk_rows=CHUNK, workers=1),
+                         watermark=WatermarkConfig(model="tiny"))
+    towers = [load_model(cfg.embeddings.spaces["tiny"]), watermark.load(cfg.watermark, torch_device())]
+    encoded: list[int] = []
+
+    class Encoder_(Encoder):
+        fail_after: int | None = None
+
+        def encode(self, blobs):
+            blobs = list(blobs)
+            if self.fail_after is not None and sum(encoded) >= self.fail_after:
+                raise _Interrupted  # as a kill after the first staged chunk
+            encoded.append(len(blobs))
+            return super().encode(blobs)
+
+    def run(lake, fail_after=None):
+        def factory(names):
+            enc = Encoder_([towers[0] if n == "tiny" else towers[1] for n in names], 4, 1)
+            enc.fail_after = fail_after
+            return enc
+        return stages.run_embeddings(lake, cfg, SHARD, factory, watermark=True)
+
+    reference = Lake(tmp_path / "reference")
+    _prepare(reference)
+    run(reference)
+    lake = Lake(tmp_path / "lake")
+    _prepare(lake)
+    encoded.clear()
+    with pytest.raises(_Interrupted):
+        run(lake, fail_after=CHUNK)
+    [path] = [Path(u) for u in lake.shard_files(table, SHARD)]
+    _flip_bits(path, column, 6)
+
+    encoded.clear()
+    out = run(lake)
+    assert "do not match the checksum taken when they were staged" in caplog.text and "dropped and recomputed" in caplog.text
+    assert out["tiny"].rows == out["watermark"].rows == SUCCESS
+    assert sum(encoded) > SUCCESS - CHUNK, "the damaged tower was computed again"
+    for name in (stages.embeddings_table("tiny"), stages.WATERMARK):
+        got, want = (lk.read_shard(name, SHARD).sort("uid").drop("shard") for lk in (lake, reference))
+        assert got.equals(want), f"{name}: published what was damaged"
+    assert lake.shard_row_count(table, SHARD) == 0
+
+
+def torch_device():
+    import torch
+
+    return torch.device("cpu")
+
+
 def test_two_spaces_in_one_pass_decode_each_image_once(tmp_path, monkeypatch):
     """Two spaces (two different tiny models: 512-d and 768-d) computed in one run: every image
     is decoded once, each space gets its own table with its own identity, and each space's

@@ -4,7 +4,8 @@ node ends it, at 10 points (targeted ones in every stage, and a random time), an
 with SIGTERM; each time simply run again. No manual step, no hang: every table ends equal to an
 uninterrupted reference, each rerun fetches again at most `concurrency + 2 * chunk_rows` URLs
 (the documented bound), killed runs are marked failed and hold no pool slot, nothing is left
-in staging, and one more plain rerun finds everything up to date and fetches nothing."""
+in staging, and one more plain rerun finds every stage up to date (the exports and lake-wide
+assets too) and fetches nothing."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from dagster import DagsterInstance, DagsterRunStatus, instance_for_test
 
 from laion_assets.cli.pipeline import run_pipeline
 from laion_assets.core.embeddings.config import EmbeddingConfig, SpaceConfig
-from laion_assets.core.exports.config import ExportConfig
+from laion_assets.core.exports.config import ExportConfig, KnnConfig
 from laion_assets.core.images.download import max_unstaged
 from laion_assets.core.lake.delta import Lake
 from laion_assets.core.scores.config import WatermarkConfig
@@ -36,6 +37,10 @@ from laion_assets_tests.test_runs import cli_env, write_instance
 
 SHARD = "campaign"
 TABLES = ["raw_urls", "language", "images", "embeddings/tiny", "watermark", "scores", "subsets/similar", "subsets/pretty"]
+EXPORTS_AND_LAKE_WIDE = [
+    "curation/dedup_keys", "webdataset/similar", "webdataset/pretty", "knn/similar", "knn/pretty",
+    "curation/duplicates", "curation/blocked", "lake_summary",
+]
 RUN_TIMEOUT_S = 300  # a run that takes longer than this hangs
 
 
@@ -132,7 +137,7 @@ def test_kill_anywhere_then_rerun_gives_the_uninterrupted_tables(tmp_path, slow_
         download=dcfg(concurrency=4, per_host=4, chunk_rows=8, min_success_rate=0.5),
         embeddings=EmbeddingConfig(spaces={"tiny": SpaceConfig(model="tiny")}, batch_size=8, chunk_rows=16, workers=1),
         watermark=WatermarkConfig(model="tiny"),  # one more tower of the embeddings pass, staged alike
-        export=ExportConfig(subsets=()),  # exports keep their own fingerprint (test_export)
+        export=ExportConfig(samples_per_tar=16), knn=KnnConfig(),  # every subset exported and indexed
     )
     config = write_config(tmp_path / "config.yaml", cfg)
     bound = max_unstaged(cfg.download)
@@ -191,10 +196,11 @@ def test_kill_anywhere_then_rerun_gives_the_uninterrupted_tables(tmp_path, slow_
         for pool in ("download", "gpu"):
             assert instance.event_log_storage.get_concurrency_info(pool).claimed_slots == []
 
-    # a plain rerun: everything up to date, nothing fetched
+    # a plain rerun: every stage up to date, exports and lake-wide assets too, nothing fetched
     before = fetches(state)
     code, _ = run_cli(tmp_path, home, args, None, lake, "rerun")
     out = (tmp_path / "rerun.log").read_text()
-    lines = [line for line in out.splitlines() if line.startswith(f"  {SHARD} ")]
-    assert code == 0 and len(lines) == len(TABLES) + 1 and all(" up to date " in line for line in lines), out[-3000:]  # + dedup_keys
+    lines = [line for line in out.splitlines() if line.startswith((f"  {SHARD} ", "  (lake) "))]
+    assert code == 0 and all(" up to date " in line for line in lines), out[-3000:]
+    assert {line.split()[1] for line in lines} == {*TABLES, *EXPORTS_AND_LAKE_WIDE}, out[-3000:]
     assert fetches(state) - before == Counter()

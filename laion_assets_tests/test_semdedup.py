@@ -8,6 +8,7 @@ import polars as pl
 
 from laion_assets.core.curation import semdedup
 from laion_assets.core.curation.config import CurationConfig, SemanticDedupConfig
+from laion_assets.core.embeddings import vectors
 from laion_assets.core.lake.delta import Lake
 from laion_assets.core.stages import curation as stages
 from laion_assets.core.subsets.rules import SubsetConfig
@@ -71,3 +72,34 @@ def test_the_training_sample_does_not_depend_on_read_order():
     shuffled = np.random.default_rng(0).permutation(uids)
     assert set(picked) == set(shuffled[semdedup.in_sample(shuffled, 0.1)])
     assert 800 < len(picked) < 1200
+
+
+def test_marks_do_not_depend_on_the_order_rows_are_read_in():
+    """3,000 vectors with 300 planted near-copies and 30 exact copies, read once in shard order
+    and once permuted across shards and batches: the marks (which member of each pair survives,
+    and by which row it is marked) are identical."""
+    rng = np.random.default_rng(7)
+    n = 3000
+    vecs = rng.normal(size=(n, DIM)).astype(np.float32)
+    src, dst = rng.choice(n, size=(2, 330), replace=False)
+    vecs[dst[:300]] = vecs[src[:300]] + rng.normal(size=(300, DIM)).astype(np.float32) * 0.05
+    vecs[dst[300:]] = vecs[src[300:]]  # exact copies: a tie in every similarity, broken by (shard, uid)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    shards = np.array(["a", "b", "c"])[np.arange(n) % 3]
+    uids = rng.permutation(n).astype(np.int64) * 7919 - 10_000_000
+    cfg = SemanticDedupConfig(subset="everything", clusters=20, threshold=0.95, train_per_cluster=50)
+
+    def stream_of(order: np.ndarray, batch: int):
+        def stream():
+            for shard in dict.fromkeys(shards[order]):  # shards in order of first appearance
+                rows = order[shards[order] == shard]
+                for i in range(0, len(rows), batch):
+                    part = rows[i:i + batch]
+                    # vectors as the lake holds them (float16 cells)
+                    yield shard, uids[part], vectors.from_arrow(vectors.to_column(vecs[part], "float16"))
+        return stream
+
+    first = semdedup.semdedup(stream_of(np.arange(n), 500), n, cfg).removed
+    permuted = semdedup.semdedup(stream_of(np.random.default_rng(1).permutation(n), 137), n, cfg).removed
+    assert 300 <= first.height < 400  # the planted copies (and little else) are marked
+    assert first.equals(permuted)

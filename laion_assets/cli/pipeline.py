@@ -14,6 +14,7 @@ from laion_assets.cli.shard_runs import (
     RunSummary,
     StageLine,
     execute_shard,
+    lake_wide_to_run,
     remove_garbage,
     skip_up_to_date,
     summarize,
@@ -126,11 +127,15 @@ def run_pipeline(
         if lake_order and (not order or set(keys) - failed):
             lock = shard_lock(home, lk.uri, "(lake)")
             lock.acquire("lake: another laion-assets run is running the lake-wide assets")
-            with held(lock):
-                summary.running = ("(lake)", [paths[k] for k in lake_order])
-                print(f"lake: running {', '.join(summary.running[1])}", flush=True)
-                summarize(summary, "(lake)", lake_order, graph, paths, run_shard(instance, lake_job, None, lake_order, run_config))
-                summary.running = None
+            with held(lock):  # taken first: what another run just made is found up to date
+                lake_run = lake_wide_to_run(lk, cfg, lake_order, graph, paths, force, summary)
+                if lake_run:
+                    summary.running = ("(lake)", [paths[k] for k in lake_run])
+                    print(f"lake: running {', '.join(summary.running[1])}", flush=True)
+                    summarize(summary, "(lake)", lake_run, graph, paths, run_shard(instance, lake_job, None, lake_run, run_config))
+                    summary.running = None
+                else:
+                    print("lake: every selected lake-wide asset is up to date", flush=True)
             if summary.infrastructure:
                 raise summary.infrastructure
             if interrupts.seen() or any(line.detail.startswith(INTERRUPTED) for line in summary.lines):

@@ -57,12 +57,21 @@ def skip_up_to_date(lk, cfg, order, paths, shard, force, retry_failures, summary
     table, which names it in the summary."""
     from laion_assets.core.stages import fingerprints, staging
 
+    from laion_assets.core.exports.webdataset import current_export
+
     tables = [paths[k] for k in order]
     redo = set(tables) if force else ({"images"} & set(tables) if retry_failures else set())
     plan = fingerprints.plan(lk, cfg, tables, shard, redo)
     to_run = []
     for key, table in zip(order, tables):
         rec = plan[table]
+        if table.startswith("webdataset/") and table not in redo:  # an export keeps its own record (stats.json)
+            subset = table.split("/", 1)[1]
+            ran = any(plan.get(up, "absent") is None for up in (f"subsets/{subset}", "images"))
+            stats = None if ran else current_export(lk, cfg, subset, shard)
+            if stats is not None:
+                summary.lines.append(StageLine(shard, table, UP_TO_DATE, stats["samples"], stats["subset_version"], "tars made from the subset as it is; --force redoes them"))
+                continue
         if rec is None:
             to_run.append(key)
             continue
@@ -70,6 +79,32 @@ def skip_up_to_date(lk, cfg, order, paths, shard, force, retry_failures, summary
             lk.drop_shard(staging.table_for(table), shard)
         summary.lines.append(StageLine(shard, table, UP_TO_DATE, version=rec.version, detail="published from the same inputs, config and code; --force redoes it"))
     return to_run
+
+
+def lake_wide_to_run(lk, cfg, lake_order, graph, paths, force, summary) -> list:
+    """The selected lake-wide assets to run: those whose inputs, config or code changed since
+    they last succeeded, and whatever reads what they write (a pass changes subsets, which the
+    kNN indexes and the summary read); the others get a line saying they are up to date."""
+    from laion_assets.core.stages import lakewide
+
+    to_run: list = []
+    for key in lake_order:
+        ancestors = _ancestors(graph, key)
+        if force or not lakewide.up_to_date(lk, cfg, paths[key]) or any(k in ancestors for k in to_run) or (paths[key] == lakewide.SUMMARY and to_run):
+            to_run.append(key)
+        else:
+            summary.lines.append(StageLine("(lake)", paths[key], UP_TO_DATE, detail="what it reads is unchanged since it last ran; --force redoes it"))
+    return to_run
+
+
+def _ancestors(graph, key) -> set:
+    seen, todo = set(), [key]
+    while todo:
+        for parent in graph.get(todo.pop()).parent_keys:
+            if parent not in seen:
+                seen.add(parent)
+                todo.append(parent)
+    return seen
 
 
 INTERRUPTED = "interrupted"

@@ -3,9 +3,9 @@ blocklist passes (between the per-shard stages and the subsets in lineage), SemD
 subset, and the sensor on the blocklist location.
 
 The lake-wide passes are incremental and update the published subsets themselves (rows taken
-out in one new Delta version per subset); they log a materialization for every subset shard
-they changed, so what reads the subsets downstream sees the change. They share the
-`curation` pool: one pass at a time.
+out in one new Delta version per subset), and the subsets' webdataset tars and kNN indexes
+with them; they log a materialization for every subset shard, export shard and index they
+changed. They share the `curation` pool: one pass at a time.
 """
 
 import json
@@ -14,6 +14,7 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
+    AssetRecordsFilter,
     AssetsDefinition,
     AssetSelection,
     AssetSpec,
@@ -28,6 +29,7 @@ from dagster import (
     asset,
     sensor,
 )
+from dagster._core.definitions.data_version import DATA_VERSION_TAG, get_input_data_version_tag, get_input_event_pointer_tag
 
 from laion_assets.core.config import PipelineConfig
 from laion_assets.core.curation import blocklists
@@ -35,9 +37,10 @@ from laion_assets.core.curation.config import SemanticDedupConfig
 from laion_assets.core.curation.semdedup import semdedup_table
 from laion_assets.core.lake.errors import LaionAssetsError
 from laion_assets.core.stages import curation as stages
+from laion_assets.core.stages import lakewide
 from laion_assets.defs.gate import markdown_table
 from laion_assets.defs.images import images
-from laion_assets.defs.keys import embeddings_key, lake_path, semdedup_key, subset_key
+from laion_assets.defs.keys import embeddings_key, knn_key, lake_path, semdedup_key, subset_key, webdataset_key
 from laion_assets.defs.partitions import shard_asset
 from laion_assets.defs.resources import LakeResource, PipelineResource
 
@@ -64,15 +67,44 @@ def _metadata(report: dict) -> dict:
 
 
 def _log_subset_changes(context, report: dict) -> None:
-    """A materialization event for each subset shard a pass changed (rows removed or re-run)."""
+    """A materialization event for each subset shard a pass changed (rows removed or re-run),
+    then for the webdataset shards and kNN index it brought up to date with them: the UI shows
+    the exports in sync with the subset (an export left behind shows as unsynced)."""
+    by = {"changed_by": context.asset_key.to_user_string()}
     for name, change in report.get("subsets_updated", {}).items():
         shards = {**{s: n for s, n in change.get("per_shard", {}).items()}, **{s: None for s in change.get("shards_rerun", [])}}
         for shard, removed in shards.items():
             context.log_event(AssetMaterialization(
                 asset_key=subset_key(name), partition=shard,
-                metadata={"delta_version": change["version"], "changed_by": context.asset_key.to_user_string(),
+                metadata={"delta_version": change["version"], **by,
                           **({"rows_removed": removed} if removed is not None else {"rerun": True})},
+                tags={DATA_VERSION_TAG: f"{name}/{shard}/v{change['version']}"},
             ))
+        for shard in change.get("webdataset_shards_rewritten", []):
+            context.log_event(AssetMaterialization(
+                asset_key=webdataset_key(name), partition=shard, metadata={"subset_version": change["version"], **by},
+                tags=_made_from_new_subset(context.instance, webdataset_key(name), subset_key(name), shard),
+            ))
+        if "knn_version" in change:
+            context.log_event(AssetMaterialization(asset_key=knn_key(name), metadata={"version": change["knn_version"], "subset_version": change["version"], **by}))
+
+
+def _made_from_new_subset(instance, key: AssetKey, subset: AssetKey, shard: str) -> dict:
+    """The provenance tags Dagster's own step would record for an export shard the pass wrote:
+    its previous inputs, with the subset shard's event just logged as its subset input (without
+    them the UI calls the export unsynced although it follows the subset)."""
+    def latest(k: AssetKey):
+        records = instance.fetch_materializations(AssetRecordsFilter(asset_key=k, asset_partitions=[shard]), limit=1).records
+        return records[0] if records else None
+
+    before, now = latest(key), latest(subset)
+    tags = dict(before.asset_materialization.tags or {}) if before else {}
+    if now is not None:
+        version = (now.asset_materialization.tags or {}).get(DATA_VERSION_TAG, str(now.storage_id))
+        tags[get_input_data_version_tag(subset)] = version
+        tags[get_input_event_pointer_tag(subset)] = str(now.storage_id)
+        tags[DATA_VERSION_TAG] = f"{key.to_user_string()}/{shard}/{version}"
+    return tags
 
 
 def _guard(fn):
@@ -99,8 +131,8 @@ def duplicates(context: AssetExecutionContext, lake: LakeResource, pipeline: Pip
     duplicates across every shard: a row is marked with the smallest (shard, uid) that it
     duplicates; survivors are unmarked. Incremental: only key groups touched since the last
     pass are recomputed. Subsets with `exclude_duplicates` lose the new duplicates."""
-    lk = lake.lake()
-    report = _guard(lambda: stages.run_duplicates(lk, pipeline.config()))
+    lk, cfg = lake.lake(), pipeline.config()
+    report = _guard(lambda: lakewide.tracked(lk, cfg, "curation/duplicates", lambda: stages.run_duplicates(lk, cfg)))
     _log_subset_changes(context, report)
     context.log.info(f"duplicates pass ({report['mode']}): new {report['newly_marked']}, total {report['duplicates_total']}")
     return MaterializeResult(metadata={
@@ -115,8 +147,8 @@ def blocked(context: AssetExecutionContext, lake: LakeResource, pipeline: Pipeli
     in every shard. Each pass publishes its diff (`curation/blocklist_diff` and a parquet + CSV
     file) and takes newly blocked rows out of every subset in a new Delta version. Runs when
     shards change and when the lists change (sensor `blocklist_files`)."""
-    lk = lake.lake()
-    report = _guard(lambda: stages.run_blocklists(lk, pipeline.config()))
+    lk, cfg = lake.lake(), pipeline.config()
+    report = _guard(lambda: lakewide.tracked(lk, cfg, "curation/blocked", lambda: stages.run_blocklists(lk, cfg)))
     _log_subset_changes(context, report)
     context.log.info(f"blocklist pass ({report['mode']}): {report['rows_blocked_total']} rows blocked, diff {report['diff_rows']}")
     return MaterializeResult(metadata={
@@ -141,7 +173,7 @@ def semdedup_asset(sem: SemanticDedupConfig, cfg: PipelineConfig) -> AssetsDefin
         lk = lake.lake()
         cfg_now = pipeline.config()
         current = next(s for s in cfg_now.curation.semantic if s.subset == sem.subset)
-        report = _guard(lambda: stages.run_semdedup(lk, cfg_now, current))
+        report = _guard(lambda: lakewide.tracked(lk, cfg_now, semdedup_table(sem.subset), lambda: stages.run_semdedup(lk, cfg_now, current)))
         return MaterializeResult(metadata={"dagster/row_count": report["removed"], **_metadata(report)})
 
     return _semdedup

@@ -13,6 +13,7 @@ from dagster import (
 from laion_assets.core.config import PipelineConfig
 from laion_assets.core.exports.knn import index_folder, sync_index
 from laion_assets.core.lake.errors import LaionAssetsError
+from laion_assets.core.stages import lakewide
 from laion_assets.core.subsets.rules import SubsetConfig
 from laion_assets.defs.gate import ShardFailed
 from laion_assets.defs.keys import embeddings_key, knn_key, lake_path, subset_key
@@ -43,7 +44,8 @@ def knn_asset(sub: SubsetConfig, cfg: PipelineConfig) -> AssetsDefinition:
     )
     def _knn(context: AssetExecutionContext, lake: LakeResource, pipeline: PipelineResource):
         try:
-            report = sync_index(lake.lake(), pipeline.config(), sub.name)
+            lk, cfg_now = lake.lake(), pipeline.config()
+            report = lakewide.tracked(lk, cfg_now, index_folder(sub.name), lambda: sync_index(lk, cfg_now, sub.name))
         except LaionAssetsError as e:
             raise ShardFailed(str(e)) from None  # one line, no stack
         return MaterializeResult(metadata={

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dagster import AssetExecutionContext, AssetsDefinition, MaterializeResult, MetadataValue, asset
 
+from laion_assets.core.stages import lakewide
 from laion_assets.core.ui import pictures, summary
 from laion_assets.defs.gate import markdown_table
 from laion_assets.defs.resources import LakeResource
@@ -21,7 +22,7 @@ def summary_asset(deps: Sequence[AssetsDefinition]) -> AssetsDefinition:
         """Totals across shards: rows, shards, files and size per table; images by status; success
         rate of the most frequent domains; subset sizes over time (one point per summary)."""
         lk = lake.lake()
-        s = summary.summarize(lk)
+        s = lakewide.tracked(lk, None, lakewide.SUMMARY, lambda: summary.summarize(lk))
         subsets = {t: r for t, r in zip(s.tables["table"], s.tables["rows"]) if t.startswith("subsets/")}
         history: dict[str, list[tuple[float, float]]] = {name: [] for name in subsets}
         for record in context.instance.fetch_materializations(context.asset_key, limit=HISTORY).records:

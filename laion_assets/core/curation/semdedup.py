@@ -1,15 +1,20 @@
 """Semantic near-duplicates of a subset (SemDeDup, Abbas et al. 2023), in memory bounded by the
 number of clusters, not the lake.
 
-1. k-means (faiss, spherical) on a training sample of the subset's image embeddings in one
-   space; the sample is picked by a hash of the uid, so it does not depend on read order.
-2. The vectors are streamed shard by shard, assigned to their nearest centroid, and spilled
-   to local disk grouped by cluster (float16).
-3. Cluster by cluster: members are ordered by cosine similarity to their centroid, least
-   similar first (SemDeDup's default, keeping the least prototypical example), ties by
-   (shard, uid); a member is removed when a member earlier in that order has a cosine
-   similarity above the threshold with it, and marked with the earliest such member. In a
-   group of mutual near-duplicates exactly one, the first in that order, is kept.
+1. k-means (faiss, spherical, seeded) on a training sample of the subset's image embeddings in
+   one space; the sample is picked by a hash of the uid and sorted by (shard, uid) before
+   training (k-means' initialisation and subsampling pick points by position).
+2. The vectors are streamed shard by shard, assigned to their nearest centroid (in float64,
+   row by row in effect: no batch can change a row's cluster), and spilled to local disk
+   grouped by cluster (float16).
+3. Cluster by cluster, members first sorted by (shard, uid) so every number below is computed
+   from the same matrix whatever the read order: members are ordered by cosine similarity to
+   their centroid, least similar first (SemDeDup's default, keeping the least prototypical
+   example), ties by (shard, uid); a member is removed when a member earlier in that order has
+   a cosine similarity above the threshold with it, and marked with the earliest such member.
+   In a group of mutual near-duplicates exactly one, the first in that order, is kept.
+
+The marks are therefore a function of the subset's rows, not of the order they are read in.
 
 Memory: k centroids, the training sample (k x train_per_cluster vectors) and one cluster.
 """
@@ -35,8 +40,7 @@ MARKS_SCHEMA = pa.schema([
     ("similarity", pa.float32()), ("shard", pa.string()),
 ])
 # Spilled per cluster on local disk between the assignment and the per-cluster pass.
-_SPILL = pa.schema([("shard", pa.string()), ("uid", pa.int64()), ("centroid_similarity", pa.float32()),
-                    ("vector", pa.binary()), ("cluster", pa.int32())])
+_SPILL = pa.schema([("shard", pa.string()), ("uid", pa.int64()), ("vector", pa.binary()), ("cluster", pa.int32())])
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -72,15 +76,19 @@ def semdedup(stream, rows: int, cfg: SemanticDedupConfig, spill_dir: str | None 
     import faiss
 
     fraction = cfg.clusters * cfg.train_per_cluster / rows
-    sample = [v[in_sample(u, fraction)] for _, u, v in stream()]
-    train = np.ascontiguousarray(np.concatenate(sample), np.float32)
+    keys, sample = [], []
+    for shard, u, v in stream():
+        picked = in_sample(u, fraction)
+        keys.append(pl.DataFrame({"shard": [shard] * int(picked.sum()), "uid": u[picked]}, schema={"shard": pl.String, "uid": pl.Int64}))
+        sample.append(v[picked])
+    order = pl.concat(keys).with_row_index("row").sort("shard", "uid")["row"].to_numpy()
+    train = np.ascontiguousarray(np.concatenate(sample)[order], np.float32)
     k = max(1, min(cfg.clusters, len(train)))
     km = faiss.Kmeans(train.shape[1], k, niter=20, seed=cfg.seed, spherical=True, verbose=False,
                       max_points_per_centroid=cfg.train_per_cluster, min_points_per_centroid=1)
     km.train(train)
-    del train, sample
-    centroids = faiss.IndexFlatIP(km.d)
-    centroids.add(km.centroids)
+    del train, sample, keys
+    centroids = km.centroids.astype(np.float64)
     spill = tempfile.mkdtemp(prefix="semdedup-", dir=spill_dir)
     try:
         ds.write_dataset(
@@ -93,31 +101,41 @@ def semdedup(stream, rows: int, cfg: SemanticDedupConfig, spill_dir: str | None 
         for c in range(k):
             members = dataset.to_table(filter=ds.field("cluster") == c)
             largest = max(largest, members.num_rows)
-            removed.append(_cluster_duplicates(members, c, cfg.threshold))
+            removed.append(_cluster_duplicates(members, c, centroids[c], cfg.threshold))
     finally:
         shutil.rmtree(spill, ignore_errors=True)
     out = pl.concat([empty.select(MARKS_SCHEMA.names), *removed]) if removed else empty
     return SemDedupResult(rows, k, out.sort("shard", "uid"), largest)
 
 
-def _assigned(stream, centroids) -> Iterator[pa.RecordBatch]:
+def nearest(vecs: np.ndarray, centroids: np.ndarray, rows: int = 4096) -> np.ndarray:
+    """Each vector's nearest centroid by cosine, in float64 and blocks of `rows` (float32 BLAS
+    kernels round a row differently with the batch around it: a near tie could flip)."""
+    return np.concatenate([
+        np.argmax(vecs[i:i + rows].astype(np.float64) @ centroids.T, axis=1) for i in range(0, len(vecs), rows)
+    ]) if len(vecs) else np.zeros(0, np.int64)
+
+
+def _assigned(stream, centroids: np.ndarray) -> Iterator[pa.RecordBatch]:
     for shard, uids, vecs in stream():
-        sim, idx = centroids.search(np.ascontiguousarray(vecs, np.float32), 1)
         yield pa.RecordBatch.from_arrays([
-            pa.array([shard] * len(uids), pa.string()), pa.array(uids, pa.int64()), pa.array(sim[:, 0], pa.float32()),
-            vectors.to_column(vecs, "float16"), pa.array(idx[:, 0], pa.int32()),
+            pa.array([shard] * len(uids), pa.string()), pa.array(uids, pa.int64()),
+            vectors.to_column(vecs, "float16"), pa.array(nearest(vecs, centroids), pa.int32()),
         ], schema=_SPILL)
 
 
-def _cluster_duplicates(members: pa.Table, cluster: int, threshold: float) -> pl.DataFrame:
+def _cluster_duplicates(members: pa.Table, cluster: int, centroid: np.ndarray, threshold: float) -> pl.DataFrame:
     import faiss
 
-    df = pl.from_arrow(members.select(["shard", "uid", "centroid_similarity"])).with_row_index("row")
-    df = df.sort("centroid_similarity", "shard", "uid")
-    if df.height < 2:
+    if members.num_rows < 2:
         return pl.from_arrow(MARKS_SCHEMA.empty_table())
-    x = vectors.from_arrow(members.column("vector"))[df["row"].to_numpy()]
+    canonical = members.sort_by([("shard", "ascending"), ("uid", "ascending")])
+    x = vectors.from_arrow(canonical.column("vector")).astype(np.float64)
     x /= np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+    df = pl.from_arrow(canonical.select(["shard", "uid"])).with_columns(
+        centroid_similarity=pl.Series(x @ (centroid / max(np.linalg.norm(centroid), 1e-12))),
+    ).with_row_index("row").sort("centroid_similarity", "shard", "uid")
+    x = np.ascontiguousarray(x[df["row"].to_numpy()], np.float32)
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
     lims, sims, ids = index.range_search(x, threshold)

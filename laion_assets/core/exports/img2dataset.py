@@ -76,7 +76,7 @@ def export_shard_flat(lake: Lake, cfg: PipelineConfig, subset: str, shard: str) 
         placed = rec is not None and rec["first_tar"] == first and len(rec["tars"]) == tars
         if s != shard and placed:
             continue  # its own export keeps it current
-        fingerprint = shard_fingerprint(lake, [subset_table(subset), IMAGES], s, LAYOUT, per_tar, first, "img2dataset")
+        fingerprint = _fingerprint(lake, subset, s, per_tar, first)
         current = rec is not None and rec["fingerprint"] == fingerprint and all(files.exists(t["name"]) for t in rec["tars"])
         if not current:
             rec = records[s] = _write_shard(lake, cfg, files, subset, s, first, fingerprint)
@@ -96,6 +96,22 @@ def export_shard_flat(lake: Lake, cfg: PipelineConfig, subset: str, shard: str) 
         report = ExportReport(subset, shard, 0, [], False, 0, 0, lake.table(subset_table(subset)).version(), "", files.uri())
     report.moved_shards = moved
     return report
+
+
+def _fingerprint(lake: Lake, subset: str, shard: str, per_tar: int, first: int) -> str:
+    return shard_fingerprint(lake, [subset_table(subset), IMAGES], shard, LAYOUT, per_tar, first, "img2dataset")
+
+
+def current_record(lake: Lake, cfg: PipelineConfig, subset: str, shard: str) -> dict | None:
+    """The shard's record when its tars hold the subset and images as they are now, at the tar
+    numbers the subset's shards give it now, and are all there; else None."""
+    per_tar = cfg.export.samples_per_tar
+    files = LakeFiles(lake, export_folder(subset))
+    rec = files.read_json(f"{RECORDS}/{shard}.json") if lake.exists(subset_table(subset)) else None
+    place = tar_plan(lake, subset, per_tar).get(shard) if rec else None
+    if place is None or rec["fingerprint"] != _fingerprint(lake, subset, shard, per_tar, place[0]):
+        return None
+    return rec if all(files.exists(t["name"]) for t in rec["tars"]) else None
 
 
 def _write_shard(lake: Lake, cfg: PipelineConfig, files: LakeFiles, subset: str, shard: str, first: int, fingerprint: str) -> dict:
@@ -136,7 +152,7 @@ def _write_shard(lake: Lake, cfg: PipelineConfig, files: LakeFiles, subset: str,
             tars.append({"name": f"{name}.tar", "samples": samples.height, "bytes": size})
     record = {
         "subset": subset, "shard": shard, "fingerprint": fingerprint, "subset_version": subset_version,
-        "first_tar": first, "samples": sum(t["samples"] for t in tars), "missing_images": spill.missing,
+        "subset_files": shard_fingerprint(lake, [table], shard), "first_tar": first, "samples": sum(t["samples"] for t in tars), "missing_images": spill.missing,
         "formats": formats, "tars": tars, "bytes": sum(t["bytes"] for t in tars), "samples_per_tar": per_tar,
         "layout": LAYOUT, "code_version": __version__, "duration_s": round(time.time() - start, 3),
     }

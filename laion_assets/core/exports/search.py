@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from laion_assets.core.embeddings.config import SpaceConfig
+from laion_assets.core.exports import freshness
 from laion_assets.core.exports.knn import HIT_COLUMNS, MANIFEST, ROW_BITS, index_folder
 from laion_assets.core.lake.delta import Lake
 from laion_assets.core.lake.errors import LaionAssetsError
@@ -58,6 +59,7 @@ class SubsetIndex:
         self.manifest = m = self.files.read_json(MANIFEST)
         if m is None:
             raise LaionAssetsError(f"subset '{subset}' has no kNN index in {lake.uri}: materialize its index (asset knn_{subset}) first")
+        freshness.refuse_stale_index(lake, subset)  # never show rows the subset no longer has
         self.cache = CACHE / lake.uri.replace("/", "_").replace(":", "")
         mmap = faiss.IO_FLAG_MMAP if m["kind"] == "ivf" else faiss.IO_FLAG_MMAP_IFC
         self.index = faiss.read_index(self.files.local_path(m["index"], self.cache), mmap | faiss.IO_FLAG_READ_ONLY)

@@ -8,6 +8,7 @@ import os
 import shlex
 import sys
 
+from laion_assets.core.exports.freshness import refuse_stale_export
 from laion_assets.core.exports.webdataset import train_data
 from laion_assets.core.lake.delta import Lake
 from laion_assets.core.lake.errors import LaionAssetsError
@@ -35,6 +36,7 @@ def train_command(lake: Lake, subset: str, model: str, batch_size: int, workers:
     data, sizes = train_data(lake, subset)
     if not sizes or not sum(sizes):
         raise LaionAssetsError(f"subset '{subset}' has no webdataset export in {lake.uri}: materialize webdataset_{subset} first")
+    refuse_stale_export(lake, subset)  # never hand a trainer rows the subset no longer has
     batch, loaders = fitting(sizes, batch_size, workers)
     chosen, device = precision()
     notes = [f"precision {chosen} for {device}"]

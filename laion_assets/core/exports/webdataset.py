@@ -83,10 +83,10 @@ def export_shard(lake: Lake, cfg: PipelineConfig, subset: str, shard: str) -> Ex
 
         return export_shard_flat(lake, cfg, subset, shard)
     files = LakeFiles(lake, export_folder(subset, shard))
-    fingerprint = shard_fingerprint(lake, [table, IMAGES], shard, LAYOUT, cfg.export.samples_per_tar)
+    fingerprint, subset_files = _fingerprints(lake, cfg, subset, shard)
     subset_version = lake.table(table).version()
-    old = files.read_json(STATS)
-    if old and old["fingerprint"] == fingerprint and all(files.exists(t["name"]) for t in old["tars"]):
+    old = current_export(lake, cfg, subset, shard)
+    if old:
         return _report(old, files, rewritten=False)
 
     start = time.monotonic()
@@ -110,13 +110,52 @@ def export_shard(lake: Lake, cfg: PipelineConfig, subset: str, shard: str) -> Ex
     for stale in set(files.names()) - keep:
         files.delete(stale)
     stats = {
-        "subset": subset, "shard": shard, "fingerprint": fingerprint, "subset_version": subset_version,
+        "subset": subset, "shard": shard, "fingerprint": fingerprint, "subset_version": subset_version, "subset_files": subset_files,
         "samples": rows.height, "missing_images": spill.missing, "formats": formats, "tars": tars,
         "bytes": sum(t["bytes"] for t in tars), "samples_per_tar": per_tar, "layout": LAYOUT,
         "code_version": __version__, "duration_s": round(time.monotonic() - start, 3),
     }
     files.write_json(STATS, stats)
     return _report(stats, files, rewritten=True)
+
+
+def _fingerprints(lake: Lake, cfg: PipelineConfig, subset: str, shard: str) -> tuple[str, str]:
+    """What a shard's tars are made from (subset and images files, layout), and the subset
+    shard's files alone (what exports/freshness.py compares)."""
+    table = subset_table(subset)
+    return shard_fingerprint(lake, [table, IMAGES], shard, LAYOUT, cfg.export.samples_per_tar), shard_fingerprint(lake, [table], shard)
+
+
+def current_export(lake: Lake, cfg: PipelineConfig, subset: str, shard: str) -> dict | None:
+    """The shard's record when its tars are made from the subset and images as they are
+    now, with these settings, and all still there; else None (the shard must be written)."""
+    if cfg.export.layout == "img2dataset":
+        from laion_assets.core.exports.img2dataset import current_record
+
+        return current_record(lake, cfg, subset, shard)
+    files = LakeFiles(lake, export_folder(subset, shard))
+    old = files.read_json(STATS) if lake.exists(subset_table(subset)) else None
+    if not old or [old["fingerprint"], old.get("subset_files")] != list(_fingerprints(lake, cfg, subset, shard)):
+        return None
+    return old if all(files.exists(t["name"]) for t in old["tars"]) else None
+
+
+def export_record(lake: Lake, subset: str, shard: str) -> dict | None:
+    """What the shard's tars were made from (its `_shards/<shard>.json` in img2dataset's layout,
+    its stats.json in the shards layout); None: the shard has no finished export."""
+    from laion_assets.core.exports.img2dataset import RECORDS
+
+    flat = LakeFiles(lake, export_folder(subset)).read_json(f"{RECORDS}/{shard}.json")
+    return flat if flat is not None else LakeFiles(lake, export_folder(subset, shard)).read_json(STATS)
+
+
+def exported_shards(lake: Lake, subset: str) -> set[str]:
+    """The shards the subset's export has tars (or a folder) of, in either layout."""
+    from laion_assets.core.exports.img2dataset import RECORDS
+
+    files = LakeFiles(lake, export_folder(subset))
+    flat = {name.split("/", 1)[1].removesuffix(".json") for name in files.names(RECORDS)}
+    return flat | {folder for folder in files.folders() if folder != RECORDS}
 
 
 def _report(stats: dict, files: LakeFiles, rewritten: bool) -> ExportReport:

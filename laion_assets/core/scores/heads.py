@@ -4,7 +4,9 @@ A head file is a torch state_dict; the network it defines is read from its layer
 not assumed: the NSFW head for ViT-L/14 has four linear layers where the B/32 one has three,
 and both are computed to their last layer. A file whose keys or shapes match none of the known
 architectures is refused rather than half-run. Heads are small; they run in numpy on
-L2-normalised image embeddings. Each head is tied to the embedding space it was trained on:
+L2-normalised image embeddings, in float64: float32 BLAS kernels round a row differently with
+the rows batched around it (scores differed by ~1e-6 between two runs), float64 rounded to the
+published float32 does not. Each head is tied to the embedding space it was trained on:
 feeding another model's embeddings silently shifts scores off the published thresholds, so that
 is refused unless explicitly allowed.
 """
@@ -43,7 +45,7 @@ class Head:
 
     def __call__(self, emb: np.ndarray) -> np.ndarray:
         """Scores for a (n, dim) float array; aesthetic is a 1–10 rating, nsfw a probability."""
-        x = np.asarray(emb, dtype=np.float32)
+        x = np.asarray(emb, dtype=np.float64)
         for op, *p in self.steps:
             if op == "normalize":
                 x = (x - p[0]) / p[1]
@@ -123,7 +125,7 @@ def load_head(name: str, cfg: HeadConfig) -> Head:
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        weights = {k: v.float().numpy() for k, v in state.items()}
+        weights = {k: v.double().numpy() for k, v in state.items()}
     except Exception as e:
         raise LaionAssetsError(f"{name} head {path} is not a torch state_dict ({type(e).__name__}): use a LAION head .pth") from None
     try:

@@ -1,5 +1,6 @@
 """The lake-wide curation stages: the per-shard key index, the duplicates and blocklist passes
-(which also bring the published subsets up to date), and semantic dedup per subset."""
+(which also bring the published subsets, and their webdataset tars and kNN indexes, up to
+date), and semantic dedup per subset."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import polars as pl
 from laion_assets.core.config import PipelineConfig
 from laion_assets.core.curation import blocklists, dedup, passes, semdedup
 from laion_assets.core.curation.config import SemanticDedupConfig
+from laion_assets.core.exports.knn import MANIFEST, index_folder, sync_index
+from laion_assets.core.exports.webdataset import export_shard, exported_shards
 from laion_assets.core.lake.delta import Lake
 from laion_assets.core.lake.errors import LaionAssetsError
+from laion_assets.core.lake.files import LakeFiles
 from laion_assets.core.lake.tables import IMAGES, SCORES, embeddings_table, subset_table
 from laion_assets.core.stages import fingerprints
 from laion_assets.core.stages.publish import StageOutput
@@ -32,6 +36,23 @@ def _up_to_date_after(lake: Lake, cfg: PipelineConfig, changed: pl.DataFrame, su
         n = fingerprints.after_pass(lake, cfg, subset_table(sub.name), shards)
         if n and sub.name in subsets:
             subsets[sub.name]["shards_up_to_date"] = n
+
+
+def _exports_follow(lake: Lake, cfg: PipelineConfig, subsets: dict) -> None:
+    """Bring the webdataset tars and the kNN index of every subset a pass changed up to date,
+    before the pass reports success: a trainer or a search must never see a row the pass took
+    out. Only what exists is brought up to date (an export or index not made yet is made
+    from the subset as it is when its own stage runs); a failure fails the pass."""
+    exported = {s.name for s in cfg.exported_subsets()}
+    indexed = {s.name for s in cfg.indexed_subsets()}
+    for name, change in subsets.items():
+        shards = sorted({*change.get("per_shard", {}), *change.get("shards_rerun", [])})
+        if name in exported:
+            have = exported_shards(lake, name)
+            written = [s for s in shards if s in have and export_shard(lake, cfg, name, s).rewritten]
+            change["webdataset_shards_rewritten"] = written
+        if name in indexed and LakeFiles(lake, index_folder(name)).exists(MANIFEST):
+            change["knn_version"] = sync_index(lake, cfg, name).version
 
 
 def run_curated_subset(lake: Lake, cfg: PipelineConfig, sub: SubsetConfig, shard: str, tries: int = 5) -> StageOutput:
@@ -64,6 +85,7 @@ def run_duplicates(lake: Lake, cfg: PipelineConfig) -> dict:
         _rerun(lake, cfg), reason=f"duplicates pass (index v{result.index_version})",
     )
     _up_to_date_after(lake, cfg, pl.concat([result.newly_marked.select("shard"), result.unmarked.select("shard")]), subsets)
+    _exports_follow(lake, cfg, subsets)
     per_shard, totals = dedup.lake_figures(lake)
     new_per_kind = dict(result.newly_marked.group_by("kind").len().sort("kind").iter_rows())
     return {
@@ -86,6 +108,7 @@ def run_blocklists(lake: Lake, cfg: PipelineConfig) -> dict:
         _rerun(lake, cfg), reason=f"blocklist pass {result.version}",
     )
     _up_to_date_after(lake, cfg, diff.select("shard") if diff.height else diff, subsets)
+    _exports_follow(lake, cfg, subsets)
     blocked = result.blocked
     unknown = 0
     if lake.exists(IMAGES):  # rows published before md5/sha1 were recorded cannot match those lists

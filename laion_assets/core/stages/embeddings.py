@@ -23,6 +23,7 @@ from laion_assets.core.stages import watermark as watermark_stage
 from laion_assets.core.stages.publish import StageOutput, chunked, gate, publish_stream, uids
 
 log = logging.getLogger(__name__)
+VALUES = ["uid", "image_embedding", "text_embedding", "similarity"]  # what a staged row's checksum covers
 
 
 @explained
@@ -36,7 +37,8 @@ def run_embeddings(
     decoded once), each chunk staged per space as soon as it is done (a killed run resumes after
     the last staged chunk); each space is then audited on its staged vectors and, if it passes,
     published as a stream in one Delta commit. Returns per space its output or its failed gate.
-    A tower whose staging cannot be read back is dropped and computed once more.
+    A tower whose staging cannot be read back intact is dropped and computed once more (with
+    the towers not published yet, whose staging is reused).
 
     `encoder_factory(spaces)` returns an Encoder whose towers are those spaces' models, in order.
     With `watermark`, the watermark classifier is one more tower (named "watermark", last): its
@@ -46,9 +48,8 @@ def run_embeddings(
     try:
         return _run_embeddings(lake, cfg, shard, encoder_factory, spaces, watermark)
     except _TowerUnusable as e:
-        redo_watermark = e.tower == "watermark"
-        staging.drop(lake, staging.table_for(WATERMARK if redo_watermark else embeddings_table(e.tower)), shard, str(e.error))
-        again = _run_embeddings(lake, cfg, shard, encoder_factory, [] if redo_watermark else [e.tower], redo_watermark)
+        staging.drop(lake, staging.table_for(WATERMARK if e.tower == "watermark" else embeddings_table(e.tower)), shard, str(e.error))
+        again = _run_embeddings(lake, cfg, shard, encoder_factory, [s for s in spaces if s not in e.done], watermark and "watermark" not in e.done)
         return {**e.done, **again}
 
 
@@ -85,13 +86,14 @@ def _run_embeddings(lake, cfg, shard, encoder_factory, spaces, watermark) -> dic
                 continue
             part = chunk.filter(pl.Series(missing))
             img, txt = vecs[k][missing], encoder.texts(part["caption"].to_list(), k)
-            lake.append(staging_embeddings(space), pa.table({
+            staged_chunk = pa.table({
                 "uid": part["uid"].to_arrow(),
                 "image_embedding": vectors.to_column(img, ecfg.dtype),
                 "text_embedding": vectors.to_column(txt, ecfg.dtype),
                 "similarity": pa.array((img * txt).sum(axis=1).astype(np.float32)),
                 "recipe": pa.array([recipes[space]] * part.height, pa.string()),
-            }), shard=shard)
+            })
+            lake.append(staging_embeddings(space), staged_chunk.append_column("checksum", staging.checksums(staged_chunk, VALUES)), shard=shard)
         if watermark:
             missing = ~chunk["uid"].is_in(staged["watermark"].implode()).to_numpy()
             if missing.any():
@@ -122,8 +124,13 @@ def _audit_and_publish(
     """Gate one space's staged vectors (count, uniqueness, shapes, norms, similarity range),
     then publish them as `embeddings/<space>` with the space's identity on every row."""
     ecfg, staged = cfg.embeddings, staging_embeddings(space)
-    columns = ["uid", "image_embedding", "text_embedding", "similarity"]
-    audit = [_audit_batch(b, model.dim, ecfg.dtype) for b in staging.guarded(lake.batches(staged, shard, columns), staged, shard)]
+    columns = VALUES
+    audit, damaged = [], 0
+    for b in staging.guarded(lake.batches(staged, shard, [*columns, "checksum"]), staged, shard):
+        damaged += staging.damaged(b, columns)
+        audit.append(_audit_batch(b, model.dim, ecfg.dtype))
+    if damaged:
+        raise StagingUnusable(f"{damaged} staged rows of shard '{shard}' in {staged} do not match the checksum taken when they were staged", staged)
     audit = pl.concat(audit) if audit else pl.DataFrame(schema={
         "uid": pl.Int64, "similarity": pl.Float32, "shape_ok": pl.Boolean, "image_norm": pl.Float64, "text_norm": pl.Float64,
     })

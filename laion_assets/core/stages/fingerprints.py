@@ -31,7 +31,7 @@ from laion_assets.core.lake.tables import BLOCKED, DEDUP_KEYS, DUPLICATES
 
 # Bump a stage's number when a code change alters the rows it publishes: its published shards
 # (and their staging) are then redone by the next run.
-CODE_VERSIONS = {"raw_urls": 1, "language": 1, "images": 3, "embeddings": 1, "watermark": 1, "scores": 1, "dedup_keys": 1, "subsets": 1}
+CODE_VERSIONS = {"raw_urls": 1, "language": 1, "images": 3, "embeddings": 1, "watermark": 1, "scores": 2, "dedup_keys": 1, "subsets": 1}
 MARKS = {BLOCKED: ["uid"], DUPLICATES: ["kind", "uid"]}  # what a subset reads of the curation passes' marks
 
 # Config sections by the stage whose rows or gate they decide (None: neither). A new section

@@ -23,7 +23,8 @@ def run_scores(lake: Lake, cfg: PipelineConfig, shard: str) -> StageOutput:
     embeddings of its own space (record batch by record batch: memory bounded for any shard
     size) and is refused if they are not the space it was trained on (unless allowed)."""
     fingerprint = fingerprints.current(lake, cfg, SCORES, shard)
-    rows = pl.DataFrame({"uid": uids(lake, IMAGES, shard, pl.col("status") == "success")})
+    # in uid order: the images table holds its rows in the order they were downloaded
+    rows = pl.DataFrame({"uid": uids(lake, IMAGES, shard, pl.col("status") == "success")}).sort("uid")
     heads, ranges = {}, {}
     for name, hcfg in cfg.scores.heads.items():
         space = cfg.head_space(name)

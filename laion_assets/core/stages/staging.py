@@ -4,14 +4,19 @@ is stale, unreadable (a truncated or missing file) or that failed its gate is dr
 warning and recomputed, so a shard never gets stuck on what it staged.
 
 Staged rows are read with pyarrow, file by file (`Lake.batches`): a broken file raises a
-plain error there, which becomes StagingUnusable."""
+plain error there, which becomes StagingUnusable. What a file cannot tell (a flipped bit that
+still decodes: a float16 element changed, norms still in tolerance) the rows' own checksums
+do: staged images carry the sha256 of their bytes, staged vectors and scores a `checksum` of
+their values (`checksums`), taken when they were staged and checked before they publish."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 from deltalake.exceptions import DeltaError
@@ -112,3 +117,24 @@ def guarded(batches: Iterable[pa.RecordBatch], table: str, shard: str) -> Iterat
         if batch is None:
             return
         yield batch
+
+
+def checksums(table: pa.Table | pa.RecordBatch, columns: list[str]) -> pa.Array:
+    """Per row, a digest of its values in `columns` (binary cells, lists of floats or scalars)."""
+    cells = [_cells(table.column(c)) for c in columns]
+    return pa.array([hashlib.blake2b(b"".join(row), digest_size=8).hexdigest() for row in zip(*cells)], pa.string())
+
+
+def damaged(table: pa.Table | pa.RecordBatch, columns: list[str]) -> int:
+    """How many rows no longer match the checksum taken when they were staged (a row staged
+    without one counts as damaged: it cannot be verified)."""
+    want = table.column("checksum").to_pylist()
+    return sum(w != got for w, got in zip(want, checksums(table, columns).to_pylist()))
+
+
+def _cells(col: pa.Array | pa.ChunkedArray) -> list[bytes]:
+    if pa.types.is_binary(col.type):
+        return [b or b"" for b in col.to_pylist()]
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        return [np.asarray(v or [], np.float32).tobytes() for v in col.to_pylist()]
+    return [v.tobytes() for v in col.to_numpy(zero_copy_only=False)]  # a null float: NaN
