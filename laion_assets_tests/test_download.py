@@ -208,10 +208,10 @@ def test_a_crashed_decoder_costs_a_worker_not_the_run(testsite):
             for w in list(pool.all):
                 w.proc.kill()  # as a segfaulting decoder would
                 await w.proc.wait()
-            sha, res = await pool.run(body)
-            assert res.status == "success" and sha == hashlib.sha256(body).hexdigest()
+            res = await pool.run(body)
+            assert res.status == "success" and res.height == 32
             results = await asyncio.gather(*(pool.run(body) for _ in range(6)))
-            assert all(r.status == "success" for _, r in results)
+            assert all(r.status == "success" for r in results)
         finally:
             await pool.shutdown()
         return pool
