@@ -4,6 +4,8 @@ gate with the reason, and a refused file's key can be used by a corrected file."
 
 from __future__ import annotations
 
+import gzip
+
 import polars as pl
 import pytest
 
@@ -38,6 +40,8 @@ def setup(tmp_path):
     ("bad-1.jsonl", b'{"URL": "https://a.example/1.jpg"}\n{"URL": https://a.example/2.jpg}\n', "at line 2, column 9: Expecting value"),
     ("bad-1.csv.gz", b"not gzip", "is not valid gzip"),
     ("bad-1.csv", b"URL,TEXT\nhttps://a.example/1.jpg,caf\xe9\n", "at line 2, column 28: byte 0xe9 is not UTF-8"),
+    ("bad-1.csv.gz", "flipped", "is not valid gzip (Error -3 while decompressing data"),
+    ("bad-1.csv", b"URL,TEXT,URL\nhttps://a.example/1.jpg,one,https://b.example/1.jpg\n", "has the column URL more than once"),
 ])
 def test_a_refused_file_exits_2_names_the_place_and_is_not_registered(setup, capsys, name, data, message):
     lake, tmp, cfg = setup
@@ -45,6 +49,11 @@ def test_a_refused_file_exits_2_names_the_place_and_is_not_registered(setup, cap
     bad.parent.mkdir()
     if data is None:
         pl.DataFrame({"link": ["https://x.example/a.jpg"], "TEXT": ["t"]}).write_parquet(bad)
+    elif data == "flipped":  # a gzip whose header is fine and whose deflate stream is damaged
+        rows = b"URL,TEXT\n" + b"".join(b"https://a.example/%d.jpg,caption %d\n" % (i, i) for i in range(200))
+        damaged = bytearray(gzip.compress(rows, mtime=0))
+        damaged[40:48] = bytes(b ^ 0xFF for b in damaged[40:48])
+        bad.write_bytes(damaged)
     else:
         bad.write_bytes(data)
     before = lake.read_shard(stages.RAW_URLS, "part-1")
@@ -55,6 +64,31 @@ def test_a_refused_file_exits_2_names_the_place_and_is_not_registered(setup, cap
     assert err.startswith(f"error: {bad}") and message in err and "\n" not in err, err
     assert "bad-1" not in registry.registered(lake)
     assert lake.read_shard(stages.RAW_URLS, "part-1").equals(before)
+
+
+@pytest.mark.parametrize("where", ["input", "lake"])
+def test_s3_without_credentials_exits_2_naming_what_to_set(moto_s3, tmp_path, monkeypatch, capsys, where):
+    """A moto server on 127.0.0.1 holds the bucket; the credentials are what is missing."""
+    import boto3
+
+    local = tmp_path / "in" / "part-1.parquet"
+    local.parent.mkdir()
+    GOOD.write_parquet(local)
+    boto3.client("s3", endpoint_url=moto_s3.endpoint).upload_file(str(local), "laion", "input/part-1.parquet")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws either
+    inputs, lake = ("s3://laion/input", str(tmp_path / "lake")) if where == "input" else (str(local.parent), "s3://laion/lake")
+
+    assert main(["run", inputs, "--lake", lake, "--config", str(write_config(tmp_path / "cfg.yaml", make_config()))]) == 2
+
+    err = capsys.readouterr().err.strip()
+    location = inputs if where == "input" else lake
+    assert err.startswith(f"error: {location}: no AWS credentials found: export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"), err
+    assert "\n" not in err
+    keys = boto3.client("s3", endpoint_url=moto_s3.endpoint, aws_access_key_id="test", aws_secret_access_key="test").list_objects_v2(Bucket="laion")
+    assert [o["Key"] for o in keys["Contents"]] == ["input/part-1.parquet"]  # nothing written to the bucket
+    assert not (tmp_path / "lake").exists()  # nor to a local lake
 
 
 def test_skipped_files_are_listed_with_the_reason(tmp_path, capsys):
@@ -141,9 +175,10 @@ def test_a_refused_files_key_can_be_taken_by_a_corrected_file(tmp_path):
     stages.run_raw_urls(lake, make_config(), "part-7")
     with pytest.raises(LaionAssetsError, match="already registered"):
         registry.register(lake, [str(broken)])  # the key is published from `fixed` now
-    other = tmp_path / "b" / "part-8.csv"
-    with pytest.raises(LaionAssetsError, match="already registered"):
-        registry.register(lake, [str(other), str(tmp_path / "a" / "part-8.parquet")])  # two files, one key
+    other, clash = tmp_path / "b" / "part-8.csv", tmp_path / "a" / "part-8.parquet"
+    with pytest.raises(LaionAssetsError) as two:
+        registry.register(lake, [str(other), str(clash)])  # two new files, one key: neither was registered before
+    assert str(two.value).startswith(f"two files have the shard key 'part-8': {other} and {clash}; rename one")
 
 
 def test_a_shard_of_only_integer_urls_fails_the_run_with_the_reason(tmp_path):

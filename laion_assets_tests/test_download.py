@@ -5,6 +5,7 @@ retry-only-failures."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import io
 import os
@@ -217,6 +218,29 @@ def test_a_crashed_decoder_costs_a_worker_not_the_run(testsite):
 
     pool = asyncio.run(go())
     assert not pool.all
+
+
+def test_a_chunk_that_cannot_be_staged_stops_the_shard_at_once(testsite):
+    """A full disk while staging (here /dev/full) raises from the download within seconds with
+    its decode workers stopped; before, the loop waited for the failed chunk's slots for ever."""
+    site, base = testsite
+    calls = []
+
+    def stage(table):
+        calls.append(table.num_rows)
+        with open("/dev/full", "wb") as full:
+            full.write(b"x" * table.num_rows)
+            full.flush()
+
+    before = set(_children(os.getpid()))
+    started = time.monotonic()
+    with pytest.raises(OSError) as e:
+        ShardDownloader(dcfg(concurrency=4, chunk_rows=4), ImageConfig(size=32), workers=2, decode="process").run(
+            [(i, f"{base}/img/p{i % 3}.jpg?{i}") for i in range(200)], 200, stage,
+        )
+    assert e.value.errno == errno.ENOSPC and time.monotonic() - started < 30
+    assert len(calls) == 1  # nothing after the failed chunk
+    assert not [pid for pid in set(_children(os.getpid())) - before if _alive(pid)]
 
 
 # -- the stage: resume and retry ----------------------------------------------------------------

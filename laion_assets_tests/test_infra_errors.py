@@ -5,9 +5,11 @@ data file, a corrupt one, an object store that refuses connections (127.0.0.1)."
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,6 +17,7 @@ import pytest
 from dagster import DagsterEventType, instance_for_test
 
 from laion_assets.cli.pipeline import run_pipeline
+from laion_assets.cli.shard_runs import RunSummary
 from laion_assets.core import stages
 from laion_assets.core.lake.delta import Lake
 from laion_assets.core.lake.errors import InfrastructureError, explain
@@ -63,6 +66,27 @@ def test_real_low_level_failures_are_named_with_their_fix(tmp_path):
     assert explain(ValueError("a bug of ours")) is None  # not infrastructure: the traceback stays
 
 
+def test_a_step_that_raises_the_low_level_error_is_recognised_too():
+    """Exports and curation passes raise OSError and friends as they come; the CLI finds the
+    one-line explanation in the step's error (or its cause) and stops the run with it."""
+    from dagster._utils.error import serializable_error_info_from_exc_info
+
+    from laion_assets.cli.shard_runs import infrastructure_error
+
+    try:
+        try:
+            with open("/dev/full", "wb") as f:
+                f.write(b"tar bytes")
+                f.flush()
+        except OSError as e:
+            raise RuntimeError('Error occurred while executing op "webdataset_pretty"') from e
+    except RuntimeError:
+        info = serializable_error_info_from_exc_info(sys.exc_info())
+    assert one_line(infrastructure_error(info)).startswith("no space left on device (")
+    ours = info._replace(cls_name="LaionAssetsError", message="bad input: no such file or directory", cause=None)
+    assert infrastructure_error(ours) is None  # our own one-line errors stay what they say
+
+
 @pytest.mark.slow
 def test_a_deleted_data_file_fails_the_stage_in_one_line_in_summary_and_ui(tmp_path, shard_rows):
     inputs = tmp_path / "input"
@@ -74,38 +98,101 @@ def test_a_deleted_data_file_fails_the_stage_in_one_line_in_summary_and_ui(tmp_p
         run_pipeline([str(inputs)], lake, config, "raw_urls", instance=instance)
         for f in Lake(lake).shard_files(stages.RAW_URLS, "shard-a"):
             Path(f).unlink()  # deleted outside laion-assets
-        summary = run_pipeline([str(inputs)], lake, config, "images", instance=instance)
+        summary = RunSummary()
+        with pytest.raises(InfrastructureError) as stopped:  # the run stops: the next shard would fail too
+            run_pipeline([str(inputs)], lake, config, "images", instance=instance, summary=summary)
         [line] = summary.lines
+        assert str(stopped.value) == line.detail
         assert line.status == "FAILED" and line.detail.startswith("a file the lake lists is missing (")
         assert line.detail.endswith("restore it, or redo the shard with `laion-assets run --force`")
         failure = instance.get_records_for_run(instance.get_runs(limit=1)[0].run_id, of_type=DagsterEventType.STEP_FAILURE).records
         assert failure[0].event_log_entry.dagster_event.step_failure_data.user_failure_data.description == line.detail
 
 
-def _can_mount_tmpfs(tmp_path: Path) -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "--mount", "sh", "-c", f"mkdir -p {tmp_path}/p && mount -t tmpfs -o size=1m none {tmp_path}/p"], capture_output=True)
-    return probe.returncode == 0
+class MountNamespace:
+    """tmpfs mounts that only the commands run through it see (a mount namespace held by a
+    sleeping process), so nothing is left mounted on the host whatever happens to the test."""
+
+    def __init__(self, mounts: dict[Path, str]):  # folder: mount options
+        script = " && ".join(f"mkdir -p {p} && mount -t tmpfs -o {options} none {p}" for p, options in mounts.items())
+        self.holder = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{script} && echo mounted && exec sleep 600"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        if self.holder.stdout.readline().strip() != "mounted":
+            self.holder.wait()
+            pytest.skip(f"cannot mount a tmpfs here (needs unshare and mount rights): {self.holder.stderr.read().strip()}")
+
+    def run(self, cmd: str, env: dict, timeout: float = 300) -> tuple[subprocess.CompletedProcess, int]:
+        """`cmd` in its own session; returns its outcome and the session id."""
+        with subprocess.Popen(
+            ["nsenter", "-t", str(self.holder.pid), "-m", "--", "sh", "-c", f"exec {cmd}"],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        ) as proc:
+            out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), proc.pid
+
+    def close(self) -> None:
+        self.holder.kill()
+        self.holder.wait()
+
+
+def _session_left(sid: int) -> list[str]:
+    """Processes still alive in session `sid` (a run and the decode workers it started)."""
+    left = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            left.append(Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:100])
+    return left
 
 
 @pytest.mark.slow
-def test_a_full_disk_is_one_line(tmp_path, shard_rows):
-    """The lake on a 2 MiB tmpfs (its own mount namespace): raw_urls fits, the images do not."""
-    if not _can_mount_tmpfs(tmp_path):
-        pytest.skip("cannot mount a tmpfs here (needs unshare and mount rights)")
+def test_a_full_disk_during_download_or_publish_stops_the_run_in_one_line(tmp_path, shard_rows):
+    """Staging on a 64 KiB tmpfs (full during the download), on a read-only one, then a new
+    shard's published folder on a 4 KiB one (full during the publish): each run exits 2 within
+    seconds with the one line, no process left, the published shard untouched; once there is
+    room the same command finishes the shard."""
+    if shutil.which("unshare") is None or shutil.which("nsenter") is None:
+        pytest.skip("needs unshare and nsenter (util-linux)")
     home = write_instance(tmp_path / "home")
     inputs = tmp_path / "input"
     inputs.mkdir()
     shard_rows.write_parquet(inputs / "shard-a.parquet")
     config = write_config(tmp_path / "config.yaml", make_config())
     lake = tmp_path / "lake"
-    lake.mkdir()
-    run = f"{sys.executable} -m laion_assets.cli run {inputs} --lake {lake} --config {config} --select raw_urls,images"
-    full = subprocess.run(
-        ["unshare", "--mount", "sh", "-c", f"mount -t tmpfs -o size=2m none {lake} && {run}"],
-        env=cli_env(home), cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert full.returncode == 1, full.stdout + full.stderr
-    [images] = [line for line in full.stdout.splitlines() if line.split()[1:3] == ["images", "FAILED"]]
-    assert "no space left on device (" in images and "free disk space or put the lake on a larger volume" in images
+    cli = f"{sys.executable} -m laion_assets.cli run {{}} --lake {lake} --config {config} --select raw_urls,images"
+    env = cli_env(home)
+    first = subprocess.run(cli.format(inputs / "shard-a.parquet").split(), env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    published = Lake(str(lake)).read_shard(stages.IMAGES, "shard-a")
+    shard_rows.write_parquet(inputs / "shard-b.parquet")
+
+    staged, published_b = lake / "_staging" / "images" / "shard=shard-b", lake / "images" / "shard=shard-b"
+    for where, options, cause in (
+        (staged, "size=64k", "no space left on device ("), (staged, "ro,size=64k", "permission denied or read-only file system ("),
+        (published_b, "size=4k", "no space left on device ("),
+    ):
+        ns = MountNamespace({where: options})
+        try:
+            started = time.monotonic()
+            full, sid = ns.run(cli.format(inputs / "shard-b.parquet"), env)
+            took = time.monotonic() - started
+            left = _session_left(sid)
+        finally:
+            ns.close()
+        assert full.returncode == 2, full.stdout + full.stderr
+        line = full.stderr.strip().splitlines()[-1]  # after the run log (Dagster logs to stderr)
+        assert line.startswith(f"error: {cause}") and line.endswith(("then rerun: finished chunks are kept", "pass --lake with one you can write")), line
+        assert "Traceback" not in full.stdout + full.stderr and "never retrieved" not in full.stdout + full.stderr
+        assert took < 60, took
+        assert not left, left
+        assert Lake(str(lake)).read_shard(stages.IMAGES, "shard-a").equals(published)
+        assert "shard-b" not in Lake(str(lake)).scan(stages.IMAGES).select("shard").unique().collect()["shard"].to_list()
+
+    again = subprocess.run(cli.format(inputs / "shard-b.parquet").split(), env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert Lake(str(lake)).read_shard(stages.IMAGES, "shard-b").height == published.height

@@ -28,9 +28,12 @@ UI_PORT = 3000  # `make ui`'s default PORT
 
 
 def dagster_instance():
-    """The Dagster instance of DAGSTER_HOME; the repo's dagster.yaml when unset."""
+    """The Dagster instance of DAGSTER_HOME; the repo's dagster.yaml when unset. Its storages
+    are created or migrated under the instance lock (cli/locks.py): processes starting at once
+    on a fresh home would otherwise each stamp its own alembic head."""
     from dagster import DagsterInstance
 
+    from laion_assets.cli.locks import instance_lock
     from laion_assets.core.lake.errors import LaionAssetsError
 
     if not os.environ.get("DAGSTER_HOME"):
@@ -38,7 +41,8 @@ def dagster_instance():
         if not (home / "dagster.yaml").is_file():
             raise LaionAssetsError("set DAGSTER_HOME to a folder with a dagster.yaml (see docs/CLI.md)")
         os.environ["DAGSTER_HOME"] = str(home)
-    return DagsterInstance.get()
+    with instance_lock(os.environ["DAGSTER_HOME"]):
+        return DagsterInstance.get()  # creates (or migrates) a sqlite instance's databases
 
 
 def run_pipeline(
@@ -52,10 +56,13 @@ def run_pipeline(
     Bad input (a file that cannot be read or has no URL column, an unknown asset) raises
     LaionAssetsError before anything is registered; files skipped in a folder are listed.
     Ctrl-C or SIGTERM stops it within seconds: KeyboardInterrupt, `summary` holding what was done.
+    A stage failing on the machine or store (disk full...) stops it too: its InfrastructureError.
     `adopt` (an img2dataset folder, a key prefix) registers that folder's shards instead."""
 
+    from laion_assets.cli.locks import held, instance_lock, shard_lock
     from laion_assets.core.config import load_config
     from laion_assets.core.lake.delta import Lake
+    from laion_assets.core.lake.store import require_credentials
     from laion_assets.defs.backfills import ensure_pools, register_adopted, register_shards, select_assets
     from laion_assets.defs.definitions import LAKE_JOB, SHARD_JOB, build_defs
     from laion_assets.defs.keys import lake_paths
@@ -66,6 +73,8 @@ def run_pipeline(
     settings = Settings(lake=lake, inputs=inputs[0] if inputs else "data/input", config=config)
     defs = build_defs(settings)  # validates the config file first
     cfg = load_config(config)
+    for uri in (lake, *inputs):
+        require_credentials(uri)
     lk = Lake(lake)
     lk.ensure_writable()
     graph = defs.resolve_asset_graph()
@@ -75,38 +84,62 @@ def run_pipeline(
     paths = lake_paths(graph)
     chosen = select_assets(shard_keys | lake_keys, select, paths)
     instance = instance or dagster_instance()
-    keys = register_adopted(lk, *adopt, instance) if adopt else register_shards(lk, inputs, instance)
-    ensure_pools(defs, instance)
+    home = instance.root_directory
     summary = summary if summary is not None else RunSummary()
-    summary.notes += recover_dead_runs(instance)
+    with instance_lock(home):  # several runs at once: partitions and pools added once
+        keys = register_adopted(lk, *adopt, instance) if adopt else register_shards(lk, inputs, instance)
+        ensure_pools(defs, instance)
+        summary.notes += recover_dead_runs(instance)
 
     order = [k for k in graph.toposorted_asset_keys if k in chosen and k in shard_keys]
     lake_order = [k for k in graph.toposorted_asset_keys if k in chosen and k in lake_keys]
 
+    def run_one(key: str) -> None:
+        to_run = skip_up_to_date(lk, cfg, order, paths, key, force, retry_failures, summary)
+        if not to_run:
+            print(f"shard {key}: every selected stage is up to date", flush=True)
+            return
+        print(f"shard {key}: running {', '.join(paths[k] for k in to_run)}", flush=True)
+        execute_shard(job, graph, paths, instance, key, to_run, retry_failures, summary)
+        if summary.infrastructure:  # disk full, read-only lake, store down: the next shard would fail too
+            raise summary.infrastructure
+        if interrupts.seen() or any(line.detail.startswith(INTERRUPTED) for line in summary.lines):
+            raise KeyboardInterrupt
+
     run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     with Interrupts() as interrupts:
-        for key in keys:
-            if not order:
-                break
-            to_run = skip_up_to_date(lk, cfg, order, paths, key, force, retry_failures, summary)
-            if not to_run:
-                print(f"shard {key}: every selected stage is up to date", flush=True)
+        # A shard another run is computing is done last: waited for, then found up to date.
+        busy = []
+        for key in keys if order else []:
+            lock = shard_lock(home, lk.uri, key)
+            if not lock.try_acquire():
+                busy.append((key, lock))
                 continue
-            print(f"shard {key}: running {', '.join(paths[k] for k in to_run)}", flush=True)
-            execute_shard(job, graph, paths, instance, key, to_run, retry_failures, summary)
-            if interrupts.seen() or any(line.detail.startswith(INTERRUPTED) for line in summary.lines):
-                raise KeyboardInterrupt
+            with held(lock):
+                run_one(key)
+        for key, lock in busy:
+            lock.acquire(f"shard {key}: another laion-assets run is computing it")
+            with held(lock):
+                run_one(key)
         # Lake-wide assets read every shard: once, after the shards, if one of them went through
         # all its selected stages (or only lake-wide assets were selected).
         failed = {line.shard for line in summary.lines if line.status not in ("materialized", UP_TO_DATE)}
-        lake_run = lake_wide_to_run(lk, cfg, lake_order, graph, paths, force, summary) if lake_order and (not order or set(keys) - failed) else []
-        if lake_run:
-            print(f"lake: running {', '.join(paths[k] for k in lake_run)}", flush=True)
-            summarize(summary, "(lake)", lake_run, graph, paths, run_shard(instance, lake_job, None, lake_run, run_config))
+        if lake_order and (not order or set(keys) - failed):
+            lock = shard_lock(home, lk.uri, "(lake)")
+            lock.acquire("lake: another laion-assets run is running the lake-wide assets")
+            with held(lock):  # taken first: what another run just made is found up to date
+                lake_run = lake_wide_to_run(lk, cfg, lake_order, graph, paths, force, summary)
+                if lake_run:
+                    summary.running = ("(lake)", [paths[k] for k in lake_run])
+                    print(f"lake: running {', '.join(summary.running[1])}", flush=True)
+                    summarize(summary, "(lake)", lake_run, graph, paths, run_shard(instance, lake_job, None, lake_run, run_config))
+                    summary.running = None
+                else:
+                    print("lake: every selected lake-wide asset is up to date", flush=True)
+            if summary.infrastructure:
+                raise summary.infrastructure
             if interrupts.seen() or any(line.detail.startswith(INTERRUPTED) for line in summary.lines):
                 raise KeyboardInterrupt
-        elif lake_order and (not order or set(keys) - failed):
-            print("lake: every selected lake-wide asset is up to date", flush=True)
         elif lake_order:
             summary.lines += [StageLine("(lake)", paths[k], "skipped", detail="no shard went through") for k in lake_order]
     summary.notes += remove_garbage(lk, cfg, {line.asset for line in summary.lines if line.status == "materialized"})
@@ -128,10 +161,17 @@ def _print_tables(lake: str) -> None:
 
 
 def cmd_run(args) -> int:
+    from laion_assets.core.lake.errors import InfrastructureError
+
     summary = RunSummary()
     try:
         run_pipeline(args.inputs, args.lake, args.config, args.select, retry_failures=args.retry_failures, force=args.force, summary=summary)
+    except InfrastructureError:  # the one line and exit 2 (main), after what was done
+        print("\nper-stage summary (stopped):")
+        summary.print()
+        raise
     except KeyboardInterrupt:
+        summary.interrupted()
         print("\nper-stage summary (interrupted):")
         summary.print()
         print("interrupted: rerun the same command to resume (staged chunks and published stages are kept)", file=sys.stderr)
@@ -144,9 +184,12 @@ def cmd_run(args) -> int:
 
 def cmd_backfill(args) -> int:
     """Register shard files and queue one backfill of their shard stages for the daemon."""
+    from laion_assets.cli.locks import instance_lock
     from laion_assets.defs.backfills import backfill_shards
 
-    backfill_id, keys = backfill_shards(args.inputs, args.lake, args.config, args.select, dagster_instance())
+    instance = dagster_instance()
+    with instance_lock(instance.root_directory):  # registers like `run`: one process at a time
+        backfill_id, keys = backfill_shards(args.inputs, args.lake, args.config, args.select, instance)
     print(f"backfill {backfill_id}: {len(keys)} shards queued for the daemon")
     print("follow it in the UI (Overview > Backfills); lake-wide assets follow by their own automation")
     return 0

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from laion_assets.core.lake.errors import InfrastructureError, explain
+
 
 @dataclass
 class StageLine:
@@ -21,6 +23,16 @@ class StageLine:
 class RunSummary:
     lines: list[StageLine] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # dead runs recovered, garbage removed
+    infrastructure: InfrastructureError | None = None  # a step failed on the machine or store: stop
+    running: tuple[str, list[str]] | None = None  # the shard (or "(lake)") and tables of the run in progress
+
+    def interrupted(self) -> None:
+        """Name the tables of the run a Ctrl-C or SIGTERM stopped before it could report them."""
+        if self.running:
+            key, tables = self.running
+            done = {line.asset for line in self.lines if line.shard == key}
+            self.lines += [StageLine(key, t, "interrupted", detail=f"{INTERRUPTED} (Ctrl-C or SIGTERM): rerun to resume") for t in tables if t not in done]
+            self.running = None
 
     @property
     def ok(self) -> bool:
@@ -105,7 +117,9 @@ def execute_shard(job, graph, paths, instance, shard, keys, retry_failures, summ
     run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     if retry_failures and any(k.to_user_string() == "images" for k in keys):
         run_config["ops"] = {"images": {"config": {"retry_failures": True}}}
+    summary.running = (shard, [paths[k] for k in keys])
     summarize(summary, shard, keys, graph, paths, run_shard(instance, job, shard, keys, run_config))
+    summary.running = None
 
 
 def summarize(summary: RunSummary, key: str, order, graph, paths, result) -> None:
@@ -124,6 +138,9 @@ def summarize(summary: RunSummary, key: str, order, graph, paths, result) -> Non
             failed[event.step_key] = (msg or "").strip().splitlines()[0] if msg else "failed"
             if err is not None and err.cls_name in ("DagsterExecutionInterruptedError", "KeyboardInterrupt"):
                 failed[event.step_key] = f"{INTERRUPTED} (Ctrl-C or SIGTERM): rerun to resume"
+            elif err is not None and (infra := infrastructure_error(err)) is not None:
+                failed[event.step_key] = str(infra)
+                summary.infrastructure = summary.infrastructure or infra
         elif event.event_type == DagsterEventType.RUN_FAILURE and "interrupted" in (event.message or "").lower() and not failed:
             failed[None] = f"{INTERRUPTED} (Ctrl-C or SIGTERM) while waiting for a pool slot: rerun to resume"
     for asset_key in order:
@@ -140,6 +157,21 @@ def summarize(summary: RunSummary, key: str, order, graph, paths, result) -> Non
             summary.lines.append(StageLine(key, name, "FAILED", detail=failed.get(step) or failed[None]))
         else:
             summary.lines.append(StageLine(key, name, "skipped", detail="upstream failed or its gate did not pass"))
+
+
+def infrastructure_error(err) -> InfrastructureError | None:
+    """The one-line error of a step that failed on the machine or the store: stages explain
+    their own (InfrastructureError), other steps (exports, passes) raise the low-level error,
+    recognised here from its message or its cause's when it is a write failure (a missing file
+    there may well be a wrong path in the config: that failure keeps its own message)."""
+    if err.cls_name == "InfrastructureError":
+        return InfrastructureError(err.message.strip(), "step")
+    while err is not None:
+        found = explain(Exception(err.message)) if err.cls_name not in ("LaionAssetsError", "ValidationFailed") else None
+        if found is not None and found.kind in ("disk_full", "permission", "object_store"):
+            return found
+        err = err.cause
+    return None
 
 
 def remove_garbage(lk, cfg, tables: set[str]) -> list[str]:

@@ -16,6 +16,7 @@ from laion_assets.core.ingest import registry
 from laion_assets.core.ingest.reader import SUPPORTED, check_shard_file, scan_inputs, shard_key
 from laion_assets.core.lake.delta import Lake
 from laion_assets.core.lake.errors import LaionAssetsError
+from laion_assets.core.lake.store import require_credentials
 from laion_assets.defs.keys import lake_paths
 from laion_assets.defs.partitions import shards
 
@@ -52,11 +53,27 @@ def register_shards(lake: Lake, inputs: list[str], instance: DagsterInstance) ->
         check_shard_file(f)
     registry.register(lake, files)
     keys = list(dict.fromkeys(shard_key(f) for f in files))
-    known = set(instance.get_dynamic_partitions(shards.name))
-    new = [k for k in keys if k not in known]
-    if new:
-        instance.add_dynamic_partitions(shards.name, new)
+    add_partitions(instance, keys)
     return keys
+
+
+def add_partitions(instance: DagsterInstance, keys: list[str], tries: int = 5) -> None:
+    """Add the shard partitions not there yet. Idempotent under races: a key that another
+    process (the sensor, another CLI) adds between our diff and our insert fails the insert
+    (UNIQUE), and the diff is taken again."""
+    from sqlalchemy.exc import IntegrityError
+
+    for attempt in range(tries):
+        known = set(instance.get_dynamic_partitions(shards.name))
+        new = [k for k in keys if k not in known]
+        if not new:
+            return
+        try:
+            instance.add_dynamic_partitions(shards.name, new)
+            return
+        except IntegrityError:
+            if attempt == tries - 1:
+                raise
 
 
 def register_adopted(lake: Lake, location: str, prefix: str | None, instance: DagsterInstance) -> list[str]:
@@ -67,9 +84,7 @@ def register_adopted(lake: Lake, location: str, prefix: str | None, instance: Da
     keys, skipped = register_folder(lake, location, prefix)
     for path, why in skipped:
         print(f"skipped {path}: {why}", flush=True)
-    known = set(instance.get_dynamic_partitions(shards.name))
-    if new := [k for k in keys if k not in known]:
-        instance.add_dynamic_partitions(shards.name, new)
+    add_partitions(instance, keys)
     return keys
 
 
@@ -125,6 +140,8 @@ def backfill_shards(inputs: list[str], lake: str, config: str | None, select: st
     defs = build_defs(Settings(lake=lake, inputs=inputs[0], config=config))
     graph, shard_keys = defs.resolve_asset_graph(), set(defs.resolve_job_def(SHARD_JOB).asset_layer.executable_asset_keys)
     chosen = select_assets(shard_keys, select, lake_paths(graph))
+    for uri in (lake, *inputs):
+        require_credentials(uri)
     lk = Lake(lake)
     lk.ensure_writable()
     keys = register_shards(lk, inputs, instance)

@@ -59,11 +59,12 @@ class ShardFailed(Failure, DagsterUserCodeProcessError):
     """A step failure shown as its one-line message. Dagster serialises a
     DagsterUserCodeProcessError as the error info it carries (meant for errors forwarded from
     another process), so the run log, the CLI and the UI show the message and the failure
-    metadata without a stack of framework frames; `Failure` keeps the metadata and no retries."""
+    metadata without a stack of framework frames; `Failure` keeps the metadata and no retries.
+    `kind` is the error's class: an InfrastructureError stops a CLI run (exit 2)."""
 
-    def __init__(self, message: str, metadata: dict | None = None):
+    def __init__(self, message: str, metadata: dict | None = None, kind: str = "LaionAssetsError"):
         DagsterUserCodeProcessError.__init__(
-            self, message, user_code_process_error_infos=[SerializableErrorInfo(message, [], "LaionAssetsError")]
+            self, message, user_code_process_error_infos=[SerializableErrorInfo(message, [], kind)]
         )
         self.description, self.metadata, self.allow_retries = message, normalize_metadata(metadata or {}), False
 
@@ -223,7 +224,7 @@ def run_stage(
     except LaionAssetsError as e:
         yield from _gate(context, not_checked(None, context.partition_key, e))
         _forget_later_gates(context, set(context.selected_asset_keys))
-        raise ShardFailed(str(e)) from None
+        raise ShardFailed(str(e), kind=type(e).__name__) from None
     yield from _materialization(context, lake, None, table, out, view)
 
 
@@ -240,7 +241,7 @@ def run_stages(
         for key in tables:
             yield from _gate(context, not_checked(key, context.partition_key, e))
         _forget_later_gates(context, set(tables))
-        raise ShardFailed(str(e)) from None
+        raise ShardFailed(str(e), kind=type(e).__name__) from None
     failed = []
     for key, out in outs.items():
         if isinstance(out, ValidationFailed):

@@ -16,6 +16,7 @@ from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraph
 from laion_assets.core.ingest import registry
 from laion_assets.core.ingest.reader import scan_inputs
 from laion_assets.core.lake.errors import LaionAssetsError
+from laion_assets.defs.backfills import add_partitions
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.raw_urls import raw_urls
 from laion_assets.defs.resources import InputsResource, LakeResource
@@ -68,7 +69,7 @@ def shard_files(context: SensorEvaluationContext, inputs: InputsResource, lake: 
     if new:
         context.log.info(f"registering {len(new)} new shards: {new[:10]}{skipped}")
         if bulk:
-            context.instance.add_dynamic_partitions(shards.name, new)  # `new` is already a diff: one insert
+            add_partitions(context.instance, new)  # `new` is already a diff: one insert (a CLI's race retried)
         else:
             requests.append(shards.build_add_request(new))
     removed = sorted(set(unpublished) & partitions)

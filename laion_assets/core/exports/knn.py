@@ -260,7 +260,10 @@ def _new_index(lake: Lake, table: str, emb: str, shards: list[str], kind: str, c
 
     first = lake.scan(emb).select("image_embedding").head(1).collect()
     if not first.height:
-        raise LaionAssetsError(f"{emb} has no embeddings to index: materialize it first")
+        raise LaionAssetsError(
+            f"{emb} holds 0 rows (materialized, but no shard has a stored image yet): nothing to index; "
+            "see the images stage's status counts, then rerun"
+        )
     dim = vectors.from_column(first["image_embedding"]).shape[1]
     if kind == "flat":
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), None, dim

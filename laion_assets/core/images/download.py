@@ -67,6 +67,19 @@ STATUSES = (
     "success", "http_error", "failed_download", "failed_decode", "opted_out", "refused_address",
     "refused_scheme", "blocked", "too_small", "bad_aspect_ratio", "too_large",
 )
+# What to change when a status dominates a shard (named by the images gate when it fails).
+STATUS_FIXES = {
+    "refused_address": "the hosts resolve to private or local addresses: add their networks to download.allowed_networks if you trust them",
+    "refused_scheme": "redirects lead to non-http(s) URLs: nothing to fetch there",
+    "failed_download": "connections fail or time out: check the network, raise download.total_timeout_s or download.retries, then --retry-failures",
+    "http_error": "the servers answer with errors: see top_errors; 429 and 5xx are retried by --retry-failures",
+    "failed_decode": "the bodies are not images: check the URL column points at images",
+    "opted_out": "the sites opt out of AI use: respected by design",
+    "blocked": "on download.url_blocklist or download.image_blocklist",
+    "too_small": "below images.min_image_size: lower it",
+    "bad_aspect_ratio": "beyond images.max_aspect_ratio: raise it",
+    "too_large": "over download.max_body_bytes or images.max_image_area: raise them",
+}
 # img2dataset's three outcomes, for comparisons and exports. too_large covers both bodies over
 # max_body_bytes and images over max_image_area: img2dataset has no body cap and would have
 # downloaded such a body, then failed (or not) to resize it.
@@ -221,8 +234,20 @@ class ShardDownloader:
                 if on_progress:
                     on_progress(progress)
 
-        reporter = asyncio.create_task(report())
         tasks: set[asyncio.Task] = set()
+        failure: list[BaseException] = []
+        main = asyncio.current_task()
+
+        def settled(task: asyncio.Task) -> None:
+            """A task that raised (a chunk that could not be staged: disk full, read-only lake...)
+            stops the shard at once: the loop would otherwise wait for its slots for ever."""
+            tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None and not failure:
+                failure.append(task.exception())
+                main.cancel()
+
+        reporter = asyncio.create_task(report())
+        reporter.add_done_callback(settled)
         try:
             await cpu.start()
             async with Fetcher(self.dcfg, resolver=self.resolver) as fetcher:
@@ -231,13 +256,18 @@ class ShardDownloader:
                     await sem.acquire()
                     task = asyncio.create_task(one(uid, url, boxes[0] if boxes else None, fetcher))
                     tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                    task.add_done_callback(settled)
                 await asyncio.gather(*tasks)
             await flush(force=True)
+        except asyncio.CancelledError:
+            if failure:
+                raise failure[0] from None
+            raise
         finally:
             reporter.cancel()
             for task in list(tasks):
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # their workers retired before the shutdown
             writer.shutdown(wait=True)
             await cpu.shutdown()
         if on_progress:

@@ -81,6 +81,7 @@ class CpuPool:
         self.processor = ImageProcessor(icfg)
         self.idle: asyncio.Queue[_Worker] | None = None
         self.all: set[_Worker] = set()
+        self.retired: set[_Worker] = set()  # killed, reaped at shutdown (before the loop closes)
 
     async def start(self) -> None:
         if self.mode == "process":
@@ -96,6 +97,7 @@ class CpuPool:
     def _retire(self, w: _Worker) -> None:
         w.kill()
         self.all.discard(w)
+        self.retired.add(w)
 
     async def run(self, body: bytes, boxes=None) -> tuple[str, ImageResult]:
         """`boxes`: the row's blur boxes (images.bbox_col), None for none."""
@@ -131,5 +133,6 @@ class CpuPool:
     async def shutdown(self) -> None:
         if self.threads:
             self.threads.shutdown(wait=True, cancel_futures=True)
-        await asyncio.gather(*(w.stop() for w in list(self.all)), return_exceptions=True)
+        await asyncio.gather(*(w.stop() for w in self.all | self.retired), return_exceptions=True)
         self.all.clear()
+        self.retired.clear()

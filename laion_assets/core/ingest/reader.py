@@ -14,6 +14,7 @@ import gzip
 import io
 import json
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -114,7 +115,7 @@ def _read_bytes(source: str) -> bytes:
     if source.lower().endswith(".gz"):
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:  # zlib.error: damaged bytes inside a valid header
             raise LaionAssetsError(f"{source} is not valid gzip ({e}): re-compress or replace the file") from None
     return data
 
@@ -159,6 +160,9 @@ def read_shard_file(source: str) -> pl.DataFrame:
         raise LaionAssetsError(f"{source} could not be read as {fmt}{where} ({first}): check or replace the file") from None
     if df.height == 0:
         raise LaionAssetsError(f"{source} has no rows: remove the file or add rows")
+    twice = [c for c in df.columns if (m := re.fullmatch(r"(.+)_duplicated_\d+", c)) and m[1] in df.columns]
+    if twice:  # polars renames a repeated csv header name; which column was meant is unknown
+        raise LaionAssetsError(f"{source} has the column {twice[0].rsplit('_duplicated_', 1)[0]} more than once: rename or remove one")
     return df
 
 

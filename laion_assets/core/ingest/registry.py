@@ -62,6 +62,11 @@ def register(lake: Lake, sources: list[str], keys: list[str] | None = None) -> d
             new[key] = source
         elif owner == source:
             continue
+        elif key in new or key in moved:
+            raise LaionAssetsError(
+                f"two files have the shard key '{key}': {owner} and {source}; rename one so that each file name "
+                "(without extensions) is unique"
+            )
         elif owner in given or is_published(lake, key):
             raise LaionAssetsError(
                 f"shard key '{key}' is already registered for {owner}; rename {source} so its "

@@ -59,10 +59,11 @@ _KNOWN = {
     "permission": (
         r"permission denied|os error 13\)|operation not permitted|os error 1\)|read-only file system|os error 30\)",
         (errno.EACCES, errno.EPERM, errno.EROFS),
-        "permission denied", "make the lake folder writable by this user, or pass --lake with one you can write",
+        "permission denied or read-only file system",
+        "make the lake folder writable by this user (remount it read-write), or pass --lake with one you can write",
     ),
     "object_store": (
-        r"accessdenied|access denied|invalidaccesskeyid|signaturedoesnotmatch|expiredtoken|nosuchbucket|"
+        r"accessdenied|access denied|access_denied|invalidaccesskeyid|signaturedoesnotmatch|expiredtoken|nosuchbucket|"
         r"generic s3 error|error sending request|connection refused|dns error|failed to lookup address", (),
         "object store error", "check the endpoint, bucket and credentials (AWS_* variables), then rerun",
     ),

@@ -1,4 +1,5 @@
-"""Is the lake's object store safe for concurrent writers? (`laion-assets check-store`)"""
+"""Is the lake's object store safe for concurrent writers? (`laion-assets check-store`) Are
+there credentials for it at all?"""
 
 from __future__ import annotations
 
@@ -39,3 +40,19 @@ def check_conditional_writes(lake: Lake) -> str:
             "conditional writes or keep one writer per table (max_concurrent_runs: 1)"
         )
     return f"{lake.uri}: the store refuses a second create of one key; concurrent writers are safe"
+
+
+def require_credentials(uri: str) -> None:
+    """Refuse an s3:// location (lake or input) when no AWS credentials can be found, saying
+    what to set: without this, pyarrow fails with a traceback and deltalake with a dump of its
+    credential chain. boto3 looks where both do (environment, AWS_PROFILE and ~/.aws, web
+    identity, container; an instance role only when AWS_EC2_METADATA_DISABLED=false)."""
+    if not uri.startswith("s3://"):
+        return
+    import boto3
+
+    if boto3.Session().get_credentials() is None:
+        raise LaionAssetsError(
+            f"{uri}: no AWS credentials found: export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE "
+            "naming a profile in ~/.aws/credentials); on a machine with an instance role, set AWS_EC2_METADATA_DISABLED=false"
+        )

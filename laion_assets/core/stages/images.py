@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from laion_assets.core.config import PipelineConfig
 from laion_assets.core.images import adopt
-from laion_assets.core.images.download import IMAGES_SCHEMA, STATUSES, Progress, ShardDownloader
+from laion_assets.core.images.download import IMAGES_SCHEMA, STATUS_FIXES, STATUSES, Progress, ShardDownloader
 from laion_assets.core.ingest import registry
 from laion_assets.core.ingest.img2dataset import PREFIX, I2dShard
 from laion_assets.core.lake import quality
@@ -107,7 +107,7 @@ def _run_images(lake: Lake, cfg: PipelineConfig, shard: str, retry_failures: boo
         report = gate(IMAGES, shard, audit, quality.images_suite(raw.height, STATUSES, cfg.download.min_success_rate), stats)
     except ValidationFailed as e:
         staging.drop(lake, STAGING_IMAGES, shard, "the shard failed its gate")
-        raise e from None
+        raise ValidationFailed(e.stage, e.shard, [*e.failures, why_not_stored(counts)], e.report, e.stats) from None
     batches = [staging.guarded(lake.batches(STAGING_IMAGES, shard, IMAGES_SCHEMA.names), STAGING_IMAGES, shard)]
     if retry_failures:
         batches.append(lake.batches(IMAGES, shard, IMAGES_SCHEMA.names, uids=kept["uid"].to_list()))
@@ -115,6 +115,14 @@ def _run_images(lake: Lake, cfg: PipelineConfig, shard: str, retry_failures: boo
         lake, IMAGES, shard, IMAGES_SCHEMA, (b for part in batches for b in part), rows.height,
         report, stats, {"recipe": recipe}, STAGING_IMAGES, fingerprints.current(lake, cfg, IMAGES, shard),
     )
+
+
+def why_not_stored(counts: dict[str, int], n: int = 3) -> str:
+    """'not stored: refused_address 300 of 300 (the hosts resolve to ...: add their networks to
+    download.allowed_networks ...)': the commonest failure statuses and what to change."""
+    total = sum(counts.values())
+    failed = sorted(((v, k) for k, v in counts.items() if k != "success" and v), reverse=True)[:n]
+    return "not stored: " + ", ".join(f"{k} {v} of {total} ({STATUS_FIXES[k]})" for v, k in failed)
 
 
 def _boxes_column(lake: Lake, cfg: PipelineConfig) -> list[str]:
