@@ -379,4 +379,16 @@ def test_decode_budget_holds_bodies_back_until_bytes_are_released():
         budget.release(60)
         await asyncio.wait_for(budget.acquire(500), 1)  # larger than the budget, alone: passes
 
+        # first come, first served: a small body does not overtake a large one for ever, and a
+        # waiter that gives up (its task cancelled) holds no one back
+        large = asyncio.create_task(budget.acquire(80))
+        await asyncio.sleep(0.01)
+        small = asyncio.create_task(budget.acquire(10))
+        await asyncio.sleep(0.01)
+        assert not large.done() and not small.done()
+        large.cancel()
+        budget.release(500)
+        await asyncio.wait_for(small, 1)
+        assert budget.held == 10
+
     asyncio.run(go())
