@@ -187,12 +187,16 @@ def run_ours(args, out: Path, results: Path, r: int) -> dict:
         f"{CLI} run {args.corpus}/urls.parquet --lake {lake} --config {out / 'bench.yaml'} --select raw_urls,images"
         f" && {PY} {Path(__file__).resolve()} export {lake} {outdir}"
     )
+    timeline = out / f"timeline-{r}.jsonl"
+    timeline.unlink(missing_ok=True)
     env = {**os.environ, "DAGSTER_HOME": str(home), "RESULTS": str(results), "PY": PY,
            "AWS_EC2_METADATA_DISABLED": "true", "GX_ANALYTICS_ENABLED": "False",
-           "EXTRA": json.dumps({"tool": "laion-assets"})}
+           "EXTRA": json.dumps({"tool": "laion-assets"}), "LAION_ASSETS_TIMELINE": str(timeline)}
     peak = measured([str(BENCH / "measure.sh"), args.corpus, str(outdir), "laion-assets", "--", "bash", "-c", script], env)
     rec = last_record(results)
     rec["peak_pss_mb"] = peak
+    rec["timeline"] = [json.loads(line) for line in timeline.read_text().splitlines()] if timeline.is_file() else []
+    rec["breakdown"] = breakdown(rec)
     rec["statuses"] = json.loads((outdir / "_bench" / "statuses.json").read_text()) if (outdir / "_bench" / "statuses.json").is_file() else {}
     rec["check"] = (outdir / "_bench" / "check.txt").read_text().strip().splitlines()[-1]
     shutil.rmtree(lake, ignore_errors=True)
@@ -216,6 +220,42 @@ def export(lake: str, outdir: str) -> None:
 
 # -- report --------------------------------------------------------------------------------------
 
+CORES = os.cpu_count() or 1
+
+
+def breakdown(rec: dict) -> dict:
+    """Where our wall seconds went, from the stage's timeline (env LAION_ASSETS_TIMELINE). In
+    the download phase, core-seconds: the decode workers' CPU, digests and the rest of the main
+    process (fetching, the event loop, staging), and what no one used (idle, of CORES cores; the
+    server and other load on the machine land there too). Staging is the writer thread's wall
+    (it overlaps fetching). Outside it, wall seconds: startup + raw_urls, audit + gate, publish."""
+    samples = [x for x in rec["timeline"] if "t" in x]
+    if not samples:
+        return {}
+    last, phases = samples[-1], {x["phase"]: x["s"] for x in rec["timeline"] if "phase" in x}
+    dl = last["t"]
+    b = {
+        "download_wall_s": dl,
+        "decode_resize_encode_cpu_s": last.get("decode_s", 0.0),
+        "digests_cpu_s": last.get("digests_s", 0.0),
+        "fetch_loop_staging_cpu_s": round(last["main_cpu_s"] - last.get("digests_s", 0.0), 2),
+        "staging_wall_s": last.get("staging_s", 0.0),
+        "idle_core_s": round(CORES * dl - last["main_cpu_s"] - last.get("decode_s", 0.0), 2),
+        "audit_gate_s": phases.get("audit_gate", 0.0),
+        "publish_s": phases.get("publish", 0.0),
+    }
+    b["startup_raw_urls_s"] = round(rec["wall_s"] - dl - b["audit_gate_s"] - b["publish_s"], 2)
+    return b
+
+
+def print_timeline(rec: dict) -> None:
+    cols = ("t", "in_flight", "waiting_decode", "decoding", "done", "staged", "cpu_pct")
+    print(f"\nour timeline, last round (one line a second; cpu_pct: main process + decode workers, {CORES * 100} = all cores)")
+    print(" ".join(f"{c:>14}" for c in cols))
+    for x in rec["timeline"]:
+        if "t" in x:
+            print(" ".join(f"{x[c]:>14}" for c in cols))
+
 def three(rec: dict) -> dict:
     c = {"success": 0, "failed_to_download": 0, "failed_to_resize": 0, "missing": 0}
     for cat in rec["by_category"].values():
@@ -233,20 +273,33 @@ def report(i2d: list[dict], ours: list[dict], out: Path) -> dict:
         "per_round": [{"img2dataset": a["img_per_s"], "laion_assets": b["img_per_s"]} for a, b in zip(i2d, ours)],
     }
     s["ratio"] = round(s["laion_assets"]["img_per_s"] / s["img2dataset"]["img_per_s"], 2)
+    s["ratio_per_round"] = [round(b["img_per_s"] / a["img_per_s"], 2) for a, b in zip(i2d, ours)]
+    s["median_ratio"] = statistics.median(s["ratio_per_round"])
+    urls = sum(three(ours[-1]).values())
+    for side, rs in (("img2dataset", i2d), ("laion_assets", ours)):
+        s[side]["cpu_s_per_url"] = round(statistics.median((r["user_s"] + r["sys_s"]) / urls for r in rs), 5)
+        s[side]["load_before"] = [r["load_before"] for r in rs]
+    s["cpu_per_url_ratio"] = round(s["laion_assets"]["cpu_s_per_url"] / s["img2dataset"]["cpu_s_per_url"], 2)
+    s["breakdown"] = {k: statistics.median(r["breakdown"].get(k, 0.0) for r in ours) for k in ours[-1]["breakdown"]}
     s["outcomes"] = {"img2dataset": three(i2d[-1]), "laion_assets": three(ours[-1])}
     s["statuses"] = {"img2dataset": i2d[-1]["statuses"], "laion_assets": ours[-1]["statuses"]}
     s["check"] = {"img2dataset": [r["check"] for r in i2d], "laion_assets": [r["check"] for r in ours]}
     s["mismatches"] = {"img2dataset": [r["mismatches"] for r in i2d], "laion_assets": [r["mismatches"] for r in ours]}
     (out / "summary.json").write_text(json.dumps(s, indent=1))
+    print_timeline(ours[-1])
 
     a, b = s["img2dataset"], s["laion_assets"]
     print(f"\n{'median of ' + str(len(ours)) + ' rounds':<34} {'img2dataset':>14} {'laion-assets':>14}")
     rows = [("images/s (successes / wall)", "img_per_s"), ("wall s (incl. startup)", "wall_s"),
             ("peak PSS, process tree (MB)", "peak_pss_mb"), ("max RSS, largest process (MB)", "max_rss_mb"),
-            ("CPU user s", "user_s"), ("CPU sys s", "sys_s")]
+            ("CPU user s", "user_s"), ("CPU sys s", "sys_s"), ("CPU s per URL", "cpu_s_per_url")]
     for label, k in rows:
         print(f"{label:<34} {a[k]:>14} {b[k]:>14}")
     print(f"{'ratio (ours / img2dataset)':<34} {'':>14} {s['ratio']:>14}")
+    print(f"{'ratio per round (median)':<34} {'':>14} {str(s['ratio_per_round']) + ' ' + str(s['median_ratio']):>14}")
+    print(f"{'CPU per URL ratio':<34} {'':>14} {s['cpu_per_url_ratio']:>14}")
+    print(f"{'1-min load average before each run':<34} {str(a['load_before']):>14} {str(b['load_before']):>14}")
+    print("our seconds, median of rounds:", ", ".join(f"{k} {v}" for k, v in s["breakdown"].items()))
     print(f"{'per round images/s':<34} {str([r['img2dataset'] for r in s['per_round']]):>14} {str([r['laion_assets'] for r in s['per_round']]):>14}")
     for k in ("success", "failed_to_download", "failed_to_resize", "missing"):
         print(f"{k:<34} {s['outcomes']['img2dataset'][k]:>14} {s['outcomes']['laion_assets'][k]:>14}")
@@ -273,6 +326,7 @@ def bench(args) -> None:
             for fn in order:
                 load = os.getloadavg()[0]
                 rec = fn(args, out, results, r)
+                rec["load_before"] = round(load, 1)
                 (i2d if fn is run_i2d else ours).append(rec)
                 log(f"round {r + 1}: {rec['label']}: {rec['img_per_s']} img/s, wall {rec['wall_s']:.1f} s, "
                     f"peak PSS {rec['peak_pss_mb']} MB, mismatches {rec['mismatches']} (load before {load:.1f})")

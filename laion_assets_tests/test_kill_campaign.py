@@ -2,7 +2,7 @@
 127.0.0.1, the tiny CLIP, the real heads) killed with SIGKILL, the way an OOM kill or a lost
 node ends it, at 10 points (targeted ones in every stage, and a random time), and twice stopped
 with SIGTERM; each time simply run again. No manual step, no hang: every table ends equal to an
-uninterrupted reference, each rerun fetches again at most `concurrency + 2 * chunk_rows` URLs
+uninterrupted reference, each rerun fetches again at most `concurrency + max_unstaged_rows` URLs
 (the documented bound), killed runs are marked failed and hold no pool slot, nothing is left
 in staging, and one more plain rerun finds every stage up to date (the exports and lake-wide
 assets too) and fetches nothing."""
@@ -134,7 +134,7 @@ def test_kill_anywhere_then_rerun_gives_the_uninterrupted_tables(tmp_path, slow_
     inputs.mkdir()
     pl.DataFrame({"URL": urls, "TEXT": [f"caption {i}" for i in range(len(urls))]}).write_parquet(inputs / f"{SHARD}.parquet")
     cfg = make_config(
-        download=dcfg(concurrency=4, per_host=4, chunk_rows=8, min_success_rate=0.5),
+        download=dcfg(concurrency=4, per_host=4, chunk_rows=8, max_unstaged_rows=16, min_success_rate=0.5),
         embeddings=EmbeddingConfig(spaces={"tiny": SpaceConfig(model="tiny")}, batch_size=8, chunk_rows=16, workers=1),
         watermark=WatermarkConfig(model="tiny"),  # one more tower of the embeddings pass, staged alike
         export=ExportConfig(samples_per_tar=16), knn=KnnConfig(),  # every subset exported and indexed

@@ -2,7 +2,7 @@
 127.0.0.1, crashed after its first staged chunk, then rerun after what users do in between
 (change the download policy, edit the input, lose or corrupt a staged file). Staging that no
 longer fits is dropped with a warning and recomputed; a shard never gets stuck; corrupt bytes
-never publish; a kill costs at most `concurrency + 2 * chunk_rows` fetches."""
+never publish; a kill costs at most `concurrency + max_unstaged_rows` fetches."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def assert_complete(lake: Lake, key: str) -> pl.DataFrame:
 def test_a_config_change_drops_the_staging_a_speed_change_keeps_it(testsite, tmp_path, caplog):
     site, base, urls, cfg, lake, key = crashed_shard(testsite, tmp_path, "cfg")
     before = requests(site, urls, base)
-    faster = make_config(download=dcfg(chunk_rows=8, concurrency=3, per_host=2, max_pending_mb=8))
+    faster = make_config(download=dcfg(chunk_rows=8, concurrency=3, per_host=2, max_pending_mb=8, max_unstaged_rows=12))
     out = stages.run_images(lake, faster, key)  # only speed knobs changed: the staged rows resume
     assert out.stats["resumed_rows"] == 8 and out.stats["fetched_this_run"] == len(urls) - 8
     assert requests(site, urls, base) == before + len(urls) - 8
@@ -190,12 +190,12 @@ def test_retry_failures_after_a_crash_never_doubles_a_uid(testsite, tmp_path):
     assert out.stats["status_counts"] == {"success": 27}
 
 
-def test_a_kill_costs_at_most_concurrency_plus_two_chunks(testsite, tmp_path):
+def test_a_kill_costs_at_most_concurrency_plus_max_unstaged_rows(testsite, tmp_path):
     """While a chunk is being staged (slowly), fetching may not run ahead by more than
-    `concurrency + 2 * chunk_rows` rows: what a kill at that moment would fetch again."""
+    `concurrency + max_unstaged_rows` rows: what a kill at that moment would fetch again."""
     site, base = testsite
     urls = urls_for(base, "bound", n=96)
-    d = dcfg(chunk_rows=8, concurrency=4, per_host=4)
+    d = dcfg(chunk_rows=8, concurrency=4, per_host=4, max_unstaged_rows=16)
     bound = max_unstaged(d)
     assert bound == 20
     staged, ahead = 0, []

@@ -25,7 +25,12 @@ from PIL import Image
 
 from laion_assets.core.images.config import ImageConfig
 from laion_assets.core.images.download import IMAGES_SCHEMA
-from laion_assets.core.images.imaging import PIL_FORMAT, _DECODERS, perceptual_hash, target_size
+from laion_assets.core.images.imaging import (
+    _DECODERS,
+    PIL_FORMAT,
+    perceptual_hash,
+    target_size,
+)
 from laion_assets.core.ingest.img2dataset import PREFIX, I2dShard, stored_images
 from laion_assets.core.lake.errors import LaionAssetsError
 

@@ -37,6 +37,9 @@ class DownloadConfig(Section):
     min_success_rate: float = Field(0.5, ge=0, le=1, description="quality gate on each shard")
     chunk_rows: int = Field(256, ge=1, description="rows per staged chunk (resume granularity)")
     max_pending_mb: int = Field(256, ge=1, description="downloaded bodies waiting for decode, MiB")
+    max_unstaged_rows: int = Field(
+        2048, ge=1, description="fetched rows not yet staged; with `concurrency` in flight, what a kill costs a rerun"
+    )
     url_blocklist: str | None = Field(None, description="file of URLs or sha256(url) hex, one a line")
     image_blocklist: str | None = Field(None, description="file of sha256 hex of image bytes")
     only_subset: str | None = Field(

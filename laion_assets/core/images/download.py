@@ -9,8 +9,9 @@ fighting over the GIL; a decoder that crashes or hangs costs one worker, not the
 `decode="thread"` keeps everything in one process (small shards, tests, 1-core machines).
 
 Memory is bounded by configuration, not by the shard: at most `concurrency` samples are in
-flight (each body <= `max_body_bytes`, usually ~100 KB), at most `chunk_rows` finished rows
-wait for the next flush, and rows are pulled from the input iterator only as slots free up.
+flight (each body <= `max_body_bytes`, usually ~100 KB), at most `max_pending_mb` of bodies wait
+for a decoder and `max_unstaged_rows` finished rows for staging (in completion order), and rows
+are pulled from the input iterator only as slots free up.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import asyncio
 import hashlib
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from laion_assets.core.images.config import DownloadConfig, ImageConfig
 from laion_assets.core.images.fetch import Fetched, Fetcher
 from laion_assets.core.images.imaging import ImageProcessor
 from laion_assets.core.images.signals import run_until_signal
+from laion_assets.core.images.timeline import TIMELINE_ENV, sample_timeline
 from laion_assets.core.images.workers import CpuPool
 from laion_assets.core.lake.errors import LaionAssetsError
 
@@ -98,8 +100,9 @@ def default_concurrency() -> int:
 
 
 def max_unstaged(dcfg: DownloadConfig) -> int:
-    """Rows fetched but not yet staged, at most: what a kill can cost a rerun (docs/RESUME.md)."""
-    return (dcfg.concurrency or default_concurrency()) + 2 * dcfg.chunk_rows
+    """Rows requested but not yet staged, at most: what a kill can cost a rerun (docs/RESUME.md).
+    Requests in flight (at most `concurrency`) plus finished rows waiting to be staged."""
+    return (dcfg.concurrency or default_concurrency()) + dcfg.max_unstaged_rows
 
 
 def load_blocklist(path: str | None) -> frozenset[str]:
@@ -124,6 +127,11 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
     statuses: Counter = field(default_factory=Counter)
     bytes: int = 0
+    # Where the rows are now and where the seconds went (benchmarks/bench_download.py's timeline).
+    in_flight: int = 0  # requests on the network
+    at_cpu: int = 0  # bodies waiting for a decode worker or being decoded
+    staged: int = 0
+    seconds: Counter = field(default_factory=Counter)  # decode (worker CPU), digests, staging (wall)
 
     @property
     def elapsed(self) -> float:
@@ -181,9 +189,10 @@ class ShardDownloader:
         progress = Progress(total)
         pending: list[dict] = []
         sem = asyncio.Semaphore(self.dcfg.concurrency)
-        # A row holds one of these from its request until its chunk is staged, so a kill loses
-        # (and a rerun fetches again) at most concurrency + 2 * chunk_rows rows.
-        unstaged = asyncio.Semaphore(max_unstaged(self.dcfg))
+        # A finished row holds one of these until its chunk is staged, so a kill loses (and a
+        # rerun fetches again) at most concurrency + max_unstaged_rows rows. A slow request
+        # holds only its request slot: the front goes on past it.
+        unstaged = asyncio.Semaphore(self.dcfg.max_unstaged_rows)
         budget = ByteBudget(self.dcfg.max_pending_mb * 2**20)
         cpu = CpuPool(self.icfg, self.workers, self.decode)
         writer = ThreadPoolExecutor(1, thread_name_prefix="stage-writer")
@@ -191,21 +200,32 @@ class ShardDownloader:
         loop = asyncio.get_running_loop()
 
         async def flush(force: bool = False) -> None:
-            n = self.dcfg.chunk_rows
-            async with flush_lock:  # rows finishing meanwhile wait in `pending` (<= n + concurrency)
+            n = min(self.dcfg.chunk_rows, self.dcfg.max_unstaged_rows)
+            if not force and len(pending) < n:  # most rows: no lock to wait for
+                return
+            async with flush_lock:  # rows finishing meanwhile wait in `pending` (within max_unstaged_rows)
                 while pending and (force or len(pending) >= n):
                     batch = pending[:n]
                     del pending[:n]
                     table = pa.Table.from_pylist(batch, schema=IMAGES_SCHEMA)
+                    t = time.monotonic()
                     await loop.run_in_executor(writer, on_chunk, table)
+                    progress.seconds["staging"] += time.monotonic() - t
+                    progress.staged += len(batch)
                     for _ in batch:
                         unstaged.release()
 
         async def one(uid: int, url: str, boxes, fetcher: Fetcher) -> None:
             start = time.monotonic()
-            holds_slot, held_bytes = True, 0
+            holds_slot, held_bytes, counted = True, 0, False
             try:
-                row, body = await self._fetch(uid, url, fetcher)
+                progress.in_flight += 1
+                try:
+                    row, body = await self._fetch(uid, url, fetcher)
+                finally:
+                    progress.in_flight -= 1
+                await unstaged.acquire()  # still holding the request slot: the bound holds meanwhile
+                counted = True
                 if body is not None:
                     # Keep fetching while images wait for a CPU worker, up to the byte budget:
                     # the network (and slow hosts) stay busy instead of queueing behind decode.
@@ -213,7 +233,7 @@ class ShardDownloader:
                 sem.release()
                 holds_slot = False
                 if body is not None:
-                    row = await self._process(row, body, cpu, boxes)
+                    row = await self._process(row, body, cpu, boxes, progress)
                     del body
             except Exception as e:  # never lose a row, whatever broke
                 row = {"uid": uid, "url": url, "status": "failed_download", "error": f"internal: {e!r}"[:300]}
@@ -221,6 +241,8 @@ class ShardDownloader:
                 if holds_slot:
                     sem.release()
                 budget.release(held_bytes)
+            if not counted:
+                await unstaged.acquire()
             row["duration_s"] = time.monotonic() - start
             pending.append(row)
             progress.done += 1
@@ -248,11 +270,14 @@ class ShardDownloader:
 
         reporter = asyncio.create_task(report())
         reporter.add_done_callback(settled)
+        if timeline := os.environ.get(TIMELINE_ENV):
+            sampler = asyncio.create_task(sample_timeline(progress, cpu, timeline))
+            sampler.add_done_callback(settled)
+            reporter.add_done_callback(lambda _: sampler.cancel())
         try:
             await cpu.start()
-            async with Fetcher(self.dcfg, resolver=self.resolver) as fetcher:
+            async with Fetcher(self.dcfg, resolver=self.resolver, seconds=progress.seconds) as fetcher:
                 for uid, url, *boxes in rows:
-                    await unstaged.acquire()
                     await sem.acquire()
                     task = asyncio.create_task(one(uid, url, boxes[0] if boxes else None, fetcher))
                     tasks.add(task)
@@ -286,43 +311,67 @@ class ShardDownloader:
             content_type=got.content_type, attempts=got.attempts,
             bytes_downloaded=len(got.body) if got.body is not None else None,
         )
-        return row, (got.body if got.status == "success" else None)
+        if got.status != "success":
+            return row, None
+        row["digests"] = got.digests
+        return row, got.body
 
-    async def _process(self, row: dict, body: bytes, cpu: CpuPool, boxes) -> dict:
-        """The CPU half: hash, blocklist, decode/check/resize/encode."""
-        sha, res = await cpu.run(body, boxes)
-        if sha in self.blocked_images:  # never stored, whatever the decode said
+    async def _process(self, row: dict, body: bytes, cpu: CpuPool, boxes, progress: Progress) -> dict:
+        """The CPU half: blocklist (on the fetcher's digests), decode/check/resize/encode."""
+        md5, sha1, sha = row.pop("digests")
+        row.update(md5=md5, sha1=sha1)
+        if sha in self.blocked_images:  # never decoded nor stored
             row.update(status="blocked", error="image hash on the blocklist", sha256=sha)
             return row
+        progress.at_cpu += 1
+        try:
+            res = await cpu.run(body, boxes)
+        finally:
+            progress.at_cpu -= 1
+        progress.seconds["decode"] += res.cpu_s
         row.update(
             status=res.status, error=res.error, sha256=sha,
             original_width=res.original_width, original_height=res.original_height,
             width=res.width, height=res.height, image=res.image,
             image_sha256=hashlib.sha256(res.image).hexdigest() if res.image is not None else None,
         )
-        row.update(md5=res.md5, sha1=res.sha1, phash=res.phash)
+        row["phash"] = res.phash
         return row
 
 
 class ByteBudget:
-    """Bytes of downloaded bodies allowed to wait for a CPU worker. A body larger than the
-    whole budget still passes when nothing else is held, so nothing waits forever."""
+    """Bytes of downloaded bodies allowed to wait for a CPU worker, granted first come, first
+    served: a release wakes only the waiters that now fit (waking them all made ~300,000
+    wake-ups a shard once the budget was full). A body larger than the whole budget still
+    passes when nothing else is held, so nothing waits forever."""
 
     def __init__(self, limit: int):
         self.limit, self.held = limit, 0
-        self.cond = asyncio.Condition()
+        self.waiters: deque[tuple[int, asyncio.Future]] = deque()
 
     async def acquire(self, n: int) -> int:
-        async with self.cond:
-            await self.cond.wait_for(lambda: self.held == 0 or self.held + n <= self.limit)
-            self.held += n
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters.append((n, fut))
+        self._grant()
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # granted as it was cancelled: give it back
+                self.release(n)
+            raise
         return n
 
     def release(self, n: int) -> None:
         if n:
             self.held -= n
-            asyncio.get_running_loop().create_task(self._wake())
+            self._grant()
 
-    async def _wake(self) -> None:
-        async with self.cond:
-            self.cond.notify_all()
+    def _grant(self) -> None:
+        while self.waiters:
+            n, fut = self.waiters[0]
+            if not fut.cancelled() and self.held and self.held + n > self.limit:
+                return
+            self.waiters.popleft()
+            if not fut.cancelled():
+                self.held += n
+                fut.set_result(None)

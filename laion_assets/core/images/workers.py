@@ -1,4 +1,4 @@
-"""The CPU half of the images stage: decode/resize/encode and the digests of each body, on
+"""The CPU half of the images stage: decode/resize/encode of each body, on
 worker processes started with exec (never a bare fork: deltalake must not be forked; no
 multiprocessing, whose spawn re-imports the caller's __main__), or on threads. A decoder that
 crashes or hangs costs one worker, not the run.
@@ -7,7 +7,6 @@ crashes or hangs costs one worker, not the run.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import pickle
 import struct
@@ -15,16 +14,16 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from laion_assets.core.images.config import ImageConfig
-from laion_assets.core.images.imaging import WORKER_CMD, ImageProcessor, ImageResult, process_and_hash
+from laion_assets.core.images.imaging import (
+    WORKER_CMD,
+    ImageProcessor,
+    ImageResult,
+    process_timed,
+)
 from laion_assets.core.lake.errors import LaionAssetsError
 
 DECODER_RETRIES = 1  # a sample whose worker dies this many times more is failed_decode
 DECODE_TIMEOUT_S = 60.0  # CPU time one image may take before its worker is killed
-
-
-def _work(body: bytes, processor: ImageProcessor, boxes) -> tuple[str, ImageResult]:
-    """sha256 of the original bytes, then decode/check/resize/encode (thread mode)."""
-    return process_and_hash(processor, body, boxes)
 
 
 class _Worker:
@@ -45,7 +44,7 @@ class _Worker:
             raise LaionAssetsError("an image decode worker died while starting (its error is on stderr)") from None
         return cls(proc)
 
-    async def call(self, body: bytes, boxes) -> tuple[str, ImageResult]:
+    async def call(self, body: bytes, boxes) -> ImageResult:
         boxes_json = b"" if boxes is None else json.dumps(boxes).encode()
         self.proc.stdin.write(struct.pack("<Q", len(body)))
         self.proc.stdin.write(body)
@@ -82,6 +81,7 @@ class CpuPool:
         self.idle: asyncio.Queue[_Worker] | None = None
         self.all: set[_Worker] = set()
         self.retired: set[_Worker] = set()  # killed, reaped at shutdown (before the loop closes)
+        self.busy = 0  # samples being decoded now
 
     async def start(self) -> None:
         if self.mode == "process":
@@ -99,11 +99,15 @@ class CpuPool:
         self.all.discard(w)
         self.retired.add(w)
 
-    async def run(self, body: bytes, boxes=None) -> tuple[str, ImageResult]:
+    async def run(self, body: bytes, boxes=None) -> ImageResult:
         """`boxes`: the row's blur boxes (images.bbox_col), None for none."""
         if self.mode == "thread":
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.threads, _work, body, self.processor, boxes)
+            self.busy += 1
+            try:
+                return await loop.run_in_executor(self.threads, process_timed, self.processor, body, boxes)
+            finally:
+                self.busy -= 1
         attempts = 0
         while attempts <= DECODER_RETRIES:
             w = await self.idle.get()
@@ -112,6 +116,7 @@ class CpuPool:
                 self.idle.put_nowait(await self._spawn())
                 continue
             attempts += 1
+            self.busy += 1
             try:
                 async with asyncio.timeout(DECODE_TIMEOUT_S):
                     result = await w.call(body, boxes)
@@ -122,13 +127,15 @@ class CpuPool:
             except TimeoutError:
                 self._retire(w)
                 self.idle.put_nowait(await self._spawn())
-                return hashlib.sha256(body).hexdigest(), ImageResult("failed_decode", f"decode took > {DECODE_TIMEOUT_S} s")
+                return ImageResult("failed_decode", f"decode took > {DECODE_TIMEOUT_S} s")
             except BaseException:  # cancelled mid-call: its pipe is out of step, so retire it
                 self._retire(w)
                 raise
+            finally:
+                self.busy -= 1
             self.idle.put_nowait(w)
             return result
-        return hashlib.sha256(body).hexdigest(), ImageResult("failed_decode", "image decoder crashed (worker process died)")
+        return ImageResult("failed_decode", "image decoder crashed (worker process died)")
 
     async def shutdown(self) -> None:
         if self.threads:

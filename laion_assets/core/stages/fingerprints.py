@@ -46,7 +46,7 @@ SECTIONS = {
 }
 # Keys that change speed or memory, never a row (gate thresholds are in GATES).
 NOT_ROWS = {
-    "download": {"concurrency", "per_host", "dns_cache_ttl_s", "chunk_rows", "max_pending_mb", "min_success_rate"},
+    "download": {"concurrency", "per_host", "dns_cache_ttl_s", "chunk_rows", "max_pending_mb", "max_unstaged_rows", "min_success_rate"},
     "embeddings": {"spaces", "batch_size", "workers", "chunk_rows"},
 }
 # Gate thresholds: part of a published shard's fingerprint (a stricter gate redoes it) but not

@@ -14,11 +14,17 @@ import pyarrow.compute as pc
 from laion_assets.core.config import PipelineConfig
 from laion_assets.core.images import adopt
 from laion_assets.core.images.download import IMAGES_SCHEMA, STATUS_FIXES, STATUSES, Progress, ShardDownloader
+from laion_assets.core.images.timeline import note_timeline
 from laion_assets.core.ingest import registry
 from laion_assets.core.ingest.img2dataset import PREFIX, I2dShard
 from laion_assets.core.lake import quality
 from laion_assets.core.lake.delta import Lake
-from laion_assets.core.lake.errors import LaionAssetsError, StagingUnusable, ValidationFailed, explained
+from laion_assets.core.lake.errors import (
+    LaionAssetsError,
+    StagingUnusable,
+    ValidationFailed,
+    explained,
+)
 from laion_assets.core.lake.tables import IMAGES, RAW_URLS, STAGING_IMAGES
 from laion_assets.core.stages import fingerprints, staging
 from laion_assets.core.stages.publish import StageOutput, gate, publish_stream
@@ -111,10 +117,14 @@ def _run_images(lake: Lake, cfg: PipelineConfig, shard: str, retry_failures: boo
     batches = [staging.guarded(lake.batches(STAGING_IMAGES, shard, IMAGES_SCHEMA.names), STAGING_IMAGES, shard)]
     if retry_failures:
         batches.append(lake.batches(IMAGES, shard, IMAGES_SCHEMA.names, uids=kept["uid"].to_list()))
-    return publish_stream(
+    published = time.monotonic()
+    out = publish_stream(
         lake, IMAGES, shard, IMAGES_SCHEMA, (b for part in batches for b in part), rows.height,
         report, stats, {"recipe": recipe}, STAGING_IMAGES, fingerprints.current(lake, cfg, IMAGES, shard),
     )
+    note_timeline(phase="audit_gate", s=round(published - started - elapsed, 2))
+    note_timeline(phase="publish", s=round(time.monotonic() - published, 2))
+    return out
 
 
 def why_not_stored(counts: dict[str, int], n: int = 3) -> str:
