@@ -68,28 +68,17 @@ def cmd_adopt(args) -> int:
 def cmd_adopt_images(args) -> int:
     """An img2dataset download as the lake's shards: raw_urls and images read from its folder
     through Dagster (runs the UI shows), no request made; --select adds later stages."""
-    import sys
+    from laion_assets.cli.pipeline import report_run, run_pipeline
 
-    from laion_assets.cli.pipeline import _print_tables, run_pipeline
-    from laion_assets.cli.shard_runs import RunSummary
-
-    summary = RunSummary()
-    try:
-        run_pipeline([], args.lake, args.config, args.select, force=args.force, summary=summary, adopt=(args.folder, args.prefix))
-    except KeyboardInterrupt:
-        summary.print()
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
-        return 130
-    print("\nper-stage summary:")
-    summary.print()
-    _print_tables(args.lake)
-    return 0 if summary.ok else 1
+    return report_run(args.lake, lambda summary: run_pipeline(
+        [], args.lake, args.config, args.select, force=args.force, summary=summary, adopt=(args.folder, args.prefix),
+    ))
 
 
 def cmd_adopt_embeddings(args) -> int:
     """Check a parquet_npy folder whole (nothing is registered if a part is refused), then
     ingest its metadata files as shards and publish their vectors, through Dagster."""
-    from laion_assets.cli.pipeline import run_pipeline
+    from laion_assets.cli.pipeline import report_run, run_pipeline
     from laion_assets.core.config import load_config
     from laion_assets.core.embeddings.published import METADATA, find_parts
     from laion_assets.core.stages.adopt import adopted_space, check_part
@@ -100,10 +89,9 @@ def cmd_adopt_embeddings(args) -> int:
     rows = sum(check_part(p, args.space, dim, cfg.quality.embedding_norm_tolerance) for p in parts)
     texts = sum(p.text is not None for p in parts)
     print(f"{len(parts)} parts checked: {rows} rows of {dim}-d {identity} vectors, text embeddings in {texts} of them", flush=True)
-    summary = run_pipeline([f"{args.location.rstrip('/')}/{METADATA}"], args.lake, args.config, f"raw_urls,embeddings/{args.space}")
-    print("\nper-stage summary:")
-    summary.print()
-    return 0 if summary.ok else 1
+    return report_run(args.lake, lambda summary: run_pipeline(
+        [f"{args.location.rstrip('/')}/{METADATA}"], args.lake, args.config, f"raw_urls,embeddings/{args.space}", summary=summary,
+    ))
 
 
 def cmd_maintain(args) -> int:

@@ -160,12 +160,15 @@ def _print_tables(lake: str) -> None:
         print(f"  {name:<{width}} {rows:>7} rows  {lk.table_uri(name)}")
 
 
-def cmd_run(args) -> int:
+def report_run(lake: str, run) -> int:
+    """Run `run(summary)` and end as every pipeline command ends: the per-stage summary and the
+    lake's tables; on an infrastructure error the summary so far, then main's one line (exit 2);
+    on Ctrl-C or SIGTERM the interrupted summary and exit 130."""
     from laion_assets.core.lake.errors import InfrastructureError
 
     summary = RunSummary()
     try:
-        run_pipeline(args.inputs, args.lake, args.config, args.select, retry_failures=args.retry_failures, force=args.force, summary=summary)
+        run(summary)
     except InfrastructureError:  # the one line and exit 2 (main), after what was done
         print("\nper-stage summary (stopped):")
         summary.print()
@@ -178,8 +181,14 @@ def cmd_run(args) -> int:
         return 130
     print("\nper-stage summary:")
     summary.print()
-    _print_tables(args.lake)
+    _print_tables(lake)
     return 0 if summary.ok else 1
+
+
+def cmd_run(args) -> int:
+    return report_run(args.lake, lambda summary: run_pipeline(
+        args.inputs, args.lake, args.config, args.select, retry_failures=args.retry_failures, force=args.force, summary=summary,
+    ))
 
 
 def cmd_backfill(args) -> int:

@@ -65,23 +65,22 @@ def fix_command(lake: Lake, shards: list[str], asset: str) -> str:
     return f"laion-assets run {' '.join(shlex.quote(f) for f in files)} --lake {shlex.quote(lake.uri)} --select {asset}"
 
 
-def refuse_stale_export(lake: Lake, subset: str) -> None:
-    """LaionAssetsError when the subset's tars lag the subset (train-args must not name them)."""
-    stale = stale_exports(lake, subset)
+def _refuse_stale(lake: Lake, stale: list[str], what: str, risk: str, asset: str) -> None:
     if stale:
         raise LaionAssetsError(
-            f"the webdataset export of subset '{subset}' is older than the subset in {len(stale)} shard(s) "
-            f"({', '.join(stale[:5])}{'...' if len(stale) > 5 else ''}): its tars may hold rows the subset no longer has; "
-            f"bring it up to date with: {fix_command(lake, stale, f'webdataset_{subset}')}"
+            f"{what} is older than the subset in {len(stale)} shard(s) "
+            f"({', '.join(stale[:5])}{'...' if len(stale) > 5 else ''}): {risk}; "
+            f"bring it up to date with: {fix_command(lake, stale, asset)}"
         )
+
+
+def refuse_stale_export(lake: Lake, subset: str) -> None:
+    """LaionAssetsError when the subset's tars lag the subset (train-args must not name them)."""
+    _refuse_stale(lake, stale_exports(lake, subset), f"the webdataset export of subset '{subset}'",
+                  "its tars may hold rows the subset no longer has", f"webdataset_{subset}")
 
 
 def refuse_stale_index(lake: Lake, subset: str) -> None:
     """LaionAssetsError when the subset's kNN index lags the subset (search must not show it)."""
-    stale = stale_index(lake, subset)
-    if stale:
-        raise LaionAssetsError(
-            f"the kNN index of subset '{subset}' is older than the subset in {len(stale)} shard(s) "
-            f"({', '.join(stale[:5])}{'...' if len(stale) > 5 else ''}): it may return rows the subset no longer has; "
-            f"bring it up to date with: {fix_command(lake, stale, f'knn_{subset}')}"
-        )
+    _refuse_stale(lake, stale_index(lake, subset), f"the kNN index of subset '{subset}'",
+                  "it may return rows the subset no longer has", f"knn_{subset}")
