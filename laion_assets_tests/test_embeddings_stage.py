@@ -146,6 +146,22 @@ class _Interrupted(Exception):
     pass
 
 
+def _crashing_encoder(towers, encoded: list[int], fail_after: int | None):
+    """An Encoder (batches of 4, one worker) that records each batch's size in `encoded` and
+    raises _Interrupted, as a crash, once `fail_after` images were encoded."""
+    from laion_assets.core.embeddings.encoder import Encoder
+
+    class CrashingEncoder(Encoder):
+        def encode(self, blobs):
+            blobs = list(blobs)
+            if fail_after is not None and sum(encoded) >= fail_after:
+                raise _Interrupted
+            encoded.append(len(blobs))
+            return super().encode(blobs)
+
+    return CrashingEncoder(towers, 4, 1)
+
+
 def test_staged_chunks_are_reused_only_for_the_same_images(tmp_path):
     """A run that stopped after its first chunk is resumed from staging; but when the images
     shard was published again in between (a new download may bring other bytes under the same
@@ -153,26 +169,13 @@ def test_staged_chunks_are_reused_only_for_the_same_images(tmp_path):
     from laion_assets.core.config import PipelineConfig
     from laion_assets.core.embeddings.clip import load_model
     from laion_assets.core.embeddings.config import EmbeddingConfig, SpaceConfig
-    from laion_assets.core.embeddings.encoder import Encoder
 
     cfg = PipelineConfig(embeddings=EmbeddingConfig(spaces={"tiny": SpaceConfig(model="tiny")}, batch_size=4, chunk_rows=CHUNK, workers=1))
     model = load_model(cfg.embeddings.spaces["tiny"])
     encoded: list[int] = []
 
-    class Encoder_(Encoder):
-        fail_after: int | None = None
-
-        def encode(self, blobs):
-            blobs = list(blobs)
-            if self.fail_after is not None and sum(encoded) >= self.fail_after:
-                raise _Interrupted  # as a crash after the first staged chunk
-            encoded.append(len(blobs))
-            return super().encode(blobs)
-
-    def run(fail_after=None):
-        enc = Encoder_(model, 4, 1)
-        enc.fail_after = fail_after
-        return stages.run_embeddings(lake, cfg, SHARD, lambda spaces: enc)["tiny"]
+    def run(fail_after=None):  # fail_after=CHUNK: a crash after the first staged chunk
+        return stages.run_embeddings(lake, cfg, SHARD, lambda spaces: _crashing_encoder(model, encoded, fail_after))["tiny"]
 
     lake = Lake(tmp_path / "lake")
     ok = _prepare(lake)
@@ -222,7 +225,6 @@ def test_bits_flipped_in_staging_after_a_kill_are_recomputed_not_published(tmp_p
     from laion_assets.core.config import PipelineConfig
     from laion_assets.core.embeddings.clip import load_model
     from laion_assets.core.embeddings.config import EmbeddingConfig, SpaceConfig
-    from laion_assets.core.embeddings.encoder import Encoder
     from laion_assets.core.scores import watermark
     from laion_assets.core.scores.config import WatermarkConfig
 
@@ -231,21 +233,9 @@ def test_bits_flipped_in_staging_after_a_kill_are_recomputed_not_published(tmp_p
     towers = [load_model(cfg.embeddings.spaces["tiny"]), watermark.load(cfg.watermark, torch_device())]
     encoded: list[int] = []
 
-    class Encoder_(Encoder):
-        fail_after: int | None = None
-
-        def encode(self, blobs):
-            blobs = list(blobs)
-            if self.fail_after is not None and sum(encoded) >= self.fail_after:
-                raise _Interrupted  # as a kill after the first staged chunk
-            encoded.append(len(blobs))
-            return super().encode(blobs)
-
-    def run(lake, fail_after=None):
+    def run(lake, fail_after=None):  # fail_after=CHUNK: a kill after the first staged chunk
         def factory(names):
-            enc = Encoder_([towers[0] if n == "tiny" else towers[1] for n in names], 4, 1)
-            enc.fail_after = fail_after
-            return enc
+            return _crashing_encoder([towers[0] if n == "tiny" else towers[1] for n in names], encoded, fail_after)
         return stages.run_embeddings(lake, cfg, SHARD, factory, watermark=True)
 
     reference = Lake(tmp_path / "reference")
