@@ -90,6 +90,26 @@ def test_sigterm_while_starting_exits_130_with_the_interrupted_line(tmp_path, de
     assert "Traceback" not in done.stderr and took < 10
 
 
+def test_a_sigterm_that_python_wraps_while_defining_a_class_still_exits_130(tmp_path, monkeypatch, capsys):
+    """Seen in CI: the SIGTERM landed in a `__set_name__` of a Dagster class being imported, and
+    Python 3.11 turned its KeyboardInterrupt into "RuntimeError: Error calling __set_name__"."""
+    import laion_assets.cli as cli
+    from laion_assets.cli import pipeline
+
+    class Stops:
+        def __set_name__(self, owner, name):
+            signal.raise_signal(signal.SIGTERM)
+
+    def importing_dagster(args):
+        type("RemoteWorkspaceAssetNode", (), {"key": Stops()})
+        return 0
+
+    monkeypatch.setattr(pipeline, "cmd_run", importing_dagster)
+    assert cli.main(["run", str(tmp_path / "part-1.csv"), "--lake", str(tmp_path / "lake")]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) is not signal.default_int_handler
+
+
 @pytest.mark.slow
 def test_an_interrupted_lake_wide_pass_is_named(tmp_path, shard_rows):
     path = tmp_path / "part-1.parquet"

@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         code = _main(argv)
-    except KeyboardInterrupt:
+    except BaseException as e:
+        if not _interrupted(e):
+            raise
         print("interrupted", file=sys.stderr)
         code = 130
     finally:
@@ -86,6 +88,18 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(130)
     return code
+
+
+def _interrupted(exc: BaseException | None) -> bool:
+    """A Ctrl-C or SIGTERM, also where Python wrapped it: the KeyboardInterrupt raised inside a
+    `__set_name__` while Dagster's classes are being defined surfaces as a RuntimeError (3.11)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _main(argv: list[str] | None) -> int:
