@@ -132,13 +132,17 @@ class Encoder:
     second decode. Text goes through the CLIP towers (``texts``)."""
 
     def __init__(self, towers, batch_size: int, workers: int | None = None, *,
-                 prefetch: int | None = None, gpu_decode: bool = False, compile: bool = False):
+                 prefetch: int | None = None, gpu_decode: bool = False, compile: bool = False,
+                 text_batch_size: int | None = None):
         self.towers = list(towers) if isinstance(towers, (list, tuple)) else [towers]
         self.clip = self.towers[0]
         self.device = self.clip.device
         self.compile = compile  # torch.compile the image towers (opt-in: slow first batch)
         self._compiled: list = [None] * len(self.towers)
         self.batch_size = batch_size
+        # Text is cheap: big batches, each padded to this shape (a shard's text vectors must not
+        # depend on how it was batched). A search query is one text: batches of 1, not 256.
+        self.text_batch_size = text_batch_size or max(batch_size, 256)
         self.workers = workers or max(1, (os.cpu_count() or 1))
         # Batches decoded ahead of the forward pass. On a GPU, decoding overlaps the forward; on
         # a CPU both want every core (threads that steal a core from the forward stall its
@@ -294,7 +298,7 @@ class Encoder:
         tokenised in bulk, a missing one as ''; batches padded to one shape, as images are."""
         clip = self.towers[tower]
         out = []
-        bs = max(self.batch_size, 256)  # text is cheap: bigger batches
+        bs = self.text_batch_size
         for start in range(0, len(captions), bs):
             part = [c or "" for c in captions[start : start + bs]]
             tokens = clip.tokenizer(part + [""] * (bs - len(part)))

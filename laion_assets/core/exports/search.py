@@ -112,7 +112,7 @@ class QueryEncoder:
                 from laion_assets.core.embeddings.clip import load_model
                 from laion_assets.core.embeddings.encoder import Encoder
 
-                self._encoder = Encoder([load_model(self.space, self.device, self.precision)], batch_size=1, workers=1)
+                self._encoder = Encoder([load_model(self.space, self.device, self.precision)], batch_size=1, workers=1, text_batch_size=1)
             return self._encoder
 
     def __call__(self, text: str | None = None, image: bytes | None = None) -> np.ndarray:
