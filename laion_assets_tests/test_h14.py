@@ -79,7 +79,7 @@ def test_vit_h14_space_from_a_local_checkpoint_end_to_end(tmp_path):
     captions = ["a red car on a road", "a cat asleep on a chair", "a mountain lake at dawn"]
     publish_images(lake, captions)
 
-    out = stages.run_embeddings(lake, cfg, SHARD, lambda spaces: Encoder([load_model(cfg.embeddings.spaces[s], "cpu") for s in spaces], 2, 1))
+    out = stages.run_embeddings(lake, cfg, SHARD, lambda spaces: Encoder([load_model(cfg.embeddings.spaces[s], "cpu") for s in spaces], 2, 1, text_batch_size=4))  # 3 captions, not 256 rows through the H/14 text tower
     assert out["h14"].rows == 3
     gc.collect()  # the encoder's 4 GB go before the search loads the model again
     emb = lake.read_shard("embeddings/h14", SHARD)
