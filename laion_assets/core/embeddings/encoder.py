@@ -140,8 +140,9 @@ class Encoder:
         self.compile = compile  # torch.compile the image towers (opt-in: slow first batch)
         self._compiled: list = [None] * len(self.towers)
         self.batch_size = batch_size
-        # Text is cheap: big batches, each padded to this shape (a shard's text vectors must not
-        # depend on how it was batched). A search query is one text: batches of 1, not 256.
+        # Captions go in big batches, each padded to this shape (a shard's text vectors must not
+        # depend on how it was batched). A padded row costs what a caption costs: a search
+        # query, one text, is encoded in batches of 1.
         self.text_batch_size = text_batch_size or max(batch_size, 256)
         self.workers = workers or max(1, (os.cpu_count() or 1))
         # Batches decoded ahead of the forward pass. On a GPU, decoding overlaps the forward; on
