@@ -1,6 +1,9 @@
-import polars as pl
+import logging
 
-from laion_assets.core.lake import quality
+import polars as pl
+import pytest
+
+from laion_assets.core.lake import gate_process, quality
 
 
 def test_failing_expectations_are_named_with_what_they_saw():
@@ -44,3 +47,40 @@ def test_success_rate_floor():
     statuses = ("success", "http_error")
     assert quality.validate("images", "s", df, quality.images_suite(4, statuses, 0.75)).success
     assert not quality.validate("images", "s", df, quality.images_suite(4, statuses, 0.8)).success
+
+
+def _raw_urls_audit() -> pl.DataFrame:
+    return pl.DataFrame({
+        "source_row": [0, 0, 1], "uid": ["1", "1", "2"], "fetch_url": ["https://a", "ftp://b", "https://c"],
+        "kept": [True, True, True], "kept_out_reason": [None, None, None],
+    })
+
+
+def test_the_gate_process_reports_what_this_process_would(caplog):
+    """A CLI run validates in a child that imported GX ahead (gate_process.py): same results."""
+    caplog.set_level(logging.WARNING, logger=gate_process.__name__)
+    df, suite = _raw_urls_audit(), quality.raw_urls_suite(3, ("missing_url",), 0.9)
+    here = quality.validate_here("raw_urls", "s", df, suite)
+    with gate_process.started() as gate:
+        assert gate_process.current() is gate
+        there = quality.validate("raw_urls", "s", df, suite)
+        assert gate.proc.poll() is None  # it answered and is still there for the next gate
+    assert gate.proc.returncode == 0 and gate_process.current() is None
+    assert not caplog.records  # the child answered: no fallback to this process
+    assert there == here and not there.success
+    assert "expect_column_values_to_be_unique(uid)" in {r.label for r in there.results if not r.passed}
+
+
+def test_a_gate_process_that_died_costs_nothing_but_its_head_start(caplog):
+    df, suite = _raw_urls_audit(), quality.raw_urls_suite(3, ("missing_url",), 0.9)
+    with gate_process.started() as gate:
+        gate.proc.kill()
+        gate.proc.wait()
+        report = quality.validate("raw_urls", "s", df, suite)
+    assert report == quality.validate_here("raw_urls", "s", df, suite)
+    assert "validating in this process" in caplog.text
+
+
+def test_an_error_in_the_gate_process_is_raised_here():
+    with gate_process.started(), pytest.raises(AttributeError, match="ExpectNoSuchThing"):
+        quality.validate("raw_urls", "s", _raw_urls_audit(), [quality.Expectation("ExpectNoSuchThing")])

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -57,8 +58,17 @@ def run_pipeline(
     LaionAssetsError before anything is registered; files skipped in a folder are listed.
     Ctrl-C or SIGTERM stops it within seconds: KeyboardInterrupt, `summary` holding what was done.
     A stage failing on the machine or store (disk full...) stops it too: its InfrastructureError.
-    `adopt` (an img2dataset folder, a key prefix) registers that folder's shards instead."""
+    `adopt` (an img2dataset folder, a key prefix) registers that folder's shards instead.
+    With steps run in this process, great-expectations is imported meanwhile in a child process
+    that runs the gates (core/lake/gate_process.py)."""
+    from laion_assets.core.lake import gate_process
 
+    in_process = (os.environ.get("LAION_ASSETS_EXECUTOR") or "in_process") == "in_process"
+    with gate_process.started() if in_process else contextlib.nullcontext():
+        return _run_pipeline(inputs, lake, config, select, instance, retry_failures, force, summary, adopt)
+
+
+def _run_pipeline(inputs, lake, config, select, instance, retry_failures, force, summary, adopt) -> RunSummary:
     from laion_assets.cli.locks import held, instance_lock, shard_lock
     from laion_assets.core.config import load_config
     from laion_assets.core.lake.delta import Lake

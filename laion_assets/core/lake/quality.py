@@ -1,7 +1,8 @@
 """Data-quality gates: one great-expectations suite per stage, run before a shard is published.
 
 GX has no polars support, so the columns a suite needs are handed over as pandas. GX is
-imported lazily (it takes seconds) and one ephemeral context is reused per process.
+imported lazily (it takes seconds) and one ephemeral context is reused per process; a CLI run
+imports it ahead, in a child process (gate_process.py), and validates there.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class Report:
         }
 
 
-def _context():
+def context():
     global _ctx
     with _ctx_lock:
         if _ctx is None:
@@ -72,9 +73,18 @@ def _context():
 
 def validate(stage: str, shard: str, df: pl.DataFrame, expectations: list[Expectation]) -> Report:
     """Run the suite on `df`; results name each expectation and what it observed."""
+    from laion_assets.core.lake import gate_process
+
+    gate = gate_process.current()
+    report = gate.validate(stage, shard, df, expectations) if gate else None
+    return report if report is not None else validate_here(stage, shard, df, expectations)
+
+
+def validate_here(stage: str, shard: str, df: pl.DataFrame, expectations: list[Expectation]) -> Report:
+    """`validate` in this process."""
     import great_expectations as gx
 
-    ctx = _context()
+    ctx = context()
     batch_def = ctx.data_sources.get("shards").get_asset("shard").get_batch_definition("whole")
     suite = gx.ExpectationSuite(name=f"{stage}")
     for exp in expectations:
