@@ -19,6 +19,7 @@ resources, runs recorded in the instance the UI reads).
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -87,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)
+    if argv is None:
+        # Run as a program, the heap is thrown away whole next: without this the interpreter's
+        # last collection walks every object Dagster, GX and torch made (~2.4 s of a run's exit).
+        gc.freeze()
     return code
 
 
