@@ -22,7 +22,7 @@ from PIL import Image
 from laion_assets.core import stages
 from laion_assets.core.images.config import DownloadConfig, ImageConfig
 from laion_assets.core.images.download import I2D_STATUS, STATUSES, ShardDownloader
-from laion_assets.core.images.workers import CpuPool
+from laion_assets.core.images.workers import DEPTH, CpuPool, WorkerGone
 from laion_assets.core.ingest import registry
 from laion_assets.core.ingest.reader import shard_key
 from laion_assets.core.lake.delta import Lake
@@ -218,6 +218,45 @@ def test_a_crashed_decoder_costs_a_worker_not_the_run(testsite):
 
     pool = asyncio.run(go())
     assert not pool.all
+
+
+def test_a_decoder_that_dies_with_samples_queued_fails_none_of_them(testsite):
+    """A worker holds DEPTH requests at once. When it dies, the sample it was on counts an
+    attempt and the one queued behind it does not; both are decoded by the one successor."""
+    site, base = testsite
+    body = (site.root / "p0.jpg").read_bytes()
+
+    async def one_worker(check):
+        pool = CpuPool(ImageConfig(size=32), 1, "process")
+        await pool.start()
+        try:
+            (w,) = pool.all
+            os.kill(w.proc.pid, signal.SIGSTOP)  # holds the requests unanswered
+            await check(pool, w)
+        finally:
+            await pool.shutdown()
+
+    async def the_worker(pool, w):
+        first, second = asyncio.create_task(w.call(body, None)), asyncio.create_task(w.call(body, None))
+        while len(w.owed) < 2:
+            await asyncio.sleep(0.01)
+        w.proc.kill()
+        with pytest.raises(asyncio.IncompleteReadError):
+            await first
+        with pytest.raises(WorkerGone):
+            await second
+
+    async def the_pool(pool, w):
+        runs = [asyncio.create_task(pool.run(body)) for _ in range(DEPTH)]
+        while len(w.owed) < DEPTH:
+            await asyncio.sleep(0.01)
+        w.proc.kill()
+        results = await asyncio.gather(*runs)
+        assert [r.status for r in results] == ["success"] * DEPTH
+        assert len(pool.all) == 1 and len(pool.retired) == 1  # one successor, for both samples
+
+    asyncio.run(one_worker(the_worker))
+    asyncio.run(one_worker(the_pool))
 
 
 def test_a_chunk_that_cannot_be_staged_stops_the_shard_at_once(testsite):

@@ -11,6 +11,7 @@ import json
 import pickle
 import struct
 import sys
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from laion_assets.core.images.config import ImageConfig
@@ -24,13 +25,24 @@ from laion_assets.core.lake.errors import LaionAssetsError
 
 DECODER_RETRIES = 1  # a sample whose worker dies this many times more is failed_decode
 DECODE_TIMEOUT_S = 60.0  # CPU time one image may take before its worker is killed
+# Requests a worker holds at once: the next body waits in its pipe, not in the fetcher's event
+# loop, so a worker never idles while the loop is busy fetching (one at a time, each worker
+# waited for requests ~16% of a bench shard).
+DEPTH = 2
+
+
+class WorkerGone(ConnectionError):
+    """The worker died while this sample waited behind another: not this sample's doing."""
 
 
 class _Worker:
-    """One decode process speaking imaging.worker_main's pipe protocol."""
+    """One decode process speaking imaging.worker_main's pipe protocol; replies come in request
+    order and are handed to their callers by a reader task."""
 
     def __init__(self, proc: asyncio.subprocess.Process):
         self.proc = proc
+        self.owed: deque[asyncio.Future] = deque()  # one per request sent, oldest first
+        self.reader = asyncio.create_task(self._read_replies())
 
     @classmethod
     async def start(cls, icfg_json: str) -> _Worker:
@@ -44,15 +56,43 @@ class _Worker:
             raise LaionAssetsError("an image decode worker died while starting (its error is on stderr)") from None
         return cls(proc)
 
+    async def _read_replies(self) -> None:
+        try:
+            while True:
+                n = struct.unpack("<Q", await self.proc.stdout.readexactly(8))[0]
+                result = pickle.loads(await self.proc.stdout.readexactly(n))
+                owed = self.owed.popleft()
+                if not owed.done():  # a cancelled caller's reply is dropped
+                    owed.set_result(result)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:  # dead: the sample it was on, and those queued behind it
+            for i, owed in enumerate(self.owed):
+                if not owed.done():
+                    owed.set_exception(asyncio.IncompleteReadError(b"", None) if i == 0 else WorkerGone())
+            self.owed.clear()
+
+    def alive(self) -> bool:
+        return self.proc.returncode is None and not self.reader.done()
+
     async def call(self, body: bytes, boxes) -> ImageResult:
+        if not self.alive():
+            raise WorkerGone()
+        owed = asyncio.get_running_loop().create_future()
         boxes_json = b"" if boxes is None else json.dumps(boxes).encode()
+        self.owed.append(owed)  # the request is written whole, with no await, so replies match
         self.proc.stdin.write(struct.pack("<Q", len(body)))
         self.proc.stdin.write(body)
         self.proc.stdin.write(struct.pack("<Q", len(boxes_json)))
         self.proc.stdin.write(boxes_json)
-        await self.proc.stdin.drain()
-        n = struct.unpack("<Q", await self.proc.stdout.readexactly(8))[0]
-        return pickle.loads(await self.proc.stdout.readexactly(n))
+        try:
+            await self.proc.stdin.drain()
+        except ConnectionError:
+            pass  # it died: the reader says whether on this sample or on one before it
+        except BaseException:
+            owed.cancel()
+            raise
+        return await owed
 
     def kill(self) -> None:
         if self.proc.returncode is None:
@@ -66,11 +106,13 @@ class _Worker:
             except (asyncio.TimeoutError, OSError):
                 self.kill()
                 await self.proc.wait()
+        await asyncio.gather(self.reader, return_exceptions=True)
 
 
 class CpuPool:
-    """Decode/resize/encode on `workers` worker processes (or threads). A worker that dies
-    on a sample is replaced and the sample retried, then failed; one that takes longer than
+    """Decode/resize/encode on `workers` worker processes (or threads), DEPTH requests each. A
+    worker that dies on a sample is replaced and the sample retried, then failed (a sample that
+    waited behind the one it died on is retried without counting); one that takes longer than
     DECODE_TIMEOUT_S is killed and its sample failed."""
 
     def __init__(self, icfg: ImageConfig, workers: int, mode: str):
@@ -78,26 +120,30 @@ class CpuPool:
         self.icfg_json = icfg.model_dump_json()
         self.threads = ThreadPoolExecutor(workers, thread_name_prefix="image") if mode == "thread" else None
         self.processor = ImageProcessor(icfg)
-        self.idle: asyncio.Queue[_Worker] | None = None
+        self.slots: asyncio.Queue[_Worker] | None = None  # each worker DEPTH times, while it may take one more
         self.all: set[_Worker] = set()
         self.retired: set[_Worker] = set()  # killed, reaped at shutdown (before the loop closes)
-        self.busy = 0  # samples being decoded now
+        self.busy = 0  # samples at the decoders now
 
     async def start(self) -> None:
         if self.mode == "process":
-            self.idle = asyncio.Queue()
-            for w in await asyncio.gather(*(self._spawn() for _ in range(self.workers))):
-                self.idle.put_nowait(w)
+            self.slots = asyncio.Queue()
+            for w in await asyncio.gather(*(_Worker.start(self.icfg_json) for _ in range(self.workers))):
+                self._add(w)
 
-    async def _spawn(self) -> _Worker:
-        w = await _Worker.start(self.icfg_json)
+    def _add(self, w: _Worker) -> None:
         self.all.add(w)
-        return w
+        for _ in range(DEPTH):
+            self.slots.put_nowait(w)
 
-    def _retire(self, w: _Worker) -> None:
+    async def _replace(self, w: _Worker) -> None:
+        """The first caller to find `w` gone starts its successor; its other slots are dropped."""
+        if w not in self.all:
+            return
         w.kill()
         self.all.discard(w)
         self.retired.add(w)
+        self._add(await _Worker.start(self.icfg_json))
 
     async def run(self, body: bytes, boxes=None) -> ImageResult:
         """`boxes`: the row's blur boxes (images.bbox_col), None for none."""
@@ -110,30 +156,33 @@ class CpuPool:
                 self.busy -= 1
         attempts = 0
         while attempts <= DECODER_RETRIES:
-            w = await self.idle.get()
-            if w.proc.returncode is not None:  # died idle (killed from outside): not this sample's fault
-                self._retire(w)
-                self.idle.put_nowait(await self._spawn())
+            w = await self.slots.get()
+            if w not in self.all:  # a slot of a worker already replaced
+                continue
+            if not w.alive():  # died idle (killed from outside): not this sample's fault
+                await self._replace(w)
                 continue
             attempts += 1
             self.busy += 1
             try:
                 async with asyncio.timeout(DECODE_TIMEOUT_S):
                     result = await w.call(body, boxes)
+            except WorkerGone:
+                attempts -= 1
+                await self._replace(w)
+                continue
             except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
-                self._retire(w)  # it died on this sample (or before): replace and retry
-                self.idle.put_nowait(await self._spawn())
+                await self._replace(w)  # it died on this sample: replace and retry
                 continue
             except TimeoutError:
-                self._retire(w)
-                self.idle.put_nowait(await self._spawn())
+                await self._replace(w)
                 return ImageResult("failed_decode", f"decode took > {DECODE_TIMEOUT_S} s")
-            except BaseException:  # cancelled mid-call: its pipe is out of step, so retire it
-                self._retire(w)
+            except BaseException:  # cancelled: the reply is dropped when it comes
+                self.slots.put_nowait(w)
                 raise
             finally:
                 self.busy -= 1
-            self.idle.put_nowait(w)
+            self.slots.put_nowait(w)
             return result
         return ImageResult("failed_decode", "image decoder crashed (worker process died)")
 
