@@ -59,12 +59,13 @@ def run_pipeline(
     Ctrl-C or SIGTERM stops it within seconds: KeyboardInterrupt, `summary` holding what was done.
     A stage failing on the machine or store (disk full...) stops it too: its InfrastructureError.
     `adopt` (an img2dataset folder, a key prefix) registers that folder's shards instead.
-    With steps run in this process, great-expectations is imported meanwhile in a child process
-    that runs the gates (core/lake/gate_process.py)."""
+    With steps run in this process and great-expectations not imported yet, it is imported
+    meanwhile in a child process that runs the gates (core/lake/gate_process.py)."""
     from laion_assets.core.lake import gate_process
 
     in_process = (os.environ.get("LAION_ASSETS_EXECUTOR") or "in_process") == "in_process"
-    with gate_process.started() if in_process else contextlib.nullcontext():
+    ahead = in_process and "great_expectations" not in sys.modules  # else the gates are as quick here
+    with gate_process.started() if ahead else contextlib.nullcontext():
         return _run_pipeline(inputs, lake, config, select, instance, retry_failures, force, summary, adopt)
 
 
