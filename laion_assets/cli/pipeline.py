@@ -63,7 +63,7 @@ def run_pipeline(
     meanwhile in a child process that runs the gates (core/lake/gate_process.py)."""
     from laion_assets.core.lake import gate_process
 
-    in_process = (os.environ.get("LAION_ASSETS_EXECUTOR") or "in_process") == "in_process"
+    in_process = (os.environ.get("LAION_ASSETS_EXECUTOR") or "in_process") == "in_process"  # Settings' default, without importing Dagster yet
     ahead = in_process and "great_expectations" not in sys.modules  # else the gates are as quick here
     with gate_process.started() if ahead else contextlib.nullcontext():
         return _run_pipeline(inputs, lake, config, select, instance, retry_failures, force, summary, adopt)

@@ -101,7 +101,7 @@ def worker_main() -> None:
             reply = ("ok", quality.validate_here(stage, shard, df, expectations))
         except Exception as e:  # noqa: BLE001 - handed to the caller, which raises it
             try:
-                pickle.dumps(e)
+                pickle.loads(pickle.dumps(e))  # both ways: an exception whose __init__ takes other args fails on load
             except Exception:  # noqa: BLE001
                 e = RuntimeError(f"great-expectations: {type(e).__name__}: {e}")
             reply = ("error", e)
