@@ -111,6 +111,8 @@ def _break(root, how: str) -> None:
     elif how == "nan":
         v[3, 10] = np.nan
         np.save(img, v)
+    elif how == "truncated":  # a copy cut short: the header still says 60 rows
+        img.write_bytes(img.read_bytes()[:-100])
 
 
 @pytest.mark.parametrize("how,message", [
@@ -118,6 +120,7 @@ def _break(root, how: str) -> None:
     ("dimension", "img_emb_0001.npy holds 512-d vectors but space l14 is 768-d"),
     ("norm", "img_emb_0001.npy: 1 vectors from row 7 on are not unit-norm (norm 0.500"),
     ("nan", "img_emb_0001.npy row 3 has NaN"),
+    ("truncated", "img_emb_0001.npy ends before row 60: the file is truncated"),
 ])
 def test_broken_folders_are_refused_in_one_line_with_nothing_published(tmp_path, capsys, how, message):
     root = tmp_path / "laion"

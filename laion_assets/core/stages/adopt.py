@@ -62,9 +62,11 @@ def check_part(part: Part, space: str, dim: int, tolerance: float, values: bool 
                 raise LaionAssetsError(f"{_name(f.uri)} has {f.rows} vectors but {_name(part.metadata)} has {rows} rows: they must match row for row")
             if f.dim != dim:
                 raise LaionAssetsError(f"{_name(f.uri)} holds {f.dim}-d vectors but space {space} is {dim}-d: declare the space of the model that made them")
+        wide = np.empty((min(rows, CHUNK_ROWS), dim), np.float32) if values and files else None
         for f in files if values else []:
+            stored = f.buffer(CHUNK_ROWS)
             for start in range(0, rows, CHUNK_ROWS):
-                v = f.read(start, min(rows, start + CHUNK_ROWS)).astype(np.float32)
+                v = vectors.widen(f.read(start, min(rows, start + CHUNK_ROWS), stored), wide)
                 norms = np.sqrt(np.einsum("ij,ij->i", v, v))  # NaN or inf in a vector makes its norm so
                 finite = np.isfinite(norms)
                 if not finite.all():
@@ -85,15 +87,19 @@ def _source_part(lake: Lake, shard: str) -> Part:
 
 def _chunks(part: Part, raw: pl.DataFrame) -> Iterator[tuple[pl.DataFrame, np.ndarray, np.ndarray | None]]:
     """(raw_urls rows, their image vectors, text vectors or None) `CHUNK_ROWS` rows at a time,
-    each row's vectors at its `source_row` (raw_urls keeps out rows, so rows can be skipped)."""
+    each row's vectors at its `source_row` (raw_urls keeps out rows, so rows can be skipped).
+    A chunk's vectors may be overwritten by the next chunk's: use them before asking for it."""
     with ExitStack() as stack:
         files = [stack.enter_context(NpyRows(uri)) if uri else None for uri in (part.image, part.text)]
+        stored = [None if f is None else f.buffer(CHUNK_ROWS) for f in files]
         for start in range(0, raw.height, CHUNK_ROWS):
             rows = raw.slice(start, CHUNK_ROWS)
             at = rows["source_row"].to_numpy()
             lo, hi = int(at[0]), int(at[-1]) + 1
-            whole = hi - lo == len(at)  # no row kept out in this range: no gather, no copy
-            yield rows, *(None if f is None else f.read(lo, hi) if whole else f.read(lo, hi)[at - lo] for f in files)
+            if hi - lo == len(at):  # no row kept out in this range: read in place, no gather
+                yield rows, *(None if f is None else f.read(lo, hi, b) for f, b in zip(files, stored))
+            else:
+                yield rows, *(None if f is None else f.read(lo, hi)[at - lo] for f in files)
 
 
 @explained
@@ -110,9 +116,10 @@ def run_adopted_embeddings(lake: Lake, cfg: PipelineConfig, shard: str, space: s
         raise LaionAssetsError(f"{_name(part.metadata)} has no text embeddings and no {SIMILARITY_COLUMN} column: there is no similarity to adopt")
 
     audit = []  # one frame per chunk; its similarity is published with the chunk's vectors
+    buffers = [np.empty((min(raw.height, CHUNK_ROWS), dim), np.float32) for _ in range(2)]
     for rows, img, txt in _chunks(part, raw):
-        x = img.astype(np.float32)  # float16 -> float32 is the cost here: once per vector
-        y = None if txt is None else txt.astype(np.float32)
+        x = vectors.widen(img, buffers[0])  # float16 -> float32 is the cost here: once per vector
+        y = None if txt is None else vectors.widen(txt, buffers[1])
         audit.append(pl.DataFrame({
             "uid": rows["uid"], "shape_ok": np.full(rows.height, True), "image_norm": np.sqrt(np.einsum("ij,ij->i", x, x)),
             "text_norm": np.ones(rows.height) if y is None else np.sqrt(np.einsum("ij,ij->i", y, y)),
