@@ -65,6 +65,15 @@ def normalize_uri(uri: str | os.PathLike) -> str:
     return uri.rstrip("/")
 
 
+def _compression(schema: pa.Schema) -> str | dict[str, str]:
+    """zstd, but binary columns as they are: their bytes are dense already (encoded images,
+    digests, float16 vectors; zstd saved 7% on LAION's CLIP vectors) and zstd cost a third of
+    the time of writing them. Only for flat schemas: a dict must name every nested leaf."""
+    if any(pa.types.is_nested(f.type) for f in schema):
+        return "zstd"
+    return {f.name: "none" if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type) else "zstd" for f in schema}
+
+
 class Lake:
     """A lake root (local folder or object-store prefix) holding one Delta table per stage."""
 
@@ -176,7 +185,7 @@ class Lake:
                 batch = batch.drop_columns(["shard"])
             if writer is None:
                 path = f"{root}/shard={shard}/part-{uuid.uuid4()}.zstd.parquet"
-                writer = pq.ParquetWriter(path, schema, filesystem=fs, compression="zstd", write_page_checksum=True)
+                writer = pq.ParquetWriter(path, schema, filesystem=fs, compression=_compression(schema), write_page_checksum=True)
                 rows = size = 0
             writer.write_batch(batch, row_group_size=ROW_GROUP_ROWS)
             rows += batch.num_rows
