@@ -39,6 +39,18 @@ def test_embedding_suite_checks_norms_and_similarity_range():
     }
 
 
+def test_float32_columns_are_judged_and_shown_as_written():
+    """The embeddings stage's norms and similarities are float32 (GX compares them after an
+    exact cast to float64); a failure shows the value as written, not its float64 expansion."""
+    audit = pl.DataFrame({
+        "uid": [1, 2], "similarity": [0.3, -0.1], "shape_ok": [True, True],
+        "image_norm": [1.0, 1.2], "text_norm": [1.0, 1.0],
+    }).with_columns(pl.col("similarity", "image_norm", "text_norm").cast(pl.Float32))
+    report = quality.validate("embeddings", "s", audit, quality.embeddings_suite(2, 0.01))
+    assert [r.label for r in report.results if not r.passed] == ["expect_column_values_to_be_between(image_norm)"]
+    assert "1 unexpected of 2, e.g. [1.2]" in " ".join(report.failures())
+
+
 def test_success_rate_floor():
     df = pl.DataFrame({
         "uid": [1, 2, 3, 4], "status": ["success"] * 3 + ["http_error"], "width": [1] * 4,
