@@ -70,9 +70,10 @@ def test_publish_stream_replaces_its_shard_in_one_commit(lake: Lake):
     assert lake.table("s").history(3)[-1]["recipe"] == "r1"
 
 
-def test_streamed_binary_cells_are_stored_without_compression(lake: Lake):
+def test_streamed_binary_cells_are_stored_as_they_are(lake: Lake):
     """Encoded images, digests and float16 vectors do not shrink under zstd (7% on CLIP
-    vectors) and cost a third of the write: binary columns are stored as they are."""
+    vectors) and cost a third of the write: binary columns are stored without compression,
+    dictionary or statistics."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -82,4 +83,5 @@ def test_streamed_binary_cells_are_stored_without_compression(lake: Lake):
     group = pq.ParquetFile(path).metadata.row_group(0)
     codecs = {group.column(i).path_in_schema: group.column(i).compression for i in range(group.num_columns)}
     assert codecs == {"uid": "ZSTD", "tag": "ZSTD", "cell": "UNCOMPRESSED"}
+    assert [group.column(i).is_stats_set for i in range(3)] == [True, True, False]  # min/max of vectors prune nothing
     assert pl.read_delta(lake.table_uri("s"))["cell"].to_list() == [b"\x00" * 64, b"\x01" * 64]
