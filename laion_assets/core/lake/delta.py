@@ -65,19 +65,6 @@ def normalize_uri(uri: str | os.PathLike) -> str:
     return uri.rstrip("/")
 
 
-def _writer_options(schema: pa.Schema) -> dict:
-    """zstd, dictionaries and min/max statistics, but not for binary columns: their bytes are
-    dense already (encoded images, digests, float16 vectors; zstd saved 7% on CLIP vectors),
-    every cell differs, and their min/max prune nothing. On a 768-d shard's vectors that is 40%
-    less writing time. Only for flat schemas: per-column options must name nested leaves."""
-    if any(pa.types.is_nested(f.type) for f in schema):
-        return {"compression": "zstd"}
-    binary = {f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)}
-    other = [f.name for f in schema if f.name not in binary]
-    return {"compression": {name: "none" if name in binary else "zstd" for name in schema.names},
-            "use_dictionary": other, "write_statistics": other}
-
-
 class Lake:
     """A lake root (local folder or object-store prefix) holding one Delta table per stage."""
 
@@ -156,49 +143,20 @@ class Lake:
     def publish_stream(
         self, name: str, shard: str, reader: pa.RecordBatchReader, metadata: dict | None = None
     ) -> int:
-        """Like `publish_shard` for a stream of record batches, in bounded memory.
-
-        deltalake's writer collects a whole input stream in memory before writing
-        (delta-rs#2255, #3578), so we write the shard's parquet files ourselves, batch by batch,
-        and commit them with one transaction that replaces the shard (still atomic).
+        """Like `publish_shard` for a stream of record batches, in bounded memory: the shard's
+        files are written batch by batch (`shard_files`: deltalake's writer would hold the
+        whole stream), then committed in one transaction that replaces the shard (still atomic).
         """
-        import json
-        import uuid
-
-        import pyarrow.parquet as pq
         from deltalake import Schema
-        from deltalake.transaction import AddAction, create_table_with_add_actions
+        from deltalake.transaction import create_table_with_add_actions
+
+        from laion_assets.core.lake.shard_files import write_shard_files
 
         check_shard_key(shard)
         self.ensure_writable()
         fs, root = self._filesystem(name)
         schema = reader.schema.remove(reader.schema.get_field_index("shard")) if "shard" in reader.schema.names else reader.schema
-        adds: list = []
-        writer, path, rows, size = None, None, 0, 0
-
-        def close() -> None:
-            writer.close()
-            adds.append(AddAction(
-                path.removeprefix(root + "/"), fs.get_file_info(path).size, {"shard": shard},
-                int(time.time() * 1000), True, json.dumps({"numRecords": rows}),
-            ))
-
-        fs.create_dir(f"{root}/shard={shard}", recursive=True)
-        for batch in reader:
-            if "shard" in batch.schema.names:
-                batch = batch.drop_columns(["shard"])
-            if writer is None:
-                path = f"{root}/shard={shard}/part-{uuid.uuid4()}.zstd.parquet"
-                writer = pq.ParquetWriter(path, schema, filesystem=fs, write_page_checksum=True, **_writer_options(schema))
-                rows = size = 0
-            writer.write_batch(batch, row_group_size=ROW_GROUP_ROWS)
-            rows += batch.num_rows
-            size += batch.nbytes
-            if size >= TARGET_FILE_BYTES:
-                close()
-                writer = None
-        if writer is not None:
-            close()
+        adds = write_shard_files(fs, root, shard, schema, reader, ROW_GROUP_ROWS, TARGET_FILE_BYTES)
         full = Schema.from_arrow(schema.append(pa.field("shard", pa.string())))
         props = CommitProperties(custom_metadata={k: str(v) for k, v in (metadata or {}).items()})
 
