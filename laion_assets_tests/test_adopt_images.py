@@ -20,9 +20,12 @@ from PIL import Image
 
 from laion_assets.core import stages
 from laion_assets.core.images.download import I2D_STATUS
-from laion_assets.core.ingest.img2dataset import register_folder
+from laion_assets.core.images import adopt as images_adopt
+from laion_assets.core.ingest import registry
+from laion_assets.core.ingest.img2dataset import PREFIX, I2dShard, register_folder
 from laion_assets.core.ingest.reader import laion_uid
 from laion_assets.core.lake.delta import Lake
+from laion_assets.core.lake.errors import LaionAssetsError
 from laion_assets.core.stages import fingerprints
 from laion_assets_tests.conftest import make_config, write_config
 from laion_assets_tests.faultsite import FaultServer
@@ -194,6 +197,25 @@ def test_stored_bytes_that_do_not_decode_are_failed_decode(i2d_folders, tmp_path
     row = pl.read_delta(lake.table_uri("images")).filter(pl.col("uid") == raw["uid"][0]).row(0, named=True)
     assert row["status"] == "failed_decode" and row["image"] is None
     assert row["error"].startswith("img2dataset stored it, but") and raw["img2dataset_status"][0] == "success"
+
+
+def test_a_tar_rewritten_between_check_and_publish_is_refused(i2d_folders, tmp_path):
+    """The publish reads a tar's images at the offsets the check found (its headers are parsed
+    once); bytes that changed there since are refused, not published unchecked."""
+    folder = tmp_path / "moving"
+    shutil.copytree(i2d_folders["webdataset"], folder)
+    lake, cfg = Lake(tmp_path / "lake"), make_config(download={"min_success_rate": 0.0})
+    key = register_folder(lake, str(folder))[0][0]
+    stages.run_raw_urls(lake, cfg, key)
+    shard = I2dShard(**registry.adoption(lake, key)["img2dataset"])
+    raw = lake.read_shard(stages.RAW_URLS, key).select("uid", "url", pl.col(f"^{PREFIX}.*$"))
+    rows = images_adopt.check(shard, raw, cfg.images)
+    tar = folder / f"{shard.name}.tar"
+    data = bytearray(tar.read_bytes())
+    data[rows["stored_at"].drop_nulls().max() + 100] ^= 0xFF  # inside the last stored image
+    tar.write_bytes(bytes(data))
+    with pytest.raises(LaionAssetsError, match="changed while it was adopted: adopt the shard again"):
+        list(images_adopt.batches(shard, rows))
 
 
 @pytest.mark.slow

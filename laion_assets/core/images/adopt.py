@@ -5,8 +5,8 @@ decode, as stored: another size or format than the lake's config is kept and cou
 
 Two passes over the stored images keep memory flat in the shard size: `check` decodes each
 image (on every core: Pillow releases the GIL while decoding) and returns the rows without
-bytes, for the gate; `batches` reads the bytes again for the publish and refuses any that
-changed in between.
+bytes, for the gate; `batches` reads the bytes again for the publish (from a tar, at the
+offsets the check found) and refuses any that changed in between.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from laion_assets.core.images.imaging import (
     perceptual_hash,
     target_size,
 )
-from laion_assets.core.ingest.img2dataset import PREFIX, I2dShard, stored_images
+from laion_assets.core.ingest.img2dataset import PREFIX, I2dShard, stored_images, stored_images_at
 from laion_assets.core.lake.errors import LaionAssetsError
 
 EXT = {v: k for k, v in PIL_FORMAT.items()} | {"MPO": "jpg"}
@@ -71,11 +71,11 @@ def check_stored(data: bytes) -> dict:
 
 def _checked(shard: I2dShard, wanted: set[str]) -> Iterator[dict]:
     """One dict per stored image of a wanted key: its checks and the sha256 of its bytes."""
-    def one(item: tuple[str, bytes]) -> dict:
-        key, data = item
-        return {"key": key, "image_sha256": hashlib.sha256(data).hexdigest(), "stored": len(data), **check_stored(data)}
+    def one(item: tuple[str, bytes, int | None]) -> dict:
+        key, data, offset = item
+        return {"key": key, "image_sha256": hashlib.sha256(data).hexdigest(), "stored": len(data), "stored_at": offset, **check_stored(data)}
 
-    items = ((k, d) for k, d in stored_images(shard) if k in wanted)
+    items = (item for item in stored_images(shard) if item[0] in wanted)
     with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="adopt-check") as pool:
         while chunk := list(islice(items, 256)):
             yield from pool.map(one, chunk)
@@ -88,7 +88,7 @@ def check(shard: I2dShard, raw: pl.DataFrame, icfg: ImageConfig) -> pl.DataFrame
     key, status, error = PREFIX + "key", PREFIX + "status", PREFIX + "error_message"
     ok = raw.filter(pl.col(status) == "success")
     checked = pl.DataFrame(list(_checked(shard, set(ok[key].to_list()))), schema={
-        "key": pl.String, "image_sha256": pl.String, "stored": pl.Int64, "width": pl.Int32, "height": pl.Int32,
+        "key": pl.String, "image_sha256": pl.String, "stored": pl.Int64, "stored_at": pl.Int64, "width": pl.Int32, "height": pl.Int32,
         "ext": pl.String, "phash": pl.String, "decode_error": pl.String,
     })
     mapped = [lake_status(s, e) for s, e in zip(raw[status].to_list(), raw[error].to_list())]
@@ -134,11 +134,11 @@ def batches(shard: I2dShard, rows: pl.DataFrame) -> Iterator[pa.RecordBatch]:
         content_type=pl.lit(None, pl.String), attempts=pl.lit(None, pl.Int32), bytes_downloaded=pl.lit(None, pl.Int64),
         original_width="original_width", original_height="original_height", width="width", height="height",
         sha256="sha256", duration_s=pl.lit(None, pl.Float32), md5="md5", sha1=pl.lit(None, pl.String), phash="phash",
-        image_sha256="image_sha256", key="key",
+        image_sha256="image_sha256", key="key", stored_at="stored_at", stored="stored",
     )
-    stored = table.filter(pl.col("status") == "success")
+    stored = table.filter(pl.col("status") == "success").sort("stored_at", nulls_last=True, maintain_order=True)
     by_key = {k: i for i, k in enumerate(stored["key"].to_list())}
-    sums, columns = stored["image_sha256"].to_list(), stored.drop("key").to_arrow()
+    sums, columns = stored["image_sha256"].to_list(), stored.drop("key", "stored_at", "stored").to_arrow()
     order, blobs = [], []
 
     def flush() -> list[pa.RecordBatch]:
@@ -147,7 +147,7 @@ def batches(shard: I2dShard, rows: pl.DataFrame) -> Iterator[pa.RecordBatch]:
         blobs.clear()
         return part.select(IMAGES_SCHEMA.names).cast(IMAGES_SCHEMA).to_batches()
 
-    for key, data in stored_images(shard):
+    for key, data in stored_images_at(shard, stored.select("key", "stored_at", "stored").iter_rows()):
         i = by_key.pop(key, None)
         if i is None:
             continue
@@ -161,6 +161,6 @@ def batches(shard: I2dShard, rows: pl.DataFrame) -> Iterator[pa.RecordBatch]:
         raise LaionAssetsError(f"{shard.container}: {len(by_key)} images checked a moment ago are gone (e.g. {next(iter(by_key))}): adopt the shard again")
     if order:
         yield from flush()
-    rest = table.filter(pl.col("status") != "success").drop("key").with_columns(image=pl.lit(None, pl.Binary))
+    rest = table.filter(pl.col("status") != "success").drop("key", "stored_at", "stored").with_columns(image=pl.lit(None, pl.Binary))
     if rest.height:
         yield from rest.to_arrow().select(IMAGES_SCHEMA.names).cast(IMAGES_SCHEMA).to_batches()

@@ -134,33 +134,49 @@ def input_frame(shard: I2dShard) -> pl.DataFrame:
     return df.sort("key").rename({c: PREFIX + c for c in df.columns if c in OUTCOME_COLUMNS})
 
 
-def stored_images(shard: I2dShard) -> Iterator[tuple[str, bytes]]:
-    """(key, bytes) of every image the shard stored, in the container's order."""
+def stored_images(shard: I2dShard) -> Iterator[tuple[str, bytes, int | None]]:
+    """(key, bytes, offset) of every image the shard stored, in the container's order; the
+    offset of the bytes in a webdataset tar (None in other formats), for `stored_images_at`."""
     fs, root = _fs(shard.folder)
     ext = f".{shard.encode_format}"
     if shard.format == "webdataset":
         for member in _tar_members(fs, f"{root}/{shard.name}.tar", lambda n: n.endswith(ext)):
-            yield member["fname"][: -len(ext)], member["data"]
+            yield member["fname"][: -len(ext)], member["data"], member["offset"]
     elif shard.format == "files":
         for i in sorted(fs.get_file_info(pafs.FileSelector(f"{root}/{shard.name}")), key=lambda i: i.base_name):
             if i.base_name.endswith(ext):
                 with fs.open_input_stream(i.path) as f:
-                    yield i.base_name[: -len(ext)], f.read()
+                    yield i.base_name[: -len(ext)], f.read(), None
     else:
         parquet = pq.ParquetFile(f"{root}/{shard.name}.parquet", filesystem=fs)
         for batch in parquet.iter_batches(batch_size=256, columns=["key", shard.encode_format]):
             for key, data in zip(batch["key"].to_pylist(), batch[shard.encode_format].to_pylist()):
                 if data is not None:
-                    yield key, data
+                    yield key, data, None
+
+
+def stored_images_at(shard: I2dShard, found: Iterator[tuple[str, int, int]]) -> Iterator[tuple[str, bytes]]:
+    """(key, bytes) read again where `stored_images` found them ((key, offset, size) of a
+    webdataset shard): Python's tarfile parses two headers a sample (its PAX header, then the
+    member's) at ~60 µs each, the most of a second pass over the tar; other formats are read
+    again whole."""
+    if shard.format != "webdataset":
+        yield from ((key, data) for key, data, _ in stored_images(shard))
+        return
+    fs, root = _fs(shard.folder)
+    with fs.open_input_file(f"{root}/{shard.name}.tar") as f:
+        for key, offset, size in found:
+            yield key, f.read_at(size, offset)
 
 
 def _tar_members(fs: pafs.FileSystem, path: str, select) -> Iterator[dict]:
     """The tar's regular members whose name passes `select`, read as a stream with Python's
-    tarfile (~0.05 ms a member; webdataset's reader is the same tarfile behind a torch import)."""
+    tarfile (webdataset's reader is the same tarfile behind a torch import), with the offset
+    of their data in the tar."""
     with fs.open_input_stream(path, compression=None, buffer_size=4 * 2**20) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:
             if member.isreg() and select(member.name):
-                yield {"fname": member.name, "data": tar.extractfile(member).read()}
+                yield {"fname": member.name, "data": tar.extractfile(member).read(), "offset": member.offset_data}
 
 
 def register_folder(lake: Lake, location: str, prefix: str | None = None) -> tuple[list[str], list[tuple[str, str]]]:
