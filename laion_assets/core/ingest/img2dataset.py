@@ -157,9 +157,9 @@ def stored_images(shard: I2dShard) -> Iterator[tuple[str, bytes, int | None]]:
 
 def stored_images_at(shard: I2dShard, found: Iterator[tuple[str, int, int]]) -> Iterator[tuple[str, bytes]]:
     """(key, bytes) read again where `stored_images` found them ((key, offset, size) of a
-    webdataset shard): Python's tarfile parses two headers a sample (its PAX header, then the
-    member's) at ~60 µs each, the most of a second pass over the tar; other formats are read
-    again whole."""
+    webdataset shard): Python's tarfile parses two headers a member (a PAX header, then its
+    own) at ~60 µs each, three members a sample, the most of a second pass over the tar; other
+    formats are read again whole."""
     if shard.format != "webdataset":
         yield from ((key, data) for key, data, _ in stored_images(shard))
         return
