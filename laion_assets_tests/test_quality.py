@@ -1,4 +1,6 @@
 import logging
+import subprocess
+import sys
 
 import polars as pl
 import pytest
@@ -96,3 +98,22 @@ def test_a_gate_process_that_died_costs_nothing_but_its_head_start(caplog):
 def test_an_error_in_the_gate_process_is_raised_here():
     with gate_process.started(), pytest.raises(AttributeError, match="ExpectNoSuchThing"):
         quality.validate("raw_urls", "s", _raw_urls_audit(), [quality.Expectation("ExpectNoSuchThing")])
+
+
+def test_gx_expectations_that_use_scipy_stats_still_judge_after_its_deferred_import():
+    """GX's context registers scipy.stats to load on first use; an expectation that needs it
+    (KL divergence) must still load it and judge right. A fresh process: this one may hold it."""
+    script = """
+import sys, polars as pl
+from laion_assets.core.lake import quality
+from laion_assets.core.lake.quality import Expectation
+quality.context()
+deferred = type(sys.modules["scipy.stats"]).__name__ != "module"
+df = pl.DataFrame({"lang": ["en"] * 90 + ["de"] * 10})
+def kl(weights):
+    kwargs = {"column": "lang", "partition_object": {"values": ["en", "de"], "weights": weights}, "threshold": 0.1}
+    return quality.validate_here("t", "s", df, [Expectation("ExpectColumnKLDivergenceToBeLessThan", kwargs)]).success
+print(deferred, kl([0.9, 0.1]), kl([0.5, 0.5]))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == ["True", "True", "False"]
