@@ -42,6 +42,7 @@ from dagster._utils.error import SerializableErrorInfo
 from laion_assets.core.lake.delta import Lake
 from laion_assets.core.lake.errors import LaionAssetsError, ValidationFailed
 from laion_assets.core.stages import StageOutput
+from laion_assets.core.ui import pictures
 from laion_assets.core.ui.columns import describe
 from laion_assets.defs.partitions import shards
 
@@ -215,6 +216,8 @@ def run_stage(
 
     `view` renders the shard's pictures (markdown) once it is published; a picture that cannot
     be drawn is logged, never fails a published shard."""
+    if view is not None:
+        pictures.preload()
     try:
         out = fn()
     except ValidationFailed as e:
@@ -235,6 +238,8 @@ def run_stages(
     """For a step that publishes several assets (one per embedding space): materialize each
     asset that passed its gate, a failed check for each that did not, then fail the step if
     any did not."""
+    if views:
+        pictures.preload()
     try:
         outs = fn()
     except LaionAssetsError as e:
