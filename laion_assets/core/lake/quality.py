@@ -81,8 +81,8 @@ def context():
 def _defer_scipy_stats() -> None:
     """Register `scipy.stats` to load on first use (importlib's LazyLoader). GX imports it for two
     expectations we never run (KL divergence, KS test): 2 of the 7 core-seconds of importing GX.
-    It is also set on the `scipy` package, or `from scipy import stats` would load it at once
-    (Python's import checks the module's `__spec__`, which a lazy module loads on)."""
+    It is also set on the `scipy` package, or `from scipy import stats` would import it again,
+    and an import reads the module's `__spec__`, which loads a lazy module."""
     if "scipy.stats" in sys.modules or importlib.util.find_spec("scipy") is None:
         return
     import scipy
