@@ -86,10 +86,11 @@ def thumbnail_grid(tiles: list[Tile], columns: int = 4, size: int = 112) -> byte
     return _webp(grid)
 
 
+@functools.cache
 def preload() -> None:
     """Import matplotlib and load the caption font in a background thread, while the stage
     computes: ~1.5 s of imports that otherwise come after the shard is published, between the
-    last image and the end of the run."""
+    last image and the end of the run. Once a process: later stages find them loaded."""
     threading.Thread(target=_load, name="pictures-preload", daemon=True).start()
 
 
